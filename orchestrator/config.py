@@ -1,0 +1,197 @@
+"""One typed config for a run: the recipe.
+
+A recipe is YAML loaded with OmegaConf (so ``key.sub=value`` overrides and ``${...}``
+interpolation work) and validated into the pydantic models below. Every model forbids unknown
+keys, so a misspelt field fails with its path. ``load_recipe`` raises ``RecipeError`` whose
+message names the field path and what was expected — the CLI prints it without a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from workers.models import TinyModelSpec
+
+
+class RecipeError(Exception):
+    """A user error in a recipe: bad YAML, a wrong field, an import path that does not resolve."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(_Strict):
+    path: str = Field(description="Hugging Face model folder the run starts from")
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    build: TinyModelSpec | None = Field(
+        None, description="build a tiny Llama + character tokenizer at `path` when it is missing")
+
+
+class Component(_Strict):
+    """Anything named by import path, with keyword arguments for it."""
+
+    cls: str = Field(description="import path, `module:Name`")
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class DataConfig(_Strict):
+    train: Component
+    eval: Component | None = None
+    prompts_per_step: int = Field(16, gt=0, description="prompts drawn per step (before n samples)")
+
+
+class Resources(_Strict):
+    num_cpus: float = Field(1.0, ge=0)
+    num_gpus: float = Field(0.0, ge=0)
+
+
+class RoleConfig(_Strict):
+    cls: str = Field(description="worker class, `module:Name`, subclass of the role's base class")
+    replicas: int = Field(1, ge=1)
+    resources: Resources = Field(default_factory=Resources)
+    strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="placement-group strategy for this role's bundles")
+    env: dict[str, str] = Field(default_factory=dict, description="environment for the actors")
+    args: dict[str, Any] = Field(default_factory=dict, description="validated by the class's Args")
+
+
+class Roles(_Strict):
+    rollout: RoleConfig
+    learner: RoleConfig
+    reward: RoleConfig
+    reference: RoleConfig | None = Field(None, description="needed only when algorithm.kl > 0")
+
+
+class SamplingConfig(_Strict):
+    n: int = Field(8, ge=1, description="samples per prompt (the GRPO group size)")
+    temperature: float = Field(1.0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    max_tokens: int = Field(16, gt=0)
+
+
+class AlgorithmConfig(_Strict):
+    name: Literal["grpo"] = "grpo"
+    std_normalize: bool = Field(True, description="divide group advantages by their std")
+    clip: float = Field(0.2, ge=0, description="PPO ratio clip (low side; also high unless set)")
+    clip_high: float | None = Field(None, ge=0)
+    kl: float = Field(0.0, ge=0, description="k3 KL coefficient to the reference policy")
+    entropy: float = Field(0.0, description="entropy bonus coefficient")
+    loss_agg: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    lr: float = Field(1e-5, gt=0)
+    sft_lr: float | None = Field(None, gt=0, description="learning rate of SFT steps (default lr)")
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    micro_batch_size: int = Field(16, gt=0, description="sequences per forward/backward per rank")
+
+
+class ScheduleConfig(_Strict):
+    policy: str = Field("rl", description="built-in name (rl, sft, phases) or `module:Name`")
+    args: dict[str, Any] = Field(default_factory=dict)
+
+
+class EvalConfig(_Strict):
+    every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
+    max_tokens: int | None = Field(None, gt=0, description="default: sampling.max_tokens")
+    bucket_key: str | None = Field(None, description="record field to report accuracy by")
+
+
+class LoggingConfig(_Strict):
+    mlflow_uri: str | None = Field(None, description="default: sqlite store in the run directory")
+    experiment: str = "braid"
+    console_every: int = Field(1, ge=1)
+
+
+class CheckpointConfig(_Strict):
+    every: int = Field(0, ge=0, description="save every N steps (0: only the final policy)")
+    keep_last: int = Field(2, ge=1)
+
+
+class WeightSyncConfig(_Strict):
+    bucket_mb: float = Field(64.0, gt=0, description="bucket size of the bucketed broadcast")
+    backend: Literal["auto", "gloo", "nccl"] = "auto"
+
+
+class RayConfig(_Strict):
+    address: str | None = Field(None, description="default: RAY_ADDRESS, else a private local cluster")
+    num_cpus: int | None = Field(None, description="logical CPUs of a private local cluster")
+
+
+class Recipe(_Strict):
+    name: str
+    seed: int = 0
+    steps: int = Field(gt=0)
+    run_dir: str | None = Field(None, description="default: runs/<name>")
+    model: ModelConfig
+    data: DataConfig
+    roles: Roles
+    sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
+    schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+    logging: LoggingConfig = Field(default_factory=LoggingConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+    @model_validator(mode="after")
+    def _checks(self) -> "Recipe":
+        if self.run_dir is None:
+            self.run_dir = str(Path("runs") / self.name)
+        if self.algorithm.kl > 0 and self.roles.reference is None:
+            raise ValueError("algorithm.kl > 0 needs roles.reference")
+        return self
+
+
+def _format_error(err: ValidationError, prefix: str = "") -> str:
+    lines = []
+    for e in err.errors():
+        path = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(e["loc"]))
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field"
+        elif e["type"] == "missing":
+            msg = "required field is missing"
+        else:
+            msg = e["msg"]
+            if "input" in e and not isinstance(e["input"], dict | list):
+                msg += f" (got {e['input']!r})"
+        lines.append(f"{path or '<recipe>'}: {msg}")
+    return "; ".join(lines)
+
+
+def validate_model(model: type[BaseModel], data: Any, where: str) -> BaseModel:
+    """Validate `data` into `model`, raising RecipeError with field paths under `where`."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as err:
+        raise RecipeError(_format_error(err, where)) from None
+
+
+def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe, apply ``a.b=c`` overrides, resolve ``${...}``, validate."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    try:
+        cfg = OmegaConf.load(path)
+        if overrides:
+            bad = [o for o in overrides if "=" not in o]
+            if bad:
+                raise RecipeError(f"override {bad[0]!r} is not of the form key.sub=value")
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        data = OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as err:
+        raise RecipeError(f"{path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # yaml.YAMLError and friends
+        if isinstance(err, RecipeError):
+            raise
+        raise RecipeError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    if not isinstance(data, dict):
+        raise RecipeError(f"{path}: a recipe is a mapping of fields, got {type(data).__name__}")
+    return validate_model(Recipe, data, "")

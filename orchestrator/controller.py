@@ -1,0 +1,251 @@
+"""The controller: owns the data cursor, the schedule, metrics and checkpoints, and drives the
+worker groups. ``run()`` reads like the algorithm; everything else is small named steps.
+
+Large data moves between actors as Ray object refs — rollouts go from the rollout engines to the
+reward, reference and learner actors without passing through here. The controller fetches only
+summaries: lengths, rewards, metrics.
+
+Launch:  braid run recipes/arith_grpo_cpu.yaml   (or under `ray job submit ... -- braid run ...`)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+from orchestrator.config import Recipe
+from orchestrator.metrics import RunLogger, Timings, sparkline
+from orchestrator.schedules import UPDATES, Checkpoint, Eval, RLUpdate, SFTUpdate, Sync
+from orchestrator.signals import grpo_advantages, step_signals
+
+
+class Controller:
+    def __init__(self, recipe: Recipe, recipe_yaml: str = ""):
+        self.recipe, self.recipe_yaml = recipe, recipe_yaml
+        self.run_dir = Path(recipe.run_dir)
+        self.groups: dict = {}
+        self.version = 0
+        self.history: dict[str, list] = {"reward": [], "eval": []}
+
+    # --- the loop --------------------------------------------------------------------------
+    def run(self) -> dict:
+        self.evaluate(step=0)
+        for step in range(1, self.recipe.steps + 1):
+            timer, metrics = Timings(), {}
+            batch = self.cursor.next_batch(self.recipe.data.prompts_per_step)
+            gen, signals = None, None
+            if self.schedule.wants_rollouts(step):
+                with timer("generate"):
+                    gen = self.generate(batch, step)
+                with timer("reward"):
+                    gen["scores"] = self.score(gen, batch)
+                signals = step_signals(step, batch, gen["prompt_index"], gen["scores"].rewards,
+                                       gen["lengths"])
+                metrics |= self.rollout_metrics(gen, signals)
+            ops = self.complete(step, self.schedule.decide(step, signals))
+            for op in ops:
+                metrics |= self.execute(op, step, batch, gen, timer)
+            self.log(step, ops, metrics, timer)
+        return self.finish()
+
+    # --- named steps -----------------------------------------------------------------------
+    def generate(self, records: list[dict], step: int, greedy: bool = False) -> dict:
+        s = self.recipe.sampling
+        n = 1 if greedy else s.n
+        sampling = {"temperature": 0.0 if greedy else s.temperature, "top_p": s.top_p,
+                    "max_tokens": (self.recipe.eval.max_tokens or s.max_tokens) if greedy
+                    else s.max_tokens}
+        items = [{"prompt": r["prompt"], "seed": (self.recipe.seed * 1_000_003 + step) * 10_007 + i}
+                 for i, r in enumerate(records)]
+        pairs = self.rollout.split("generate", items, n, sampling, index_offset=0, num_returns=2)
+        summaries = self.rollout.call([p[0] for p in pairs], "generate")
+        merged = {k: [x for sm in summaries for x in sm[k]]
+                  for k in ("prompt_index", "lengths", "truncated", "texts")}
+        merged["weight_version"] = summaries[0]["weight_version"]
+        merged["refs"] = [p[1] for p in pairs]
+        return merged
+
+    def score(self, gen: dict, records: list[dict]):
+        from workers.types import Scores
+
+        actors = self.reward.actors
+        refs = [actors[i % len(actors)].score.remote([ref], records)
+                for i, ref in enumerate(gen["refs"])]
+        return Scores.concat(self.reward.call(refs, "score"))
+
+    def reference_logprobs(self, gen: dict) -> list | None:
+        if self.recipe.algorithm.kl == 0 or self.reference is None:
+            return None
+        actors = self.reference.actors
+        return [actors[i % len(actors)].logprobs.remote(ref) for i, ref in enumerate(gen["refs"])]
+
+    def complete(self, step: int, ops: list) -> list:
+        """Add what the recipe's cadence asks for: a Sync after weight changes, Eval, Checkpoint."""
+        ops = list(ops)
+        if any(isinstance(o, UPDATES) for o in ops):
+            last_update = max(i for i, o in enumerate(ops) if isinstance(o, UPDATES))
+            if not any(isinstance(o, Sync) for o in ops[last_update:]):
+                ops.insert(last_update + 1, Sync())
+        ev, ck = self.recipe.eval.every, self.recipe.checkpoint.every
+        if ev and step % ev == 0 and step != self.recipe.steps and Eval() not in ops:
+            ops.append(Eval())
+        if ck and step % ck == 0 and Checkpoint() not in ops:
+            ops.append(Checkpoint())
+        return ops
+
+    def execute(self, op, step: int, batch: list[dict], gen: dict | None, timer) -> dict:
+        if isinstance(op, RLUpdate):
+            if gen is None:
+                raise RuntimeError(f"step {step}: the schedule asked for an RL update but "
+                                   "wants_rollouts() returned False")
+            with timer("reference"):
+                ref = self.reference_logprobs(gen)
+            rewards = [r if r is not None else 0.0 for r in gen["scores"].rewards]
+            adv = grpo_advantages(rewards, gen["prompt_index"],
+                                  self.recipe.algorithm.std_normalize)
+            with timer("learn"):
+                return self.learner.call(self.learner.fanout("update_rl", gen["refs"], adv, ref),
+                                         "update_rl")[0]
+        if isinstance(op, SFTUpdate):
+            prompts, demos = self.demonstrations(op, batch)
+            if not prompts:
+                return {"sft/skipped": 1.0}
+            with timer("learn"):
+                return self.learner.call(self.learner.fanout("update_sft", prompts, demos),
+                                         "update_sft")[0]
+        if isinstance(op, Sync):
+            with timer("sync"):
+                return self.sync_weights()
+        if isinstance(op, Eval):
+            with timer("eval"):
+                return self.evaluate(step)
+        if isinstance(op, Checkpoint):
+            with timer("checkpoint"):
+                self.save_policy(f"step_{step:06d}")
+            return {}
+        raise TypeError(f"step {step}: the schedule returned an unknown op {op!r}")
+
+    def demonstrations(self, op: SFTUpdate, batch: list[dict]):
+        self.demos.update({r["id"]: r for r in batch if r.get("demonstration")})
+        ids = op.ids if op.ids is not None else [r["id"] for r in batch if r.get("demonstration")]
+        recs = [self.demos[i] for i in ids if i in self.demos]
+        prompts = [self.tokenizer(r["prompt"]).input_ids for r in recs]
+        demos = [self.tokenizer(r["demonstration"], add_special_tokens=False).input_ids
+                 + [self.tokenizer.eos_token_id] for r in recs]
+        return prompts, demos
+
+    def sync_weights(self) -> dict:
+        self.version += 1
+        refs = self.learner.fanout("push_weights", self.version)
+        recv = self.rollout.fanout("receive_weights", self.version)
+        out = self.learner.call(refs, "push_weights")[0]
+        self.rollout.call(recv, "receive_weights")
+        return out
+
+    def evaluate(self, step: int) -> dict:
+        if not self.eval_records:
+            return {}
+        gen = self.generate(self.eval_records, step, greedy=True)
+        scores = self.score(gen, self.eval_records)
+        ok = [1.0 if (r or 0.0) >= 1.0 else 0.0 for r in scores.rewards]
+        out = {"eval/accuracy": sum(ok) / len(ok)}
+        key = self.recipe.eval.bucket_key
+        if key:
+            buckets: dict[str, list[float]] = {}
+            for i, p in enumerate(gen["prompt_index"]):
+                buckets.setdefault(str(self.eval_records[p].get(key)), []).append(ok[i])
+            for b, v in sorted(buckets.items()):
+                out[f"eval/accuracy/{key}={b}"] = sum(v) / len(v)
+        self.history["eval"].append({"step": step, **out})
+        self.logger.log(step, out)
+        return out
+
+    def rollout_metrics(self, gen: dict, sig) -> dict:
+        scores = gen["scores"]
+        lens = gen["lengths"]
+        m = {"reward/mean": sig.reward_mean, "reward/pass_rate": sig.pass_rate,
+             "prompts/zero_success_frac": sig.zero_success_frac,
+             "prompts/zero_variance_frac": sig.zero_variance_frac,
+             "response/length_mean": sum(lens) / max(len(lens), 1),
+             "response/length_max": float(max(lens, default=0)),
+             "response/truncated_frac": sum(gen["truncated"]) / max(len(lens), 1),
+             "reward/unscored": float(sig.unscored),
+             "rollout/weight_version": float(gen["weight_version"])}
+        for name, vals in scores.per_verifier.items():
+            got = [v for v in vals if v is not None]
+            m[f"reward/{name}"] = sum(got) / max(len(got), 1)
+        for name, count in scores.failures.items():
+            m[f"reward/failures/{name}"] = float(count)
+        self.history["reward"].append(sig.reward_mean)
+        return m
+
+    def log(self, step: int, ops: list, metrics: dict, timer: Timings) -> None:
+        metrics |= {f"time/{k}": v for k, v in timer.seconds.items()}
+        metrics |= self.schedule.metrics() | {"weight_version": float(self.version)}
+        self.logger.log(step, metrics)
+        if step % self.recipe.logging.console_every == 0 or "eval/accuracy" in metrics:
+            kinds = "+".join(type(o).__name__.replace("Update", "").lower()
+                             for o in ops if isinstance(o, UPDATES)) or "-"
+            self.logger.console(step, self.recipe.steps, kinds, metrics)
+
+    def save_policy(self, name: str) -> Path:
+        path = self.run_dir / "checkpoints" / name
+        tmp = path.with_name(path.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.learner.call(self.learner.fanout("save_hf", str(tmp.resolve())), "save_hf")
+        shutil.rmtree(path, ignore_errors=True)
+        tmp.rename(path)
+        kept = sorted(p for p in path.parent.iterdir() if p.name.startswith("step_"))
+        for old in kept[:-self.recipe.checkpoint.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+        return path
+
+    def finish(self) -> dict:
+        final = self.evaluate(self.recipe.steps)
+        policy = self.save_policy("final")
+        evals = self.history["eval"]
+        summary = {"name": self.recipe.name, "steps": self.recipe.steps, "policy": str(policy),
+                   "eval": evals, "reward_curve": self.history["reward"],
+                   "mlflow": {"uri": self.logger.uri, "run_id": self.logger.run_id}}
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        print_summary(summary)
+        self.logger.finish(summary)
+        return summary | {"final": final}
+
+    # --- set-up and tear-down --------------------------------------------------------------
+    def setup(self) -> "Controller":
+        from orchestrator.setup import setup_controller
+
+        setup_controller(self)
+        return self
+
+    def shutdown(self, status: str = "FINISHED") -> None:
+        for g in self.groups.values():
+            g.shutdown()
+        self.groups.clear()
+        if getattr(self, "logger", None) is not None and self.logger.mlflow is not None:
+            self.logger.finish({"status": status}, status)
+
+
+def print_summary(summary: dict) -> None:
+    evals = summary["eval"]
+    print("\n=== braid run summary: " + summary["name"] + " ===")
+    if evals:
+        first, last = evals[0], evals[-1]
+        keys = [k for k in last if k.startswith("eval/accuracy")]
+        print(f"held-out accuracy      step {first['step']:>4}   step {last['step']:>4}")
+        for k in keys:
+            label = k.replace("eval/accuracy", "overall" if k == "eval/accuracy" else "")
+            print(f"  {label.strip('/'):<20} {first.get(k, 0):>8.3f}   {last.get(k, 0):>8.3f}")
+        if len(evals) > 2:
+            print("  evaluations: " + ", ".join(f"step {e['step']}: {e['eval/accuracy']:.3f}"
+                                                for e in evals))
+    curve = summary["reward_curve"]
+    if curve:
+        print(f"reward curve ({len(curve)} RL steps, {min(curve):.2f}..{max(curve):.2f}): "
+              f"{sparkline(curve)}")
+    print(f"policy: {summary['policy']}")
+    print(f"mlflow: {summary['mlflow']['uri']} (run {summary['mlflow']['run_id']})", flush=True)

@@ -1,0 +1,108 @@
+"""Placement and worker groups.
+
+Each role gets one Ray placement group of ``replicas`` bundles built from its ``resources``
+(fractional CPUs here, whole GPUs on a GPU cluster — so rollout and learner never share a GPU
+unless a recipe asks for it). A WorkerGroup wraps the role's plain worker class with
+``ray.remote`` and names its dispatch at the call site:
+
+- ``fanout(method, ...)``: the same call on every replica (setup, weight sync, learner steps);
+- ``split(method, items, ...)``: items split across replicas, contiguous (rollout, reward);
+- ``call(refs)``: gather, turning an actor failure into an error that names role and rank.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from workers.base import WorkerContext
+
+
+class WorkerError(RuntimeError):
+    """A worker call failed; the message names the role, the rank and the cause."""
+
+
+class WorkerGroup:
+    def __init__(self, role: str, cfg, recipe, cls: type, args, env: dict[str, str],
+                 ready_timeout_s: float = 300.0):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        self.role, self.cfg = role, cfg
+        res = cfg.resources
+        bundle = {"CPU": res.num_cpus} | ({"GPU": res.num_gpus} if res.num_gpus else {})
+        self.pg = placement_group([dict(bundle) for _ in range(cfg.replicas)],
+                                  strategy=cfg.strategy, name=f"braid-{recipe.name}-{role}")
+        ready, _ = ray.wait([self.pg.ready()], timeout=ready_timeout_s)
+        if not ready:
+            raise WorkerError(
+                f"roles.{role}: the cluster cannot place {cfg.replicas} x {bundle} "
+                f"({cfg.strategy}) within {ready_timeout_s:.0f}s; available: "
+                f"{ray.available_resources()}")
+        remote = ray.remote(cls)
+        self.actors = [
+            remote.options(
+                num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_concurrency=1,
+                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                    self.pg, placement_group_bundle_index=i),
+                runtime_env={"env_vars": env} if env else None,
+            ).remote(WorkerContext(role, i, cfg.replicas, recipe, args))
+            for i in range(cfg.replicas)
+        ]
+
+    def __len__(self) -> int:
+        return len(self.actors)
+
+    def fanout(self, method: str, *args, **kwargs) -> list:
+        return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
+
+    def split(self, method: str, items: list, *args, num_returns: int = 1, **kwargs) -> list:
+        """Contiguous shards of `items`, one call per replica; kwarg `index_offset` is added
+        when the method takes it, so results keep global indices."""
+        per = math.ceil(len(items) / len(self.actors)) if items else 0
+        out = []
+        for i, a in enumerate(self.actors):
+            shard = items[i * per:(i + 1) * per]
+            if not shard:
+                continue
+            fn = getattr(a, method).options(num_returns=num_returns)
+            out.append(fn.remote(shard, *args, **_offset(kwargs, i * per)))
+        return out
+
+    def call(self, refs: list, what: str = "") -> list[Any]:
+        import ray
+
+        try:
+            return ray.get(refs)
+        except ray.exceptions.RayActorError as err:
+            raise WorkerError(f"{self.role} actor died{' during ' + what if what else ''}: "
+                              f"{_first_line(err)}") from err
+        except ray.exceptions.RayTaskError as err:
+            cause = err.cause if getattr(err, "cause", None) is not None else err
+            raise WorkerError(f"{self.role}{' ' + what if what else ''} failed: "
+                              f"{type(cause).__name__}: {_first_line(cause)}") from err
+
+    def shutdown(self) -> None:
+        import ray
+        from ray.util.placement_group import remove_placement_group
+
+        try:
+            ray.get([a.shutdown.remote() for a in self.actors], timeout=30)
+        except Exception:
+            pass
+        for a in self.actors:
+            ray.kill(a)
+        remove_placement_group(self.pg)
+
+
+def _offset(kwargs: dict, offset: int) -> dict:
+    if "index_offset" in kwargs:
+        kwargs = dict(kwargs, index_offset=kwargs["index_offset"] + offset)
+    return kwargs
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else type(err).__name__

@@ -1,0 +1,95 @@
+"""Metrics: mlflow (a sqlite store in the run directory unless the recipe names a tracking URI)
+and a one-line-per-step console progress display."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    if not values:
+        return ""
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(len(SPARK) - 1, int((v - lo) / span * len(SPARK)))] for v in values)
+
+
+def flatten(d: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(flatten(v, key + "."))
+        else:
+            out[key] = str(v)[:500]
+    return out
+
+
+class Timings:
+    def __init__(self):
+        self.seconds: dict[str, float] = {}
+
+    @contextmanager
+    def __call__(self, phase: str):
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
+
+
+class RunLogger:
+    def __init__(self, recipe, run_dir: Path):
+        self.recipe, self.run_dir = recipe, run_dir
+        self.mlflow = None
+        self.run_id: str | None = None
+
+    def start(self, recipe_yaml: str) -> None:
+        os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # only matters for file: URIs
+        import mlflow
+
+        uri = self.recipe.logging.mlflow_uri or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment(self.recipe.logging.experiment)
+        run = mlflow.start_run(run_name=self.recipe.name)
+        self.mlflow, self.run_id = mlflow, run.info.run_id
+        params = flatten(self.recipe.model_dump(mode="json"))
+        items = list(params.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i:i + 100]))
+        mlflow.log_text(recipe_yaml, "recipe.yaml")
+        self.uri = uri
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if self.mlflow is not None:
+            clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items()
+                     if isinstance(v, (int, float))}
+            self.mlflow.log_metrics(clean, step=step)
+
+    def console(self, step: int, total: int, kinds: str, m: dict[str, float]) -> None:
+        parts = [f"step {step:>4}/{total}", f"{kinds:<7}"]
+        if "reward/mean" in m:
+            parts.append(f"reward {m['reward/mean']:.3f} pass {m['reward/pass_rate']:.2f} "
+                         f"unsolved {m['prompts/zero_success_frac']:.2f}")
+        if "rl/loss" in m:
+            parts.append(f"rl_loss {m['rl/loss']:+.4f}")
+        if "sft/loss" in m:
+            parts.append(f"sft_loss {m['sft/loss']:.4f}")
+        if "eval/accuracy" in m:
+            parts.append(f"EVAL acc {m['eval/accuracy']:.3f}")
+        times = " ".join(f"{k.split('/')[1]} {v:.2f}s" for k, v in m.items()
+                         if k.startswith("time/"))
+        parts.append(times + f" | v{int(m.get('weight_version', 0))}")
+        print(" | ".join(parts), flush=True, file=sys.stdout)
+
+    def finish(self, summary: dict, status: str = "FINISHED") -> None:
+        if self.mlflow is not None:
+            self.mlflow.log_dict(summary, "summary.json")
+            self.mlflow.end_run(status=status)
+            self.mlflow = None

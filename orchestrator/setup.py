@@ -1,0 +1,140 @@
+"""Resolving a recipe into classes and arguments, and bringing a run up.
+
+``resolve_recipe`` is what ``braid validate`` runs: every import path imported, every worker
+class checked against its role's base class, every argument validated — no Ray, no engines.
+``setup_controller`` then builds the model if the recipe asks for it, starts or joins Ray, places
+the worker groups, runs every worker's ``setup()`` in parallel and forms the weight-sync group.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from orchestrator.config import Recipe, RecipeError, validate_model
+from orchestrator.registry import resolve
+from orchestrator.schedules import Schedule, build_schedule
+from workers.base import ROLE_BASES
+
+
+@dataclass
+class Resolved:
+    roles: dict[str, tuple[type, Any]]   # role -> (worker class, validated args)
+    train: Any                           # dataset object
+    eval: Any | None
+    schedule: Schedule
+
+
+def build_dataset(component, where: str):
+    cls = resolve(component.cls, f"{where}.cls")
+    args_model = getattr(cls, "Args", None)
+    if args_model is not None:
+        validate_model(args_model, component.args, f"{where}.args")
+    try:
+        return cls(**component.args)
+    except TypeError as err:
+        raise RecipeError(f"{where}.args: {err}") from None
+
+
+def resolve_recipe(recipe: Recipe) -> Resolved:
+    roles = {}
+    for role, base in ROLE_BASES.items():
+        cfg = getattr(recipe.roles, role)
+        if cfg is None:
+            continue
+        cls = resolve(cfg.cls, f"roles.{role}.cls", base=base)
+        roles[role] = (cls, cls.check_args(cfg.args, f"roles.{role}.args"))
+    model = Path(recipe.model.path)
+    if recipe.model.build is None and not (model / "config.json").is_file():
+        raise RecipeError(f"model.path: no Hugging Face model at {str(model)!r} "
+                          "(and no model.build to create one)")
+    train = build_dataset(recipe.data.train, "data.train")
+    ev = build_dataset(recipe.data.eval, "data.eval") if recipe.data.eval else None
+    schedule = build_schedule(recipe.schedule.policy, recipe.schedule.args)
+    return Resolved(roles, train, ev, schedule)
+
+
+def ensure_model(recipe: Recipe) -> None:
+    path = Path(recipe.model.path)
+    if (path / "config.json").is_file() or recipe.model.build is None:
+        return
+    from workers.models import build_tiny_model
+
+    print(f"building a tiny model at {path} (model.build)", flush=True)
+    build_tiny_model(path, recipe.model.build)
+
+
+def init_ray(recipe: Recipe) -> bool:
+    """Join the cluster named by the recipe or RAY_ADDRESS (as under `ray job submit`), else
+    start a private local one. Returns True when the cluster is local and private."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    address = recipe.ray.address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, log_to_driver=True)
+        return False
+    roles = [r for r in (recipe.roles.rollout, recipe.roles.learner, recipe.roles.reward,
+                         recipe.roles.reference) if r is not None]
+    need = sum(r.replicas * r.resources.num_cpus for r in roles)
+    cpus = recipe.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
+    here = os.getcwd()
+    pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
+    ray.init(address="local", num_cpus=cpus, include_dashboard=False,
+             runtime_env={"env_vars": {"PYTHONPATH": pythonpath}}, log_to_driver=True)
+    return True
+
+
+def setup_controller(c) -> None:
+    import ray
+    from transformers import AutoTokenizer
+
+    from orchestrator.data import Cursor
+    from orchestrator.groups import WorkerGroup
+    from orchestrator.metrics import RunLogger
+
+    recipe = c.recipe
+    resolved = resolve_recipe(recipe)
+    c.run_dir.mkdir(parents=True, exist_ok=True)
+    ensure_model(recipe)
+    c.tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
+    c.cursor = Cursor(resolved.train, recipe.seed)
+    c.eval_records = list(resolved.eval) if resolved.eval is not None else []
+    c.schedule, c.demos = resolved.schedule, {}
+    c.logger = RunLogger(recipe, c.run_dir)
+    c.logger.start(c.recipe_yaml)
+    init_ray(recipe)
+    base_env = {"TOKENIZERS_PARALLELISM": "false"}
+    for role, (cls, args) in resolved.roles.items():
+        cfg = getattr(recipe.roles, role)
+        c.groups[role] = WorkerGroup(role, cfg, recipe, cls, args, base_env | cfg.env)
+    c.rollout, c.learner, c.reward = c.groups["rollout"], c.groups["learner"], c.groups["reward"]
+    c.reference = c.groups.get("reference")
+
+    addr, port = ray.get(c.learner.actors[0].master_address.remote())
+    pending = [(c.learner, c.learner.fanout("setup", master_addr=addr, master_port=port))]
+    pending += [(g, g.fanout("setup")) for r, g in c.groups.items() if r != "learner"]
+    for group, refs in pending:
+        group.call(refs, "setup")
+    init_weight_sync(c)
+
+
+def init_weight_sync(c) -> None:
+    import ray
+
+    ws = c.recipe.weight_sync
+    backend = ws.backend
+    if backend == "auto":
+        backend = "nccl" if c.recipe.roles.learner.resources.num_gpus > 0 else "gloo"
+    tp = c.recipe.roles.rollout.args.get("tensor_parallel_size", 1)
+    world = 1 + len(c.rollout) * tp
+    manifest = ray.get(c.learner.actors[0].weight_manifest.remote(int(ws.bucket_mb * 2**20)))
+    host, port = ray.get(c.learner.actors[0].master_address.remote())
+    refs = c.learner.fanout("init_weight_sync", host, port, world, manifest, backend)
+    refs += [a.init_weight_sync.remote(host, port, world, 1 + i * tp, manifest, backend)
+             for i, a in enumerate(c.rollout.actors)]
+    c.learner.call(refs, "init_weight_sync")

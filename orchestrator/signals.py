@@ -1,0 +1,76 @@
+"""What a step's rollouts say: per-prompt successes and rewards, and GRPO advantages.
+
+Pure Python over small lists; schedules read these, never the rollouts themselves.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+
+@dataclass
+class PromptStats:
+    id: str
+    n: int
+    n_correct: int           # samples with reward >= success_threshold
+    rewards: list[float]
+    mean_length: float
+    has_demo: bool
+
+
+@dataclass
+class StepSignals:
+    step: int
+    prompts: list[PromptStats]
+    reward_mean: float
+    pass_rate: float               # fraction of samples that succeeded
+    zero_success_frac: float       # prompts no sample solved
+    zero_variance_frac: float      # groups whose rewards are all equal: no GRPO gradient
+    unscored: int                  # samples a verifier could not score
+    probes: dict[str, float] = field(default_factory=dict)
+
+
+def grpo_advantages(rewards: list[float], prompt_index: list[int],
+                    std_normalize: bool = True, eps: float = 1e-6) -> list[float]:
+    """r - mean(group), divided by the group's std unless ``std_normalize`` is False (Dr.GRPO).
+
+    >>> grpo_advantages([1, 0, 0, 0], [0, 0, 1, 1])
+    [0.9999..., -0.9999..., 0.0, 0.0]
+    """
+    groups: dict[int, list[int]] = {}
+    for i, p in enumerate(prompt_index):
+        groups.setdefault(p, []).append(i)
+    adv = [0.0] * len(rewards)
+    for members in groups.values():
+        rs = [rewards[i] for i in members]
+        mean = sum(rs) / len(rs)
+        std = math.sqrt(sum((r - mean) ** 2 for r in rs) / max(len(rs) - 1, 1))
+        for i in members:
+            a = rewards[i] - mean
+            adv[i] = a / (std + eps) if std_normalize else a
+    return adv
+
+
+def step_signals(step: int, records: list[dict], prompt_index: list[int],
+                 rewards: list[float | None], lengths: list[int],
+                 success_threshold: float = 1.0) -> StepSignals:
+    per: dict[int, list[int]] = {}
+    for i, p in enumerate(prompt_index):
+        per.setdefault(p, []).append(i)
+    prompts = []
+    for p, members in sorted(per.items()):
+        rs = [rewards[i] if rewards[i] is not None else 0.0 for i in members]
+        prompts.append(PromptStats(
+            id=records[p]["id"], n=len(members),
+            n_correct=sum(r >= success_threshold for r in rs), rewards=rs,
+            mean_length=sum(lengths[i] for i in members) / len(members),
+            has_demo=bool(records[p].get("demonstration"))))
+    scored = [r if r is not None else 0.0 for r in rewards]
+    n = max(len(scored), 1)
+    return StepSignals(
+        step=step, prompts=prompts, reward_mean=sum(scored) / n,
+        pass_rate=sum(r >= success_threshold for r in scored) / n,
+        zero_success_frac=sum(p.n_correct == 0 for p in prompts) / max(len(prompts), 1),
+        zero_variance_frac=sum(len(set(p.rewards)) == 1 for p in prompts) / max(len(prompts), 1),
+        unscored=sum(r is None for r in rewards))

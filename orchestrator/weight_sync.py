@@ -1,0 +1,197 @@
+"""Learner → rollout weight sync over one torch.distributed group of its own.
+
+The group is learner rank 0 (rank 0 here) plus every rollout engine's worker process, formed on
+a dedicated TCP store — never the learner's world, never vLLM's. Backend gloo on CPU, NCCL on
+GPUs; the code is the same. Weights travel in buckets: each bucket is a persistent flat buffer
+of one dtype on both sides (allocated once, reused every sync), so a sync costs one copy into the
+buffer plus one broadcast per bucket. A small header tensor (version, bucket count, numel) goes
+first so a receiver that disagrees about the manifest fails loudly instead of loading garbage.
+
+Used by `workers.learner` (send) and `workers.rollout.vllm_ext` (receive). Only torch is needed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+from dataclasses import dataclass
+from typing import Iterable, Iterator
+
+import torch
+import torch.distributed as dist
+
+_DTYPES = {str(d): d for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)}
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    shape: tuple[int, ...]
+    offset: int  # elements into its bucket
+    numel: int
+
+
+@dataclass(frozen=True)
+class Bucket:
+    dtype: str
+    numel: int
+    tensors: tuple[TensorSpec, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """Names, shapes and dtypes of every synced tensor and the bucket each lives in."""
+
+    buckets: tuple[Bucket, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel * _DTYPES[b.dtype].itemsize for b in self.buckets)
+
+    @property
+    def num_tensors(self) -> int:
+        return sum(len(b.tensors) for b in self.buckets)
+
+    def to_dict(self) -> dict:
+        return {"buckets": [{"dtype": b.dtype, "numel": b.numel,
+                             "tensors": [[t.name, list(t.shape), t.offset, t.numel]
+                                         for t in b.tensors]} for b in self.buckets]}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "Manifest":
+        return cls(tuple(Bucket(b["dtype"], b["numel"],
+                                tuple(TensorSpec(n, tuple(s), o, k) for n, s, o, k in b["tensors"]))
+                         for b in d["buckets"]))
+
+
+def plan_buckets(params: Iterable[tuple[str, tuple[int, ...], torch.dtype]],
+                 bucket_bytes: int) -> Manifest:
+    """Greedy, order-preserving bucketing; a bucket holds one dtype and at most `bucket_bytes`
+    (a single larger tensor gets a bucket of its own)."""
+    buckets: list[Bucket] = []
+    cur: list[TensorSpec] = []
+    cur_dtype, cur_numel = None, 0
+
+    def close():
+        if cur:
+            buckets.append(Bucket(str(cur_dtype), cur_numel, tuple(cur)))
+
+    for name, shape, dtype in params:
+        numel = 1
+        for s in shape:
+            numel *= int(s)
+        full = (cur_numel + numel) * dtype.itemsize > bucket_bytes
+        if cur and (dtype != cur_dtype or full):
+            close()
+            cur, cur_numel = [], 0
+        cur_dtype = dtype
+        cur.append(TensorSpec(name, tuple(int(s) for s in shape), cur_numel, numel))
+        cur_numel += numel
+    close()
+    return Manifest(tuple(buckets))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def node_ip() -> str:
+    """The address other processes reach this one on (Ray reports the interface address)."""
+    try:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    except ImportError:
+        pass
+    return "127.0.0.1"
+
+
+class SyncGroup:
+    """A process group of its own: rank 0 is the sender, every other rank receives."""
+
+    def __init__(self, host: str, port: int, world_size: int, rank: int,
+                 backend: str = "gloo", timeout_s: float = 600.0):
+        timeout = datetime.timedelta(seconds=timeout_s)
+        self.rank, self.world_size, self.backend = rank, world_size, backend
+        self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0),
+                                   timeout=timeout, wait_for_workers=False)
+        if backend == "gloo":
+            self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
+            self.device = torch.device("cpu")
+        elif backend == "nccl":
+            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size)
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        else:
+            raise ValueError(f"weight_sync backend must be 'gloo' or 'nccl', got {backend!r}")
+
+    def broadcast(self, tensor: torch.Tensor) -> None:
+        self.pg.broadcast(tensor, 0).wait()
+
+
+def _buffers(manifest: Manifest, device) -> list[torch.Tensor]:
+    return [torch.empty(b.numel, dtype=_DTYPES[b.dtype], device=device) for b in manifest.buckets]
+
+
+def _header(version: int, manifest: Manifest, device) -> torch.Tensor:
+    total = sum(b.numel for b in manifest.buckets)
+    return torch.tensor([version, len(manifest.buckets), total], dtype=torch.int64, device=device)
+
+
+class WeightSender:
+    """Rank 0's side: ``begin(version)``, then for each bucket fill ``buffers[i]`` (see
+    ``copy_into``) and ``send_bucket(i)`` — the caller interleaves the fill with whatever
+    gathers the weights (ZeRO-3 gathers bucket by bucket)."""
+
+    def __init__(self, manifest: Manifest, group: SyncGroup):
+        self.manifest, self.group = manifest, group
+        self.buffers = _buffers(manifest, group.device)
+
+    def begin(self, version: int) -> None:
+        self.group.broadcast(_header(version, self.manifest, self.group.device))
+
+    def send_bucket(self, i: int) -> None:
+        self.group.broadcast(self.buffers[i])
+
+    def send(self, version: int, tensors: dict[str, torch.Tensor]) -> None:
+        """All buckets from full tensors at hand (no gathering needed)."""
+        self.begin(version)
+        for i, bucket in enumerate(self.manifest.buckets):
+            copy_into(bucket, self.buffers[i], tensors)
+            self.send_bucket(i)
+
+
+def copy_into(bucket: Bucket, buf: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
+    """Copy full (gathered) tensors into their slots of a bucket buffer."""
+    for t in bucket.tensors:
+        buf[t.offset:t.offset + t.numel].copy_(tensors[t.name].detach().reshape(-1))
+
+
+class WeightReceiver:
+    """A rollout engine's side: receive every bucket into persistent buffers, then hand out
+    (name, view) pairs for the engine's weight loader — no copies beyond the broadcast itself."""
+
+    def __init__(self, manifest: Manifest, group: SyncGroup):
+        self.manifest, self.group = manifest, group
+        self.buffers = _buffers(manifest, group.device)
+
+    def receive(self, expected_version: int | None = None) -> int:
+        header = _header(-1, self.manifest, self.group.device)
+        self.group.broadcast(header)
+        version, nb, total = (int(x) for x in header.tolist())
+        mine = _header(version, self.manifest, self.group.device).tolist()
+        if [version, nb, total] != mine:
+            raise RuntimeError(f"weight sync manifest mismatch: sender has {nb} buckets/{total} "
+                               f"elements, receiver {mine[1]}/{mine[2]}")
+        if expected_version is not None and version != expected_version:
+            raise RuntimeError(f"weight sync: expected version {expected_version}, got {version}")
+        for buf in self.buffers:
+            self.group.broadcast(buf)
+        return version
+
+    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        for bucket, buf in zip(self.manifest.buckets, self.buffers):
+            for t in bucket.tensors:
+                yield t.name, buf[t.offset:t.offset + t.numel].view(t.shape)

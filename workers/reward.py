@@ -1,0 +1,122 @@
+"""Reward worker: runs verifier callables on rollouts, in its own actor.
+
+Each verifier is a plain callable ``(prompts, completions, **fields) -> list[float | None]``
+named by import path. It runs in a child process so a verifier that hangs past ``timeout_s`` can
+be killed; one that raises, hangs or returns garbage for the batch is retried sample by sample,
+and the samples that still fail score ``None``, are counted per verifier and logged with their
+sample ids. The run never crashes on a verifier.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing as mp
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers.base import RewardWorker
+from workers.types import Rollouts, Scores, resolve_refs
+
+log = logging.getLogger("braid.reward")
+
+
+class VerifierSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fn: str = Field(description="import path of the verifier callable, `module:name`")
+    weight: float = 1.0
+    name: str | None = Field(None, description="metric name (default: the function's name)")
+
+
+def _call_verifier(path: str, prompts, completions, fields):
+    from orchestrator.registry import resolve
+
+    return resolve(path, "verifier")(prompts, completions, **fields)
+
+
+def _valid(out: Any, n: int) -> bool:
+    return (isinstance(out, (list, tuple)) and len(out) == n and
+            all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
+                              and v == v) for v in out))
+
+
+class RuleRewardWorker(RewardWorker):
+    class Args(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        verifiers: list[VerifierSpec | str] = Field(min_length=1)
+        timeout_s: float = Field(10.0, gt=0, description="per verifier call")
+
+    @classmethod
+    def check_args(cls, args: dict, where: str):
+        from orchestrator.registry import resolve
+
+        parsed = super().check_args(args, where)
+        for i, v in enumerate(parsed.verifiers):
+            fn = resolve(v if isinstance(v, str) else v.fn, f"{where}.verifiers.{i}")
+            if not callable(fn):
+                from orchestrator.config import RecipeError
+
+                raise RecipeError(f"{where}.verifiers.{i}: {fn!r} is not callable")
+        return parsed
+
+    def setup(self, **_) -> None:
+        self.specs = [VerifierSpec(fn=v) if isinstance(v, str) else v for v in self.args.verifiers]
+        self.names = [s.name or s.fn.rpartition(":")[2] for s in self.specs]
+        self._pool = None
+
+    def _pool_get(self):
+        if self._pool is None:
+            self._pool = mp.get_context("fork").Pool(1)
+        return self._pool
+
+    def _kill_pool(self):
+        if self._pool is not None:
+            self._pool.terminate()
+            self._pool.join()
+            self._pool = None
+
+    def _run(self, path: str, prompts, completions, fields) -> list | None:
+        """One guarded call; None if it raised, timed out or returned something malformed."""
+        res = self._pool_get().apply_async(_call_verifier, (path, prompts, completions, fields))
+        try:
+            out = res.get(timeout=self.args.timeout_s)
+        except mp.TimeoutError:
+            self._kill_pool()
+            return None
+        except Exception:
+            return None
+        return [None if v is None else float(v) for v in out] if _valid(out, len(completions)) \
+            else None
+
+    def score(self, rollout_parts, records: list[dict]) -> Scores:
+
+        r = Rollouts.concat(resolve_refs(rollout_parts))
+        recs = [records[i] for i in r.prompt_index]
+        prompts = [rec["prompt"] for rec in recs]
+        ids, seen = [], {}
+        for rec in recs:
+            k = seen[rec["id"]] = seen.get(rec["id"], -1) + 1
+            ids.append(f"{rec['id']}#{k}")
+        keys = sorted({k for rec in recs for k in rec} - {"prompt", "id", "demonstration"})
+        fields = {k: [rec.get(k) for rec in recs] for k in keys}
+        scores = Scores(rewards=[0.0] * len(r))
+        for spec, name in zip(self.specs, self.names):
+            out = self._run(spec.fn, prompts, r.texts, fields)
+            if out is None:  # isolate the failing samples
+                out = [(self._run(spec.fn, [prompts[i]], [r.texts[i]],
+                                  {k: [v[i]] for k, v in fields.items()}) or [None])[0]
+                       for i in range(len(r))]
+            failed = [ids[i] for i, v in enumerate(out) if v is None]
+            if failed:
+                scores.failures[name] = len(failed)
+                scores.failed_ids.extend(failed)
+                log.warning("verifier %s could not score %d sample(s): %s", name, len(failed),
+                            ", ".join(failed[:20]))
+            scores.per_verifier[name] = out
+            for i, v in enumerate(out):
+                cur = scores.rewards[i]
+                scores.rewards[i] = None if (v is None or cur is None) else cur + spec.weight * v
+        return scores
+
+    def shutdown(self) -> None:
+        self._kill_pool()

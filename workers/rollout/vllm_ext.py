@@ -1,0 +1,49 @@
+"""Methods added to vLLM's worker (``LLM(worker_extension_cls=...)``) for weight sync.
+
+They run inside the vLLM worker process — the one that holds the model — and are called with
+``llm.collective_rpc("braid_...")``. Weights arrive over braid's own sync group (not pickled
+through the RPC) and load through ``model_runner.reload_weights``.
+"""
+
+from __future__ import annotations
+
+
+def _shared_parameters(model):
+    """(module, name, owner module, owner name) for every parameter that aliases an earlier one
+    (tied input/output embeddings). vLLM's in-place reload swaps the owner's tensor and puts the
+    alias's old tensor back, which silently unties them; we re-tie after each reload and let the
+    alias redo its post-load processing (on CPU that re-packs the GEMM weight it computes with)."""
+    seen, aliases = {}, []
+    for mod_name, mod in model.named_modules():
+        for p_name, p in mod.named_parameters(recurse=False):
+            if id(p) in seen:
+                aliases.append((mod, p_name) + seen[id(p)])
+            else:
+                seen[id(p)] = (mod, p_name)
+    return aliases
+
+
+class BraidWeightSyncExtension:
+    def braid_init_sync(self, host: str, port: int, world_size: int, rank: int,
+                        manifest: dict, backend: str) -> None:
+        from orchestrator.weight_sync import Manifest, SyncGroup, WeightReceiver
+
+        # `rank` is the first rank of this engine; tensor-parallel workers follow it.
+        group = SyncGroup(host, port, world_size, rank + getattr(self, "rank", 0), backend)
+        self._braid_receiver = WeightReceiver(Manifest.from_dict(manifest), group)
+        self._braid_aliases = _shared_parameters(self.model_runner.get_model())
+        self._braid_version = 0
+
+    def braid_receive_weights(self, version: int) -> int:
+        recv = self._braid_receiver
+        self._braid_version = recv.receive(expected_version=version)
+        self.model_runner.reload_weights(weights_iterator=recv.named_tensors())
+        for mod, name, owner, owner_name in self._braid_aliases:
+            setattr(mod, name, getattr(owner, owner_name))
+            quant_method = getattr(mod, "quant_method", None)
+            if quant_method is not None:
+                quant_method.process_weights_after_loading(mod)
+        return self._braid_version
+
+    def braid_weight_version(self) -> int:
+        return getattr(self, "_braid_version", 0)

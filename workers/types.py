@@ -1,0 +1,73 @@
+"""The data that moves between roles. Plain dataclasses of lists: they pickle into Ray's object
+store and pass between actors as refs; the controller reads only the small fields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+def resolve_refs(x: Any) -> Any:
+    """Fetch Ray object refs (a list of them) when running under Ray; pass values through, so
+    workers run the same in a plain process."""
+    if isinstance(x, list) and x and type(x[0]).__name__ == "ObjectRef":
+        import ray
+
+        return ray.get(x)
+    return x
+
+
+@dataclass
+class Rollouts:
+    """n samples per prompt, grouped: sample i belongs to prompt ``prompt_index[i]``."""
+
+    prompt_index: list[int]          # index into the step's prompt list
+    prompt_ids: list[list[int]]
+    completion_ids: list[list[int]]
+    logprobs: list[list[float]]      # behaviour log-probs of each completion token
+    texts: list[str]
+    finish_reasons: list[str]
+    weight_version: int = 0
+
+    def __len__(self) -> int:
+        return len(self.completion_ids)
+
+    @classmethod
+    def concat(cls, parts: list["Rollouts"]) -> "Rollouts":
+        if len(parts) == 1:
+            return parts[0]
+        versions = {p.weight_version for p in parts}
+        if len(versions) > 1:
+            raise RuntimeError(f"rollout replicas generated with different weight versions "
+                               f"{sorted(versions)}")
+        out = cls([], [], [], [], [], [], versions.pop())
+        for p in parts:
+            for name in ("prompt_index", "prompt_ids", "completion_ids", "logprobs", "texts",
+                         "finish_reasons"):
+                getattr(out, name).extend(getattr(p, name))
+        return out
+
+
+@dataclass
+class Scores:
+    rewards: list[float | None]                            # None: could not be scored
+    per_verifier: dict[str, list[float | None]] = field(default_factory=dict)
+    failures: dict[str, int] = field(default_factory=dict)  # verifier -> failed samples
+    failed_ids: list[str] = field(default_factory=list)
+
+
+def _concat_scores(parts: list["Scores"]) -> "Scores":
+    out = Scores(rewards=[])
+    for p in parts:
+        n_before = len(out.rewards)
+        out.rewards.extend(p.rewards)
+        for k in set(out.per_verifier) | set(p.per_verifier):
+            cur = out.per_verifier.setdefault(k, [None] * n_before)
+            cur.extend(p.per_verifier.get(k, [None] * len(p.rewards)))
+        for k, v in p.failures.items():
+            out.failures[k] = out.failures.get(k, 0) + v
+        out.failed_ids.extend(p.failed_ids)
+    return out
+
+
+Scores.concat = staticmethod(_concat_scores)
