@@ -172,6 +172,7 @@ def validate_model(model: type[BaseModel], data: Any, where: str) -> BaseModel:
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe, apply ``a.b=c`` overrides, resolve ``${...}``, validate."""
+    import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -184,7 +185,10 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
             bad = [o for o in overrides if "=" not in o]
             if bad:
                 raise RecipeError(f"override {bad[0]!r} is not of the form key.sub=value")
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+            for o in overrides:
+                key, _, value = o.partition("=")
+                # list indices (a.0.b=...) work with update, not with a dotlist merge
+                OmegaConf.update(cfg, key.strip(), yaml.safe_load(value), force_add=True)
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
         raise RecipeError(f"{path}: {str(err).splitlines()[0]}") from None

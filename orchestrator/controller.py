@@ -158,7 +158,7 @@ class Controller:
             for i, p in enumerate(gen["prompt_index"]):
                 buckets.setdefault(str(self.eval_records[p].get(key)), []).append(ok[i])
             for b, v in sorted(buckets.items()):
-                out[f"eval/accuracy/{key}={b}"] = sum(v) / len(v)
+                out[f"eval/accuracy/{key}_{b}"] = sum(v) / len(v)
         self.history["eval"].append({"step": step, **out})
         self.logger.log(step, out)
         return out

@@ -79,11 +79,15 @@ class Cursor:
         self.epoch, self.offset = 0, 0
         self._it = None
 
-    def _start(self):
+    def _finite(self) -> bool:
         try:
-            records = list(self.dataset) if hasattr(self.dataset, "__len__") else None
-        except TypeError:
-            records = None
+            len(self.dataset)
+            return True
+        except TypeError:  # no __len__, or a streaming dataset that refuses one
+            return False
+
+    def _start(self):
+        records = list(self.dataset) if self._finite() else None
         if records is None:
             self._it = iter(self.dataset)
         else:

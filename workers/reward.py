@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers.base import RewardWorker
-from workers.types import Rollouts, Scores, resolve_refs
+from workers.types import Rollouts, Scores
 
 log = logging.getLogger("braid.reward")
 
@@ -90,7 +90,7 @@ class RuleRewardWorker(RewardWorker):
 
     def score(self, rollout_parts, records: list[dict]) -> Scores:
 
-        r = Rollouts.concat(resolve_refs(rollout_parts))
+        r = Rollouts.gather(rollout_parts)
         recs = [records[i] for i in r.prompt_index]
         prompts = [rec["prompt"] for rec in recs]
         ids, seen = [], {}

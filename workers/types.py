@@ -33,6 +33,11 @@ class Rollouts:
         return len(self.completion_ids)
 
     @classmethod
+    def gather(cls, x) -> "Rollouts":
+        """One Rollouts from a Rollouts, a list of them, or a list of Ray refs to them."""
+        return x if isinstance(x, cls) else cls.concat(resolve_refs(x))
+
+    @classmethod
     def concat(cls, parts: list["Rollouts"]) -> "Rollouts":
         if len(parts) == 1:
             return parts[0]

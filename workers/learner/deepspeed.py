@@ -73,6 +73,10 @@ class DeepSpeedLearner(LearnerWorker):
                                       weight_decay=algo.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
+        # Drop it once the model is partitioned: while it lives, every from_pretrained in this
+        # process (e.g. save_hf on rank 0 alone) would build under zero.Init and wait forever
+        # for the other ranks.
+        self._hf_ds = None
         tok = AutoTokenizer.from_pretrained(model_cfg.path)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.named = dict(self.engine.module.named_parameters())
@@ -84,7 +88,7 @@ class DeepSpeedLearner(LearnerWorker):
         """One GRPO/PPO-clip step on this step's rollouts."""
         from workers.types import Rollouts
 
-        r = Rollouts.concat(resolve_refs(rollout_parts))
+        r = Rollouts.gather(rollout_parts)
         ref = None
         if ref_parts is not None:
             ref = [lp for part in resolve_refs(ref_parts) for lp in part]
@@ -224,8 +228,12 @@ class DeepSpeedLearner(LearnerWorker):
             return None
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_pretrained(self.recipe.model.path)
-        model.load_state_dict(state, strict=False)
+        model = AutoModelForCausalLM.from_config(self.engine.module.config)
+        result = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if result.unexpected_keys or set(result.missing_keys) - tied:
+            raise RuntimeError(f"save_hf: state does not match the model: missing "
+                               f"{result.missing_keys}, unexpected {result.unexpected_keys}")
         model.save_pretrained(path)
         AutoTokenizer.from_pretrained(self.recipe.model.path).save_pretrained(path)
         return path

@@ -1,0 +1,94 @@
+"""Shared fixtures. Tests own their temp, Ray, HF, mlflow and torch-extension folders: the
+environment below is set before anything heavy is imported, and Ray workers inherit it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_BASE = Path(tempfile.mkdtemp(prefix="braid-tests-", dir="/tmp"))
+for var, sub in (("TMPDIR", "tmp"), ("HF_HOME", "hf"), ("TORCH_EXTENSIONS_DIR", "torch_ext"),
+                 ("XDG_CONFIG_HOME", "config"), ("XDG_CACHE_HOME", "cache")):
+    os.environ[var] = str(_BASE / sub)
+    (_BASE / sub).mkdir(parents=True, exist_ok=True)
+tempfile.tempdir = os.environ["TMPDIR"]
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.pop("RAY_ADDRESS", None)
+sys.path.insert(0, str(ROOT))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(_BASE, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def base_dir() -> Path:
+    return _BASE
+
+
+@pytest.fixture(scope="session")
+def tiny_model(base_dir) -> Path:
+    """A random tiny Llama (hidden 64, 2 layers) with the character tokenizer."""
+    from workers.models import TinyModelSpec, build_tiny_model
+
+    return build_tiny_model(base_dir / "tiny-model",
+                            TinyModelSpec(hidden_size=64, intermediate_size=128, num_layers=2,
+                                          num_heads=2, max_position_embeddings=64, seed=0))
+
+
+@pytest.fixture(scope="session")
+def ray_local(base_dir):
+    """A private local Ray cluster for the session (never `ray stop`: that kills every Ray)."""
+    import ray
+
+    ray.init(address="local", num_cpus=6, include_dashboard=False,
+             _temp_dir=str(base_dir / "ray"), log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def recipe_dict(model_path: Path, run_dir: Path, **over) -> dict:
+    """The smallest full recipe: tiny model, 1 rollout engine, 2 ZeRO-3 learner ranks."""
+    d = {
+        "name": "test", "seed": 0, "steps": 4, "run_dir": str(run_dir),
+        "model": {"path": str(model_path), "dtype": "float32"},
+        "data": {"train": {"cls": "orchestrator.data:Arithmetic", "args": {"digits": [1, 2]}},
+                 "eval": {"cls": "orchestrator.data:Arithmetic",
+                          "args": {"digits": [1, 2], "size": 16, "seed": 9}},
+                 "prompts_per_step": 8},
+        "roles": {
+            "rollout": {"cls": "workers.rollout.vllm:VLLMRollout", "resources": {"num_cpus": 1},
+                        "args": {"max_model_len": 64}},
+            "learner": {"cls": "workers.learner.deepspeed:DeepSpeedLearner", "replicas": 2,
+                        "resources": {"num_cpus": 1}, "args": {"zero_stage": 3, "threads": 1}},
+            "reward": {"cls": "workers.reward:RuleRewardWorker", "resources": {"num_cpus": 0.5},
+                       "args": {"verifiers": ["rewards.arithmetic:exact_answer"]}},
+        },
+        "sampling": {"n": 4, "temperature": 1.0, "max_tokens": 5},
+        "algorithm": {"lr": 1e-3, "micro_batch_size": 8},
+    }
+    for k, v in over.items():
+        cur = d
+        *path, last = k.split(".")
+        for p in path:
+            cur = cur.setdefault(p, {})
+        cur[last] = v
+    return d
+
+
+@pytest.fixture
+def make_recipe(tiny_model, tmp_path):
+    from orchestrator.config import Recipe
+
+    def make(**over) -> Recipe:
+        return Recipe.model_validate(recipe_dict(tiny_model, tmp_path / "run", **over))
+
+    return make

@@ -1,0 +1,54 @@
+import pytest
+
+from orchestrator.config import RecipeError
+from orchestrator.schedules import (RL, SFT, Eval, Phases, RLUpdate, SFTUpdate, Sync,
+                                    build_schedule)
+from orchestrator.signals import grpo_advantages, step_signals
+
+
+def test_grpo_advantages_std_and_dr_grpo():
+    rewards, idx = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0, 0, 0, 0, 1, 1, 1, 1]
+    a = grpo_advantages(rewards, idx, std_normalize=True)
+    assert a[4:] == [0.0] * 4  # a group with equal rewards gives no gradient
+    assert sum(a[:4]) == pytest.approx(0.0, abs=1e-6)
+    assert a[0] == pytest.approx(0.25 / 0.5, rel=1e-4)  # (1 - 0.75) / sample std 0.5
+    b = grpo_advantages(rewards, idx, std_normalize=False)
+    assert b[:4] == pytest.approx([0.25, -0.75, 0.25, 0.25])
+
+
+def test_step_signals():
+    recs = [{"id": "a", "prompt": "1+1=", "demonstration": "2"}, {"id": "b", "prompt": "2+2="}]
+    s = step_signals(3, recs, [0, 0, 1, 1], [1.0, 0.0, 0.0, None], [2, 3, 4, 5])
+    assert (s.step, s.pass_rate, s.zero_success_frac, s.zero_variance_frac, s.unscored) == \
+        (3, 0.25, 0.5, 0.5, 1)
+    assert [(p.id, p.n_correct, p.has_demo, p.mean_length) for p in s.prompts] == \
+        [("a", 1, True, 2.5), ("b", 0, False, 4.5)]
+
+
+def test_rl_and_sft():
+    assert RL().decide(1, None) == [RLUpdate()] and RL().wants_rollouts(1)
+    assert SFT().decide(1, None) == [SFTUpdate()] and not SFT().wants_rollouts(1)
+
+
+def test_phases_switch_and_close_each_phase_with_eval():
+    p = build_schedule("phases", {"phases": [{"policy": "sft", "steps": 2},
+                                             {"policy": "rl", "steps": 3}]})
+    assert isinstance(p, Phases)
+    plan = {s: (p.wants_rollouts(s), p.decide(s, None)) for s in range(1, 6)}
+    assert plan[1] == (False, [SFTUpdate()])
+    assert plan[2] == (False, [SFTUpdate(), Sync(), Eval()])
+    assert plan[3] == (True, [RLUpdate()]) and plan[5] == (True, [RLUpdate()])
+    assert p.metrics() == {"schedule/phase": 1.0}
+
+
+def test_user_schedule_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "my_sched.py").write_text(
+        "from orchestrator.schedules import Schedule, RLUpdate, SFTUpdate\n"
+        "class EveryOther(Schedule):\n"
+        "    def decide(self, step, signals):\n"
+        "        return [SFTUpdate()] if step % 2 else [RLUpdate()]\n")
+    monkeypatch.chdir(tmp_path)
+    s = build_schedule("my_sched:EveryOther", {})
+    assert [s.decide(i, None) for i in (1, 2)] == [[SFTUpdate()], [RLUpdate()]]
+    with pytest.raises(RecipeError, match="schedule.args.unexpected_arg: unknown field"):
+        build_schedule("my_sched:EveryOther", {"unexpected_arg": 1})

@@ -1,0 +1,72 @@
+"""The reward worker driven in a plain process (no Ray): verifiers that raise, hang or return
+garbage score None for exactly the samples they fail on, are counted, and the worker stays up."""
+
+import pytest
+
+from orchestrator.config import RecipeError
+from workers.base import WorkerContext
+from workers.reward import RuleRewardWorker
+from workers.types import Rollouts
+
+FLAKY = '''
+import time
+def picky(prompts, completions, answer, **_):
+    if any(c == "boom" for c in completions):
+        raise ValueError("cannot parse boom")
+    if any(c == "hang" for c in completions):
+        time.sleep(60)
+    return [1.0 if c == a else 0.0 for c, a in zip(completions, answer)]
+def garbage(prompts, completions, **_):
+    return "not a list"
+def always(prompts, completions, **_):
+    return [0.5] * len(completions)
+'''
+
+
+def _rollouts(texts):
+    n = len(texts)
+    return Rollouts(list(range(n)), [[1]] * n, [[5]] * n, [[-0.1]] * n, texts, ["stop"] * n)
+
+
+@pytest.fixture
+def worker(tmp_path, monkeypatch):
+    (tmp_path / "flaky_verifiers.py").write_text(FLAKY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def make(verifiers, timeout_s=2.0):
+        args = RuleRewardWorker.check_args({"verifiers": verifiers, "timeout_s": timeout_s},
+                                           "roles.reward.args")
+        w = RuleRewardWorker(WorkerContext("reward", 0, 1, None, args))
+        w.setup()
+        return w
+
+    yield make
+
+
+def test_failures_are_isolated_counted_and_named(worker):
+    w = worker(["flaky_verifiers:picky", {"fn": "flaky_verifiers:always", "weight": 2.0}])
+    texts = ["3", "boom", "hang", "4"]
+    records = [{"id": f"p{i}", "prompt": "x", "answer": "3"} for i in range(4)]
+    s = w.score(_rollouts(texts), records)
+    assert s.per_verifier["picky"] == [1.0, None, None, 0.0]
+    assert s.per_verifier["always"] == [0.5] * 4
+    assert s.rewards == [2.0, None, None, 1.0]
+    assert s.failures == {"picky": 2}
+    assert s.failed_ids == ["p1#0", "p2#0"]
+    # the worker is still healthy: a clean batch scores normally afterwards
+    ok = w.score(_rollouts(["3"]), records[:1])
+    assert ok.rewards == [2.0] and not ok.failures
+    w.shutdown()
+
+
+def test_garbage_output_is_a_failure(worker):
+    w = worker(["flaky_verifiers:garbage"])
+    s = w.score(_rollouts(["a", "b"]), [{"id": "q0", "prompt": "x"}, {"id": "q1", "prompt": "y"}])
+    assert s.rewards == [None, None] and s.failures == {"garbage": 2}
+    w.shutdown()
+
+
+def test_unknown_verifier_is_a_recipe_error(worker):
+    with pytest.raises(RecipeError, match="roles.reward.args.verifiers.0: no module named"):
+        worker(["no_such_module:fn"])
