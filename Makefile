@@ -23,7 +23,7 @@ demo: setup
 	$(BIN)/braid run recipes/arith_grpo_cpu.yaml
 
 test: setup
-	$(BIN)/python -m pytest tests
+	$(BIN)/python -m pytest tests rewards orchestrator/data.py orchestrator/signals.py
 
 lint: setup
 	$(BIN)/ruff check orchestrator workers rewards tests benchmarks

@@ -36,6 +36,9 @@ class Arithmetic:
         pad: bool = Field(False, description="zero-pad operands to the max digit count and the "
                           "reversed answer to one digit more: every digit sits at a fixed "
                           "position, which tiny models learn much faster")
+        operands_reversed: bool = Field(False, description="write the operands least-"
+                                        "significant digit first too: each answer digit then "
+                                        "sits at a fixed distance from its operand digits")
 
         @model_validator(mode="after")
         def _order(self):
@@ -55,11 +58,13 @@ class Arithmetic:
         if rng.random() < 0.5:
             a, b = b, a
         total = str(a + b)
+        sa, sb = str(a), str(b)
         if self.args.pad:
             w = self.args.digits[1]
-            prompt, total = f"{a:0{w}d}+{b:0{w}d}=", f"{a + b:0{w + 1}d}"
-        else:
-            prompt = f"{a}+{b}="
+            sa, sb, total = f"{a:0{w}d}", f"{b:0{w}d}", f"{a + b:0{w + 1}d}"
+        if self.args.operands_reversed:
+            sa, sb = sa[::-1], sb[::-1]
+        prompt = f"{sa}+{sb}="
         return {"id": f"arith-{self.args.seed}-{index}", "prompt": prompt, "answer": total,
                 "demonstration": total[::-1], "reverse": True, "digits": d}
 
