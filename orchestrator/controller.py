@@ -234,15 +234,11 @@ def print_summary(summary: dict) -> None:
     evals = summary["eval"]
     print("\n=== braid run summary: " + summary["name"] + " ===")
     if evals:
-        first, last = evals[0], evals[-1]
-        keys = [k for k in last if k.startswith("eval/accuracy")]
-        print(f"held-out accuracy      step {first['step']:>4}   step {last['step']:>4}")
-        for k in keys:
-            label = k.replace("eval/accuracy", "overall" if k == "eval/accuracy" else "")
-            print(f"  {label.strip('/'):<20} {first.get(k, 0):>8.3f}   {last.get(k, 0):>8.3f}")
-        if len(evals) > 2:
-            print("  evaluations: " + ", ".join(f"step {e['step']}: {e['eval/accuracy']:.3f}"
-                                                for e in evals))
+        shown = evals if len(evals) <= 5 else [evals[0], *evals[-4:]]
+        print("held-out accuracy (greedy)" + "".join(f"   step {e['step']:>5}" for e in shown))
+        for k in (k for k in shown[-1] if k.startswith("eval/accuracy")):
+            label = "overall" if k == "eval/accuracy" else k.rsplit("/", 1)[1]
+            print(f"  {label:<24}" + "".join(f"{e.get(k, float('nan')):>13.3f}" for e in shown))
     curve = summary["reward_curve"]
     if curve:
         print(f"reward curve ({len(curve)} RL steps, {min(curve):.2f}..{max(curve):.2f}): "

@@ -108,7 +108,8 @@ def setup_controller(c) -> None:
     c.logger = RunLogger(recipe, c.run_dir)
     c.logger.start(c.recipe_yaml)
     init_ray(recipe)
-    base_env = {"TOKENIZERS_PARALLELISM": "false"}
+    base_env = {"TOKENIZERS_PARALLELISM": "false",
+                "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
     for role, (cls, args) in resolved.roles.items():
         cfg = getattr(recipe.roles, role)
         c.groups[role] = WorkerGroup(role, cfg, recipe, cls, args, base_env | cfg.env)

@@ -26,7 +26,14 @@ def _shared_parameters(model):
 class BraidWeightSyncExtension:
     def braid_init_sync(self, host: str, port: int, world_size: int, rank: int,
                         manifest: dict, backend: str) -> None:
+        import logging
+
         from orchestrator.weight_sync import Manifest, SyncGroup, WeightReceiver
+
+        # Each reload warns that rotary caches and a tied head "failed to load"; they hold no
+        # checkpoint weights, and the tie is restored below.
+        logging.getLogger("vllm.model_executor.model_loader.reload.layerwise").setLevel(
+            logging.ERROR)
 
         # `rank` is the first rank of this engine; tensor-parallel workers follow it.
         group = SyncGroup(host, port, world_size, rank + getattr(self, "rank", 0), backend)
