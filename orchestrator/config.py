@@ -116,7 +116,8 @@ class WeightSyncConfig(_Strict):
 
 
 class RayConfig(_Strict):
-    address: str | None = Field(None, description="default: RAY_ADDRESS, else a private local cluster")
+    address: str | None = Field(
+        None, description="default: RAY_ADDRESS, else a private local cluster")
     num_cpus: int | None = Field(None, description="logical CPUs of a private local cluster")
 
 
@@ -138,7 +139,7 @@ class Recipe(_Strict):
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")
-    def _checks(self) -> "Recipe":
+    def _checks(self) -> Recipe:
         if self.run_dir is None:
             self.run_dir = str(Path("runs") / self.name)
         if self.algorithm.kl > 0 and self.roles.reference is None:

@@ -11,13 +11,11 @@ Launch:  braid run recipes/arith_grpo_cpu.yaml   (or under `ray job submit ... -
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import time
 from pathlib import Path
 
 from orchestrator.config import Recipe
-from orchestrator.metrics import RunLogger, Timings, sparkline
+from orchestrator.metrics import Timings, sparkline
 from orchestrator.schedules import UPDATES, Checkpoint, Eval, RLUpdate, SFTUpdate, Sync
 from orchestrator.signals import grpo_advantages, step_signals
 
@@ -216,7 +214,7 @@ class Controller:
         return summary | {"final": final}
 
     # --- set-up and tear-down --------------------------------------------------------------
-    def setup(self) -> "Controller":
+    def setup(self) -> Controller:
         from orchestrator.setup import setup_controller
 
         setup_controller(self)

@@ -8,7 +8,7 @@ difficulty knob — the number of digits — so it needs no download.
 from __future__ import annotations
 
 import random
-from typing import Iterator
+from collections.abc import Iterator
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 

@@ -54,7 +54,8 @@ class RunLogger:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # only matters for file: URIs
         import mlflow
 
-        uri = self.recipe.logging.mlflow_uri or f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+        default = f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
+        uri = self.recipe.logging.mlflow_uri or default
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(self.recipe.logging.experiment)
         run = mlflow.start_run(run_name=self.recipe.name)

@@ -12,7 +12,7 @@ A schedule of the user's own is any class with these methods, named by import pa
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field

@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import datetime
 import socket
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -58,7 +58,7 @@ class Manifest:
                                          for t in b.tensors]} for b in self.buckets]}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Manifest":
+    def from_dict(cls, d: dict) -> Manifest:
         return cls(tuple(Bucket(b["dtype"], b["numel"],
                                 tuple(TensorSpec(n, tuple(s), o, k) for n, s, o, k in b["tensors"]))
                          for b in d["buckets"]))

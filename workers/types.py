@@ -33,12 +33,12 @@ class Rollouts:
         return len(self.completion_ids)
 
     @classmethod
-    def gather(cls, x) -> "Rollouts":
+    def gather(cls, x) -> Rollouts:
         """One Rollouts from a Rollouts, a list of them, or a list of Ray refs to them."""
         return x if isinstance(x, cls) else cls.concat(resolve_refs(x))
 
     @classmethod
-    def concat(cls, parts: list["Rollouts"]) -> "Rollouts":
+    def concat(cls, parts: list[Rollouts]) -> Rollouts:
         if len(parts) == 1:
             return parts[0]
         versions = {p.weight_version for p in parts}
@@ -61,7 +61,7 @@ class Scores:
     failed_ids: list[str] = field(default_factory=list)
 
 
-def _concat_scores(parts: list["Scores"]) -> "Scores":
+def _concat_scores(parts: list[Scores]) -> Scores:
     out = Scores(rewards=[])
     for p in parts:
         n_before = len(out.rewards)

@@ -2,8 +2,14 @@ import multiprocessing as mp
 
 import torch
 
-from orchestrator.weight_sync import (Manifest, SyncGroup, WeightReceiver, WeightSender,
-                                      free_port, plan_buckets)
+from orchestrator.weight_sync import (
+    Manifest,
+    SyncGroup,
+    WeightReceiver,
+    WeightSender,
+    free_port,
+    plan_buckets,
+)
 
 
 def _params():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers.base import LearnerWorker
@@ -43,8 +44,8 @@ class DeepSpeedLearner(LearnerWorker):
         self.set_threads(self.args.threads)
         # Import order matters: zero.Init patches tensor constructors, and building a model
         # inside it fails with "Signature mismatch ... new_tensor" unless these come first.
-        import torch._dynamo  # noqa: F401
         import deepspeed
+        import torch._dynamo  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations import HfDeepSpeedConfig
 
@@ -125,7 +126,9 @@ class DeepSpeedLearner(LearnerWorker):
         need_entropy = kind == "rl" and algo.entropy != 0
         for m in range(n_micro):
             rows = mine[m * mb:(m + 1) * mb]
-            pick = lambda xs: [xs[i] for i in rows] if xs is not None else None  # noqa: E731
+
+            def pick(xs, rows=rows):
+                return [xs[i] for i in rows] if xs is not None else None
             batch = losses.pack(pick(prompts), pick(completions), self.pad_id,
                                 advantages=pick(advantages), old_logprobs=pick(old),
                                 ref_logprobs=pick(ref))

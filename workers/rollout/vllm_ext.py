@@ -14,7 +14,7 @@ def _shared_parameters(model):
     alias's old tensor back, which silently unties them; we re-tie after each reload and let the
     alias redo its post-load processing (on CPU that re-packs the GEMM weight it computes with)."""
     seen, aliases = {}, []
-    for mod_name, mod in model.named_modules():
+    for _, mod in model.named_modules():
         for p_name, p in mod.named_parameters(recurse=False):
             if id(p) in seen:
                 aliases.append((mod, p_name) + seen[id(p)])
