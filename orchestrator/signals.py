@@ -33,10 +33,11 @@ class StepSignals:
 
 def grpo_advantages(rewards: list[float], prompt_index: list[int],
                     std_normalize: bool = True, eps: float = 1e-6) -> list[float]:
-    """r - mean(group), divided by the group's std unless ``std_normalize`` is False (Dr.GRPO).
+    """r - mean(group), divided by the group's sample std unless ``std_normalize`` is False
+    (Dr.GRPO).
 
     >>> grpo_advantages([1, 0, 0, 0], [0, 0, 1, 1])
-    [0.9999..., -0.9999..., 0.0, 0.0]
+    [0.7071..., -0.7071..., 0.0, 0.0]
     """
     groups: dict[int, list[int]] = {}
     for i, p in enumerate(prompt_index):
