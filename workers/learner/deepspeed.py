@@ -122,7 +122,8 @@ class DeepSpeedLearner(LearnerWorker):
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.engine.train()
-        sums = torch.zeros(6)  # loss, tokens, clipfrac, kl, entropy, |logp-old|
+        device = self.engine.device
+        sums = torch.zeros(6, device=device)  # loss, tokens, clipfrac, kl, entropy, |logp-old|
         need_entropy = kind == "rl" and algo.entropy != 0
         for m in range(n_micro):
             rows = mine[m * mb:(m + 1) * mb]
@@ -131,7 +132,7 @@ class DeepSpeedLearner(LearnerWorker):
                 return [xs[i] for i in rows] if xs is not None else None
             batch = losses.pack(pick(prompts), pick(completions), self.pad_id,
                                 advantages=pick(advantages), old_logprobs=pick(old),
-                                ref_logprobs=pick(ref))
+                                ref_logprobs=pick(ref)).to(device)
             out = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             logp, ent = losses.token_logprobs(out.logits, batch.input_ids, temperature,
                                               with_entropy=need_entropy)

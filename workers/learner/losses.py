@@ -23,6 +23,9 @@ class PackedBatch:
     ref_logprobs: torch.Tensor   # [B, L-1] (zeros when unused)
     seq_weight: torch.Tensor     # [B] 0 for padding rows of an empty micro-batch
 
+    def to(self, device) -> PackedBatch:
+        return PackedBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
+
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
          advantages=None, old_logprobs=None, ref_logprobs=None) -> PackedBatch:
