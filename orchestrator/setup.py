@@ -108,8 +108,11 @@ def setup_controller(c) -> None:
     c.logger = RunLogger(recipe, c.run_dir)
     c.logger.start(c.recipe_yaml)
     init_ray(recipe)
+    # Engines log every weight reload at INFO, and DeepSpeed's calls into torch.distributed
+    # warn on every collective; keep job logs to the progress lines unless asked otherwise.
     base_env = {"TOKENIZERS_PARALLELISM": "false",
-                "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING")}
+                "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
+                "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning")}
     for role, (cls, args) in resolved.roles.items():
         cfg = getattr(recipe.roles, role)
         c.groups[role] = WorkerGroup(role, cfg, recipe, cls, args, base_env | cfg.env)
