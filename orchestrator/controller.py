@@ -58,7 +58,7 @@ class Controller:
                     else s.max_tokens}
         items = [{"prompt": r["prompt"], "seed": (self.recipe.seed * 1_000_003 + step) * 10_007 + i}
                  for i, r in enumerate(records)]
-        pairs = self.rollout.split("generate", items, n, sampling, index_offset=0, num_returns=2)
+        pairs = self.rollout.split("generate", items, n, sampling, num_returns=2)
         summaries = self.rollout.call([p[0] for p in pairs], "generate")
         merged = {k: [x for sm in summaries for x in sm[k]]
                   for k in ("prompt_index", "lengths", "truncated", "texts")}

@@ -57,17 +57,16 @@ class WorkerGroup:
     def fanout(self, method: str, *args, **kwargs) -> list:
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
-    def split(self, method: str, items: list, *args, num_returns: int = 1, **kwargs) -> list:
-        """Contiguous shards of `items`, one call per replica; kwarg `index_offset` is added
-        when the method takes it, so results keep global indices."""
+    def split(self, method: str, items: list, *args, num_returns: int = 1) -> list:
+        """Contiguous shards of `items`, one call per replica:
+        ``method(shard, *args, index_offset=<index of the shard's first item>)``."""
         per = math.ceil(len(items) / len(self.actors)) if items else 0
         out = []
         for i, a in enumerate(self.actors):
             shard = items[i * per:(i + 1) * per]
-            if not shard:
-                continue
-            fn = getattr(a, method).options(num_returns=num_returns)
-            out.append(fn.remote(shard, *args, **_offset(kwargs, i * per)))
+            if shard:
+                fn = getattr(a, method).options(num_returns=num_returns)
+                out.append(fn.remote(shard, *args, index_offset=i * per))
         return out
 
     def call(self, refs: list, what: str = "") -> list[Any]:
@@ -94,12 +93,6 @@ class WorkerGroup:
         for a in self.actors:
             ray.kill(a)
         remove_placement_group(self.pg)
-
-
-def _offset(kwargs: dict, offset: int) -> dict:
-    if "index_offset" in kwargs:
-        kwargs = dict(kwargs, index_offset=kwargs["index_offset"] + offset)
-    return kwargs
 
 
 def _first_line(err: BaseException) -> str:

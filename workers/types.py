@@ -60,19 +60,17 @@ class Scores:
     failures: dict[str, int] = field(default_factory=dict)  # verifier -> failed samples
     failed_ids: list[str] = field(default_factory=list)
 
+    @classmethod
+    def concat(cls, parts: list[Scores]) -> Scores:
+        out = cls(rewards=[])
+        for p in parts:
+            n_before = len(out.rewards)
+            out.rewards.extend(p.rewards)
+            for k in set(out.per_verifier) | set(p.per_verifier):
+                cur = out.per_verifier.setdefault(k, [None] * n_before)
+                cur.extend(p.per_verifier.get(k, [None] * len(p.rewards)))
+            for k, v in p.failures.items():
+                out.failures[k] = out.failures.get(k, 0) + v
+            out.failed_ids.extend(p.failed_ids)
+        return out
 
-def _concat_scores(parts: list[Scores]) -> Scores:
-    out = Scores(rewards=[])
-    for p in parts:
-        n_before = len(out.rewards)
-        out.rewards.extend(p.rewards)
-        for k in set(out.per_verifier) | set(p.per_verifier):
-            cur = out.per_verifier.setdefault(k, [None] * n_before)
-            cur.extend(p.per_verifier.get(k, [None] * len(p.rewards)))
-        for k, v in p.failures.items():
-            out.failures[k] = out.failures.get(k, 0) + v
-        out.failed_ids.extend(p.failed_ids)
-    return out
-
-
-Scores.concat = staticmethod(_concat_scores)

@@ -56,8 +56,9 @@ def test_braid_run_end_to_end(tiny_model, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.params["roles.learner.replicas"] == "2"
     metrics = run.data.metrics
-    for key in ("reward/mean", "reward/pass_rate", "rl/loss", "rl/kl", "time/reference", "sft/loss", "time/generate",
-                "time/learn", "time/sync", "rollout/weight_version", "response/length_mean",
+    for key in ("reward/mean", "reward/pass_rate", "rl/loss", "rl/kl", "time/reference",
+                "sft/loss", "time/generate", "time/learn", "time/sync", "rollout/weight_version",
+                "response/length_mean",
                 "eval/accuracy", "prompts/zero_variance_frac"):
         assert key in metrics, key
     # the user's verifier failed on some samples: counted, named, and the run carried on

@@ -6,6 +6,8 @@ import pytest
 import torch
 
 from orchestrator.controller import Controller
+from orchestrator.metrics import Timings
+from orchestrator.schedules import SFTUpdate
 
 pytestmark = pytest.mark.slow
 
@@ -23,8 +25,7 @@ def test_greedy_vllm_equals_learner_hf_after_sync(ray_local, make_recipe, tmp_pa
         before = c.generate(records, step=0, greedy=True)
         assert before["weight_version"] == 0
         for _ in range(3):
-            metrics = c.execute(__import__("orchestrator.schedules").schedules.SFTUpdate(),
-                                1, records, None, lambda *_: __import__("contextlib").nullcontext())
+            metrics = c.execute(SFTUpdate(), 1, records, None, Timings())
         assert metrics["sft/loss"] > 0
         sync = c.sync_weights()
         assert sync["sync/bytes"] > 0

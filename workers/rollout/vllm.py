@@ -93,6 +93,4 @@ class VLLMRollout(RolloutWorker):
         return version
 
     def shutdown(self) -> None:
-        llm = getattr(self, "llm", None)
-        if llm is not None and hasattr(llm, "llm_engine"):
-            del self.llm
+        self.llm = None  # the engine's processes exit with it
