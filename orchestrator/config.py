@@ -42,6 +42,8 @@ class DataConfig(_Strict):
     train: Component
     eval: Component | None = None
     prompts_per_step: int = Field(16, gt=0, description="prompts drawn per step (before n samples)")
+    demo_budget: int | None = Field(None, ge=0, description="distinct demonstrations a run may "
+                                    "use (None: no limit)")
 
 
 class Resources(_Strict):

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from orchestrator.config import Recipe
 from orchestrator.metrics import Timings, sparkline
-from orchestrator.schedules import UPDATES, Checkpoint, Eval, RLUpdate, SFTUpdate, Sync
-from orchestrator.signals import grpo_advantages, step_signals
+from orchestrator.schedules import UPDATES, Checkpoint, Eval, SFTUpdate, Sync
+from orchestrator.signals import empty_signals, step_signals
+from orchestrator.updates import learner_terms, sft_term
 
 
 class Controller:
@@ -34,7 +35,8 @@ class Controller:
         for step in range(1, self.recipe.steps + 1):
             timer, metrics = Timings(), {}
             batch = self.cursor.next_batch(self.recipe.data.prompts_per_step)
-            gen, signals = None, None
+            self.demos.add(batch)
+            gen, signals = None, empty_signals(step)
             if self.schedule.wants_rollouts(step):
                 with timer("generate"):
                     gen = self.generate(batch, step)
@@ -43,6 +45,7 @@ class Controller:
                 signals = step_signals(step, batch, gen["prompt_index"], gen["scores"].rewards,
                                        gen["lengths"])
                 metrics |= self.rollout_metrics(gen, signals)
+            signals = self.run_probes(step, signals, batch)
             ops = self.complete(step, self.schedule.decide(step, signals))
             for op in ops:
                 metrics |= self.execute(op, step, batch, gen, timer)
@@ -95,25 +98,13 @@ class Controller:
         return ops
 
     def execute(self, op, step: int, batch: list[dict], gen: dict | None, timer) -> dict:
-        if isinstance(op, RLUpdate):
-            if gen is None:
-                raise RuntimeError(f"step {step}: the schedule asked for an RL update but "
-                                   "wants_rollouts() returned False")
-            with timer("reference"):
-                ref = self.reference_logprobs(gen)
-            rewards = [r if r is not None else 0.0 for r in gen["scores"].rewards]
-            adv = grpo_advantages(rewards, gen["prompt_index"],
-                                  self.recipe.algorithm.std_normalize)
+        if isinstance(op, UPDATES):
+            terms = learner_terms(self, op, batch, gen, step)
+            if not terms:
+                return {"update/skipped": 1.0}
             with timer("learn"):
-                return self.learner.call(self.learner.fanout("update_rl", gen["refs"], adv, ref),
-                                         "update_rl")[0]
-        if isinstance(op, SFTUpdate):
-            prompts, demos = self.demonstrations(op, batch)
-            if not prompts:
-                return {"sft/skipped": 1.0}
-            with timer("learn"):
-                return self.learner.call(self.learner.fanout("update_sft", prompts, demos),
-                                         "update_sft")[0]
+                return self.learner.call(self.learner.fanout("update", terms, op.optimizer),
+                                         "update")[0]
         if isinstance(op, Sync):
             with timer("sync"):
                 return self.sync_weights()
@@ -126,14 +117,26 @@ class Controller:
             return {}
         raise TypeError(f"step {step}: the schedule returned an unknown op {op!r}")
 
-    def demonstrations(self, op: SFTUpdate, batch: list[dict]):
-        self.demos.update({r["id"]: r for r in batch if r.get("demonstration")})
-        ids = op.ids if op.ids is not None else [r["id"] for r in batch if r.get("demonstration")]
-        recs = [self.demos[i] for i in ids if i in self.demos]
-        prompts = [self.tokenizer(r["prompt"]).input_ids for r in recs]
-        demos = [self.tokenizer(r["demonstration"], add_special_tokens=False).input_ids
-                 + [self.tokenizer.eos_token_id] for r in recs]
-        return prompts, demos
+    def run_probes(self, step: int, signals, batch: list[dict]):
+        for probe in self.schedule.probes(step, signals):
+            if probe.name != "sft_grad_norm":
+                raise ValueError(f"step {step}: unknown probe {probe.name!r}")
+            term = sft_term(self, SFTUpdate(ids=probe.ids), batch)
+            if term is not None:
+                refs = self.learner.fanout("update", [term], probe=True)
+                signals.probes[probe.name] = self.learner.call(refs, "probe")[0]["probe/grad_norm"]
+        return signals
+
+    def score_texts(self, records: list[dict], texts: list[str]) -> list[float]:
+        """Verifier rewards of given completions (demonstrations), one per record."""
+        from workers.types import Rollouts
+
+        n = len(records)
+        if not n:
+            return []
+        r = Rollouts(list(range(n)), [[]] * n, [[]] * n, [[]] * n, texts, ["stop"] * n)
+        scores = self.reward.call([self.reward.actors[0].score.remote(r, records)], "score")[0]
+        return [s if s is not None else 0.0 for s in scores.rewards]
 
     def sync_weights(self) -> dict:
         self.version += 1
@@ -182,7 +185,8 @@ class Controller:
 
     def log(self, step: int, ops: list, metrics: dict, timer: Timings) -> None:
         metrics |= {f"time/{k}": v for k, v in timer.seconds.items()}
-        metrics |= self.schedule.metrics() | {"weight_version": float(self.version)}
+        metrics |= self.schedule.metrics() | self.demos.metrics()
+        metrics |= {"weight_version": float(self.version)}
         self.logger.log(step, metrics)
         if step % self.recipe.logging.console_every == 0 or "eval/accuracy" in metrics:
             kinds = "+".join(type(o).__name__.replace("Update", "").lower()

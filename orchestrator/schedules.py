@@ -23,15 +23,39 @@ from orchestrator.signals import StepSignals
 # --- ops ---------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RLUpdate:
-    """A policy-gradient step on this step's rollouts."""
+    """A policy-gradient step on this step's rollouts (of the prompts in ``ids``; None: all).
+
+    ``demos_in_group`` (LUFFY): each selected prompt's demonstration joins its group as an
+    off-policy sample — scored by the verifier, part of the group's advantage baseline, trained
+    with the shaped term -A * p / (p + gamma).
+    """
+
+    ids: tuple[str, ...] | None = None
+    coef: float = 1.0
+    demos_in_group: bool = False
+    gamma: float = 0.1
+    optimizer: str = "main"
 
 
 @dataclass(frozen=True)
 class SFTUpdate:
     """An SFT step on the demonstrations of these prompt ids (None: every prompt of this step's
-    batch that has one)."""
+    batch that has one). ``token_weight="p(1-p)"`` is CHORD-phi; ``optimizer`` names the
+    optimizer state (ReLIFT keeps one of its own for SFT)."""
 
     ids: tuple[str, ...] | None = None
+    coef: float = 1.0
+    token_weight: str = "none"
+    entropy: float = 0.0
+    optimizer: str = "main"
+
+
+@dataclass(frozen=True)
+class MixedUpdate:
+    """One optimizer step on the weighted sum of several terms (CHORD, HPT)."""
+
+    terms: tuple[RLUpdate | SFTUpdate, ...]
+    optimizer: str = "main"
 
 
 @dataclass(frozen=True)
@@ -49,8 +73,18 @@ class Checkpoint:
     """Save the policy."""
 
 
-Op = RLUpdate | SFTUpdate | Sync | Eval | Checkpoint
-UPDATES = (RLUpdate, SFTUpdate)
+@dataclass(frozen=True)
+class Probe:
+    """Ask the learner for a signal without changing weights; the result lands in
+    ``signals.probes[name]`` before ``decide`` runs. ``sft_grad_norm``: the gradient norm of
+    the SFT loss on these prompts' demonstrations (None: the batch's)."""
+
+    name: str = "sft_grad_norm"
+    ids: tuple[str, ...] | None = None
+
+
+Op = RLUpdate | SFTUpdate | MixedUpdate | Sync | Eval | Checkpoint
+UPDATES = (RLUpdate, SFTUpdate, MixedUpdate)
 
 
 class Schedule:
@@ -62,6 +96,10 @@ class Schedule:
 
     def wants_rollouts(self, step: int) -> bool:
         return True
+
+    def probes(self, step: int, signals: StepSignals | None) -> list[Probe]:
+        """Learner probes to run before ``decide`` (default: none)."""
+        return []
 
     def decide(self, step: int, signals: StepSignals | None) -> list[Op]:
         raise NotImplementedError
@@ -125,6 +163,10 @@ class Phases(Schedule):
     def wants_rollouts(self, step):
         i, local = self._phase(step)
         return self.policies[i].wants_rollouts(local)
+
+    def probes(self, step, signals):
+        i, local = self._phase(step)
+        return self.policies[i].probes(local, signals)
 
     def decide(self, step, signals):
         i, local = self._phase(step)

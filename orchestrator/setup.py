@@ -94,6 +94,7 @@ def setup_controller(c) -> None:
     from transformers import AutoTokenizer
 
     from orchestrator.data import Cursor
+    from orchestrator.demos import DemoStore
     from orchestrator.groups import WorkerGroup
     from orchestrator.metrics import RunLogger
 
@@ -104,7 +105,7 @@ def setup_controller(c) -> None:
     c.tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
     c.cursor = Cursor(resolved.train, recipe.seed)
     c.eval_records = list(resolved.eval) if resolved.eval is not None else []
-    c.schedule, c.demos = resolved.schedule, {}
+    c.schedule, c.demos = resolved.schedule, DemoStore(recipe.data.demo_budget)
     c.logger = RunLogger(recipe, c.run_dir)
     c.logger.start(c.recipe_yaml)
     init_ray(recipe)

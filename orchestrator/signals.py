@@ -75,3 +75,9 @@ def step_signals(step: int, records: list[dict], prompt_index: list[int],
         zero_success_frac=sum(p.n_correct == 0 for p in prompts) / max(len(prompts), 1),
         zero_variance_frac=sum(len(set(p.rewards)) == 1 for p in prompts) / max(len(prompts), 1),
         unscored=sum(r is None for r in rewards))
+
+
+def empty_signals(step: int) -> StepSignals:
+    """Signals of a step that generated nothing (e.g. an SFT-only step)."""
+    return StepSignals(step=step, prompts=[], reward_mean=0.0, pass_rate=0.0,
+                       zero_success_frac=0.0, zero_variance_frac=0.0, unscored=0)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections import defaultdict
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -83,93 +84,168 @@ class DeepSpeedLearner(LearnerWorker):
         self.named = dict(self.engine.module.named_parameters())
         self.sender = None
         self.steps = 0
+        self._opt_states: dict[str, dict] = {"main": self._torch_optimizer().state}
+        self._step_counts: dict[str, int] = {}
 
     # --- training --------------------------------------------------------------------------
+    # A step is a list of loss *terms*, each over its own rows and normalised over its own
+    # global token count, weighted by its coef, summed into one optimizer step:
+    #   {"kind": "pg", "rollouts": refs|Rollouts, "advantages": [...], "ref": refs|None,
+    #    "select": [row indices]|None, "coef": 1.0}                    PPO-clip on own samples
+    #   {"kind": "pg_off", "prompts", "completions", "advantages", "gamma": 0.1, "coef"}
+    #                                                                  LUFFY off-policy samples
+    #   {"kind": "nll", "prompts", "completions", "coef", "token_weight": "none"|"p(1-p)",
+    #    "entropy": 0.0}                                               SFT on demonstrations
+    # ``optimizer`` names an optimizer state: each name keeps its own Adam moments over the same
+    # parameters (ReLIFT's separate SFT optimizer). ``probe=True`` computes the gradient norm
+    # of the terms without changing weights or any named state (SASR's signal).
+
     def update_rl(self, rollout_parts, advantages: list[float], ref_parts=None) -> dict:
         """One GRPO/PPO-clip step on this step's rollouts."""
-        from workers.types import Rollouts
-
-        r = Rollouts.gather(rollout_parts)
-        ref = None
-        if ref_parts is not None:
-            ref = [lp for part in resolve_refs(ref_parts) for lp in part]
-        algo = self.recipe.algorithm
-        return self._step(r.prompt_ids, r.completion_ids, kind="rl", lr=algo.lr,
-                          advantages=advantages, old=r.logprobs, ref=ref,
-                          temperature=self.recipe.sampling.temperature or 1.0)
+        return self.update([{"kind": "pg", "rollouts": rollout_parts,
+                             "advantages": advantages, "ref": ref_parts}])
 
     def update_sft(self, prompts: list[list[int]], completions: list[list[int]]) -> dict:
         """One SFT step: token NLL of the demonstration tokens."""
-        algo = self.recipe.algorithm
-        return self._step(prompts, completions, kind="sft", lr=algo.sft_lr or algo.lr)
+        return self.update([{"kind": "nll", "prompts": prompts, "completions": completions}])
 
-    def _step(self, prompts, completions, kind: str, lr: float, advantages=None, old=None,
-              ref=None, temperature: float = 1.0) -> dict:
+    def update(self, terms: list[dict], optimizer: str = "main", lr: float | None = None,
+               probe: bool = False) -> dict:
         import torch
         import torch.distributed as dist
+
+        algo = self.recipe.algorithm
+        if lr is None:
+            only_sft = all(t["kind"] == "nll" for t in terms)
+            lr = (algo.sft_lr or algo.lr) if only_sft else algo.lr
+        inner = self._torch_optimizer()
+        # A probe steps with lr 0 and no weight decay on scratch moments: it leaves no trace.
+        inner.state = defaultdict(dict) if probe else \
+            self._opt_states.setdefault(optimizer, defaultdict(dict))
+        for group in self.optimizer.param_groups:
+            group["lr"] = 0.0 if probe else lr
+            group["weight_decay"] = 0.0 if probe else algo.weight_decay
+        self.engine.train()
+        metrics: dict[str, float] = {}
+        try:
+            for term in terms:
+                metrics |= self._backward_term(term)
+            self.engine.step()
+        finally:
+            inner.state = self._opt_states["main"]  # what DeepSpeed sees between updates
+        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
+        if probe:
+            return {"probe/grad_norm": grad_norm}
+        self.steps += 1
+        keys = sorted(metrics)
+        vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
+                            device=self.engine.device)
+        dist.all_reduce(vals)
+        out = dict(zip(keys, vals.tolist()))
+        for prefix in {k.split("/")[0] for k in keys}:
+            tokens = max(out.get(f"{prefix}/tokens", 0.0), 1.0)
+            for k in ("clipfrac", "kl", "entropy", "logprob_diff"):
+                if f"{prefix}/{k}" in out:
+                    out[f"{prefix}/{k}"] /= tokens
+        kind = "sft" if all(t["kind"] == "nll" for t in terms) else "rl"
+        out |= {f"{kind}/grad_norm": grad_norm, f"{kind}/lr": lr,
+                f"optimizer/{optimizer}_steps": float(self._opt_steps(optimizer))}
+        return out
+
+    def _torch_optimizer(self):
+        import torch
+
+        opt = self.optimizer
+        while not isinstance(opt, torch.optim.Optimizer) and hasattr(opt, "optimizer"):
+            opt = opt.optimizer
+        return opt
+
+    def _opt_steps(self, name: str) -> int:
+        self._step_counts[name] = self._step_counts.get(name, 0) + 1
+        return self._step_counts[name]
+
+    def _rows(self, term: dict):
+        """prompts, completions and per-row side inputs of a term, on every rank."""
+        if term["kind"] != "pg":
+            n = len(term["prompts"])
+            return term["prompts"], term["completions"], term.get("advantages"), None, None, n
+        from workers.types import Rollouts
+
+        r = Rollouts.gather(term["rollouts"])
+        ref = None
+        if term.get("ref") is not None:
+            ref = [lp for part in resolve_refs(term["ref"]) for lp in part]
+        sel = term.get("select")
+        idx = list(range(len(r))) if sel is None else list(sel)
+        adv = term["advantages"]
+
+        def pick(xs):
+            return [xs[i] for i in idx] if xs is not None else None
+
+        return (pick(r.prompt_ids), pick(r.completion_ids), pick(adv), pick(r.logprobs),
+                pick(ref), len(idx))
+
+    def _backward_term(self, term: dict) -> dict:
 
         from workers.learner import losses
 
         algo = self.recipe.algorithm
-        world, rank = self.ctx.world_size, self.ctx.rank
-        n = len(prompts)
+        kind, coef = term["kind"], float(term.get("coef", 1.0))
+        prompts, completions, adv, old, ref, n = self._rows(term)
         if n == 0:
-            raise ValueError(f"learner {kind} update got an empty batch")
+            raise ValueError(f"learner {kind} term got no rows")
+        world, rank, device = self.ctx.world_size, self.ctx.rank, self.engine.device
         total_tokens = float(sum(len(c) for c in completions))
         mine = list(range(rank, n, world))
         mb = algo.micro_batch_size
-        n_micro = max(1, math.ceil(math.ceil(n / world) / mb))
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.engine.train()
-        device = self.engine.device
-        sums = torch.zeros(6, device=device)  # loss, tokens, clipfrac, kl, entropy, |logp-old|
-        need_entropy = kind == "rl" and algo.entropy != 0
+        n_micro = max(1, math.ceil(math.ceil(n / world) / mb))  # equal on every rank
+        name = {"pg": "rl", "pg_off": "off", "nll": "sft"}[kind]
+        temperature = (self.recipe.sampling.temperature or 1.0) if kind == "pg" else 1.0
+        entropy_coef = algo.entropy if kind == "pg" else float(term.get("entropy", 0.0))
+        sums = dict.fromkeys(("loss", "tokens", "clipfrac", "kl", "entropy", "logprob_diff"), 0.0)
         for m in range(n_micro):
             rows = mine[m * mb:(m + 1) * mb]
 
             def pick(xs, rows=rows):
                 return [xs[i] for i in rows] if xs is not None else None
+
             batch = losses.pack(pick(prompts), pick(completions), self.pad_id,
-                                advantages=pick(advantages), old_logprobs=pick(old),
+                                advantages=pick(adv), old_logprobs=pick(old),
                                 ref_logprobs=pick(ref)).to(device)
             out = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
             logp, ent = losses.token_logprobs(out.logits, batch.input_ids, temperature,
-                                              with_entropy=need_entropy)
+                                              with_entropy=entropy_coef != 0)
             mask = batch.loss_mask
-            if kind == "rl":
-                if old is None or not any(old):
+            if kind == "pg":
+                if old is None or not any(old):  # no behaviour log-probs: on-policy ratio 1
                     batch.old_logprobs = logp.detach() * mask
-                per_token, diag = losses.grpo_loss(
-                    logp, batch, algo.clip, algo.clip_high if algo.clip_high is not None
-                    else algo.clip, algo.kl, ent, algo.entropy)
-                sums[2] += float((diag["clipfrac"] * mask).sum())
+                clip_high = algo.clip_high if algo.clip_high is not None else algo.clip
+                per_token, diag = losses.grpo_loss(logp, batch, algo.clip, clip_high, algo.kl,
+                                                   ent, entropy_coef)
+                sums["clipfrac"] += float((diag["clipfrac"] * mask).sum())
                 if "kl" in diag:
-                    sums[3] += float((diag["kl"] * mask).sum())
-                sums[5] += float(((logp.detach() - batch.old_logprobs).abs() * mask).sum())
+                    sums["kl"] += float((diag["kl"] * mask).sum())
+                sums["logprob_diff"] += float(((logp.detach() - batch.old_logprobs).abs()
+                                               * mask).sum())
+                agg = algo.loss_agg
             else:
-                per_token = losses.sft_loss(logp)
-            loss = losses.aggregate(per_token, mask, algo.loss_agg if kind == "rl" else
-                                    "token_mean", total_tokens, float(n)) * world
+                if kind == "pg_off":
+                    per_token = losses.off_policy_pg_loss(logp, batch.advantages,
+                                                          float(term.get("gamma", 0.1)))
+                else:
+                    per_token = losses.sft_loss(logp, term.get("token_weight", "none"))
+                if ent is not None and entropy_coef:
+                    per_token = per_token - entropy_coef * ent
+                agg = "token_mean"
+            loss = coef * losses.aggregate(per_token, mask, agg, total_tokens, float(n)) * world
             self.engine.backward(loss, scale_wrt_gas=False)
-            sums[0] += float(loss.detach()) / world
-            sums[1] += float(mask.sum())
+            sums["loss"] += float(loss.detach()) / world
+            sums["tokens"] += float(mask.sum())
             if ent is not None:
-                sums[4] += float((ent.detach() * mask).sum())
-        self.engine.step()
-        self.steps += 1
-        dist.all_reduce(sums)
-        tokens = max(float(sums[1]), 1.0)
-        metrics = {f"{kind}/loss": float(sums[0]), f"{kind}/tokens": float(sums[1]),
-                   f"{kind}/grad_norm": float(self.engine.get_global_grad_norm() or 0.0),
-                   f"{kind}/lr": lr}
-        if kind == "rl":
-            metrics.update({"rl/clipfrac": float(sums[2]) / tokens,
-                            "rl/kl": float(sums[3]) / tokens,
-                            "rl/logprob_diff": float(sums[5]) / tokens})
-            if need_entropy:
-                metrics["rl/entropy"] = float(sums[4]) / tokens
-        return metrics
+                sums["entropy"] += float((ent.detach() * mask).sum())
+        keep = {"loss", "tokens"} | ({"clipfrac", "kl", "logprob_diff"} if kind == "pg" else
+                                     set()) | ({"entropy"} if entropy_coef else set())
+        return {f"{name}/{k}": v for k, v in sums.items() if k in keep}
 
     # --- weights ---------------------------------------------------------------------------
     def _full_shape(self, p):

@@ -108,6 +108,26 @@ def grpo_loss(logp: torch.Tensor, batch: PackedBatch, clip_low: float, clip_high
     return per_token, diag
 
 
-def sft_loss(logp: torch.Tensor) -> torch.Tensor:
-    """Token negative log-likelihood of the demonstration tokens (masked by the caller)."""
-    return -logp
+def sft_loss(logp: torch.Tensor, token_weight: str = "none") -> torch.Tensor:
+    """Token negative log-likelihood of the demonstration tokens (masked by the caller).
+
+    ``token_weight="p(1-p)"`` is CHORD-phi: each token's NLL is weighted by sg(p(1-p)), which
+    fades tokens the policy is already sure of and tokens far off its distribution.
+    """
+    if token_weight == "none":
+        return -logp
+    if token_weight == "p(1-p)":
+        p = logp.detach().exp()
+        return -(p * (1.0 - p)) * logp
+    raise ValueError(f"unknown token_weight {token_weight!r}")
+
+
+def off_policy_pg_loss(logp: torch.Tensor, advantages: torch.Tensor,
+                       gamma: float) -> torch.Tensor:
+    """LUFFY's policy-shaped off-policy term: -A * f(p), f(p) = p / (p + gamma), p = pi(y_t).
+
+    No ratio to the (unknown) behaviour policy; the shaping keeps gradients alive on tokens the
+    policy finds unlikely: d f / d log p = gamma * p / (p + gamma)^2.
+    """
+    p = logp.exp()
+    return -advantages[:, None] * (p / (p + gamma))

@@ -1,0 +1,78 @@
+"""Turning a schedule's update ops into the learner's loss terms.
+
+The controller calls ``learner_terms(controller, op, batch, gen)``; the learner then runs one
+optimizer step over the terms (``workers/learner/deepspeed.py: update``). Rollouts stay Ray
+refs; only ids, rewards and advantages are computed here.
+"""
+
+from __future__ import annotations
+
+from orchestrator.schedules import MixedUpdate, RLUpdate, SFTUpdate
+from orchestrator.signals import grpo_advantages
+
+
+def tokenize_demos(tokenizer, records: list[dict]) -> tuple[list, list]:
+    prompts = [tokenizer(r["prompt"]).input_ids for r in records]
+    completions = [tokenizer(r["demonstration"], add_special_tokens=False).input_ids
+                   + [tokenizer.eos_token_id] for r in records]
+    return prompts, completions
+
+
+def sft_term(c, op: SFTUpdate, batch: list[dict]) -> dict | None:
+    ids = op.ids if op.ids is not None else [r["id"] for r in batch]
+    recs = c.demos.take(ids)
+    if not recs:
+        return None
+    prompts, completions = tokenize_demos(c.tokenizer, recs)
+    return {"kind": "nll", "prompts": prompts, "completions": completions, "coef": op.coef,
+            "token_weight": op.token_weight, "entropy": op.entropy}
+
+
+def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[dict]:
+    if gen is None:
+        raise RuntimeError(f"step {step}: the schedule asked for an RL update but "
+                           "wants_rollouts() returned False")
+    index = gen["prompt_index"]
+    wanted = None if op.ids is None else set(op.ids)
+    rows = [i for i, p in enumerate(index) if wanted is None or batch[p]["id"] in wanted]
+    if not rows:
+        return []
+    rewards = [r if r is not None else 0.0 for r in gen["scores"].rewards]
+    group_rewards = [rewards[i] for i in rows]
+    group_index = [index[i] for i in rows]
+    demo_recs = []
+    if op.demos_in_group:
+        prompts_here = sorted({index[i] for i in rows})
+        demo_recs = c.demos.take([batch[p]["id"] for p in prompts_here])
+        by_id = {r["id"]: p for p in prompts_here for r in [batch[p]]}
+        demo_rewards = c.score_texts(demo_recs, [r["demonstration"] for r in demo_recs])
+        group_rewards += demo_rewards
+        group_index += [by_id[r["id"]] for r in demo_recs]
+    adv = grpo_advantages(group_rewards, group_index, c.recipe.algorithm.std_normalize)
+    full_adv = [0.0] * len(index)
+    for k, i in enumerate(rows):
+        full_adv[i] = adv[k]
+    terms = [{"kind": "pg", "rollouts": gen["refs"], "advantages": full_adv,
+              "ref": c.reference_logprobs(gen), "select": None if wanted is None else rows,
+              "coef": op.coef}]
+    if demo_recs:
+        prompts, completions = tokenize_demos(c.tokenizer, demo_recs)
+        terms.append({"kind": "pg_off", "prompts": prompts, "completions": completions,
+                      "advantages": adv[len(rows):], "gamma": op.gamma, "coef": op.coef})
+    return terms
+
+
+def learner_terms(c, op, batch: list[dict], gen: dict | None, step: int) -> list[dict]:
+    parts = op.terms if isinstance(op, MixedUpdate) else (op,)
+    terms = []
+    for part in parts:
+        if isinstance(part, RLUpdate):
+            terms += rl_terms(c, part, batch, gen, step)
+        elif isinstance(part, SFTUpdate):
+            term = sft_term(c, part, batch)
+            if term is not None:
+                terms.append(term)
+        else:
+            raise TypeError(f"step {step}: a MixedUpdate holds RLUpdate and SFTUpdate terms, "
+                            f"not {part!r}")
+    return terms
