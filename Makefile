@@ -5,7 +5,7 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.braid-setup
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test repro lint clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ demo: setup
 
 test: setup
 	$(BIN)/python -m pytest tests rewards orchestrator/data.py orchestrator/signals.py
+
+repro: setup
+	$(BIN)/python benchmarks/hybrid_repro.py
 
 lint: setup
 	$(BIN)/ruff check orchestrator workers rewards tests benchmarks

@@ -27,12 +27,15 @@ def cmd_validate(args) -> int:
                       for r, (cls, _) in resolved.roles.items())
     print(f"{args.recipe}: ok ({recipe.name}: {recipe.steps} steps; {roles}; "
           f"schedule={recipe.schedule.policy})")
+    for w in resolved.warnings:
+        print(f"  warning: {w}")
     return 0
 
 
 def cmd_run(args) -> int:
     from omegaconf import OmegaConf
 
+    from orchestrator.config import RecipeError
     from orchestrator.controller import Controller
     from orchestrator.groups import WorkerError
 
@@ -45,6 +48,8 @@ def cmd_run(args) -> int:
         controller.run()
         status = "FINISHED"
         return 0
+    except RecipeError:
+        raise
     except WorkerError as err:
         print(f"braid: run failed: {err}", file=sys.stderr)
         return 1

@@ -173,8 +173,40 @@ def validate_model(model: type[BaseModel], data: Any, where: str) -> BaseModel:
         raise RecipeError(_format_error(err, where)) from None
 
 
+def _replace_components(base, child) -> None:
+    """A mapping of the child that names a class (``cls``) or a ``policy`` replaces the base's
+    mapping wholesale: its ``args`` belong to that class, so merging them would mix two."""
+    from omegaconf import DictConfig
+
+    for key in list(child.keys()):
+        if key in base and isinstance(child[key], DictConfig) and \
+                isinstance(base[key], DictConfig):
+            if "cls" in child[key] or "policy" in child[key]:
+                base[key] = child[key]
+            else:
+                _replace_components(base[key], child[key])
+
+
+def _load_yaml(path: Path, seen: tuple = ()):
+    """A recipe file; ``extends: other.yaml`` (relative to it) layers it over another."""
+    from omegaconf import OmegaConf
+
+    if path in seen:
+        raise RecipeError(f"{path}: 'extends' loops back to itself")
+    if not path.is_file():
+        raise RecipeError(f"recipe not found: {path}")
+    cfg = OmegaConf.load(path)
+    parent = cfg.pop("extends", None) if hasattr(cfg, "pop") else None
+    if parent is None:
+        return cfg
+    base = _load_yaml((path.parent / str(parent)).resolve(), seen + (path,))
+    _replace_components(base, cfg)
+    return OmegaConf.merge(base, cfg)
+
+
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a YAML recipe, apply ``a.b=c`` overrides, resolve ``${...}``, validate."""
+    """Read a YAML recipe (and the one it ``extends``), apply ``a.b=c`` overrides, resolve
+    ``${...}``, validate."""
     import yaml
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
@@ -183,7 +215,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     if not path.is_file():
         raise RecipeError(f"recipe not found: {path}")
     try:
-        cfg = OmegaConf.load(path)
+        cfg = _load_yaml(path.resolve())
         if overrides:
             bad = [o for o in overrides if "=" not in o]
             if bad:

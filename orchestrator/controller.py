@@ -33,24 +33,27 @@ class Controller:
     def run(self) -> dict:
         self.evaluate(step=0)
         for step in range(1, self.recipe.steps + 1):
-            timer, metrics = Timings(), {}
-            batch = self.cursor.next_batch(self.recipe.data.prompts_per_step)
-            self.demos.add(batch)
-            gen, signals = None, empty_signals(step)
-            if self.schedule.wants_rollouts(step):
-                with timer("generate"):
-                    gen = self.generate(batch, step)
-                with timer("reward"):
-                    gen["scores"] = self.score(gen, batch)
-                signals = step_signals(step, batch, gen["prompt_index"], gen["scores"].rewards,
-                                       gen["lengths"])
-                metrics |= self.rollout_metrics(gen, signals)
-            signals = self.run_probes(step, signals, batch)
-            ops = self.complete(step, self.schedule.decide(step, signals))
-            for op in ops:
-                metrics |= self.execute(op, step, batch, gen, timer)
-            self.log(step, ops, metrics, timer)
+            self.train_step(step)
         return self.finish()
+
+    def train_step(self, step: int) -> dict:
+        timer, metrics = Timings(), {}
+        batch = self.cursor.next_batch(self.recipe.data.prompts_per_step)
+        self.demos.add(batch)
+        gen, signals = None, empty_signals(step)
+        if self.schedule.wants_rollouts(step):
+            with timer("generate"):
+                gen = self.generate(batch, step)
+            with timer("reward"):
+                gen["scores"] = self.score(gen, batch)
+            signals = step_signals(step, batch, gen["prompt_index"], gen["scores"].rewards,
+                                   gen["lengths"])
+            metrics |= self.rollout_metrics(gen, signals)
+        signals = self.run_probes(step, signals, batch)
+        ops = self.complete(step, self.schedule.decide(step, signals))
+        for op in ops:
+            metrics |= self.execute(op, step, batch, gen, timer)
+        return self.log(step, ops, metrics, timer)
 
     # --- named steps -----------------------------------------------------------------------
     def generate(self, records: list[dict], step: int, greedy: bool = False) -> dict:
@@ -77,11 +80,19 @@ class Controller:
                 for i, ref in enumerate(gen["refs"])]
         return Scores.concat(self.reward.call(refs, "score"))
 
-    def reference_logprobs(self, gen: dict) -> list | None:
-        if self.recipe.algorithm.kl == 0 or self.reference is None:
+    def reference_logprobs(self, gen: dict | None) -> list | None:
+        """Refs to the reference log-probs of this step's rollouts (computed once, waited for
+        so that time/reference measures them; the learner fetches the values itself)."""
+        if gen is None or self.recipe.algorithm.kl == 0 or self.reference is None:
             return None
-        actors = self.reference.actors
-        return [actors[i % len(actors)].logprobs.remote(ref) for i, ref in enumerate(gen["refs"])]
+        if "ref" not in gen:
+            import ray
+
+            actors = self.reference.actors
+            refs = [actors[i % len(actors)].logprobs.remote(r) for i, r in enumerate(gen["refs"])]
+            ray.wait(refs, num_returns=len(refs))
+            gen["ref"] = refs
+        return gen["ref"]
 
     def complete(self, step: int, ops: list) -> list:
         """Add what the recipe's cadence asks for: a Sync after weight changes, Eval, Checkpoint."""
@@ -99,6 +110,9 @@ class Controller:
 
     def execute(self, op, step: int, batch: list[dict], gen: dict | None, timer) -> dict:
         if isinstance(op, UPDATES):
+            if gen is not None and self.reference is not None:
+                with timer("reference"):
+                    self.reference_logprobs(gen)
             terms = learner_terms(self, op, batch, gen, step)
             if not terms:
                 return {"update/skipped": 1.0}
@@ -183,7 +197,7 @@ class Controller:
         self.history["reward"].append(sig.reward_mean)
         return m
 
-    def log(self, step: int, ops: list, metrics: dict, timer: Timings) -> None:
+    def log(self, step: int, ops: list, metrics: dict, timer: Timings) -> dict:
         metrics |= {f"time/{k}": v for k, v in timer.seconds.items()}
         metrics |= self.schedule.metrics() | self.demos.metrics()
         metrics |= {"weight_version": float(self.version)}
@@ -192,6 +206,7 @@ class Controller:
             kinds = "+".join(type(o).__name__.replace("Update", "").lower()
                              for o in ops if isinstance(o, UPDATES)) or "-"
             self.logger.console(step, self.recipe.steps, kinds, metrics)
+        return metrics
 
     def save_policy(self, name: str) -> Path:
         path = self.run_dir / "checkpoints" / name
@@ -211,6 +226,7 @@ class Controller:
         evals = self.history["eval"]
         summary = {"name": self.recipe.name, "steps": self.recipe.steps, "policy": str(policy),
                    "eval": evals, "reward_curve": self.history["reward"],
+                   "demos": self.demos.metrics(), "schedule": self.schedule.metrics(),
                    "mlflow": {"uri": self.logger.uri, "run_id": self.logger.run_id}}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)

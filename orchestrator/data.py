@@ -36,6 +36,9 @@ class Arithmetic:
         pad: bool = Field(False, description="zero-pad operands to the max digit count and the "
                           "reversed answer to one digit more: every digit sits at a fixed "
                           "position, which tiny models learn much faster")
+        width: int | None = Field(None, gt=0, description="padding width (default: max "
+                                  "digits); set it past the training digits to keep one format "
+                                  "for an out-of-distribution eval with longer operands")
         operands_reversed: bool = Field(False, description="write the operands least-"
                                         "significant digit first too: each answer digit then "
                                         "sits at a fixed distance from its operand digits")
@@ -44,6 +47,8 @@ class Arithmetic:
         def _order(self):
             if not 1 <= self.digits[0] <= self.digits[1]:
                 raise ValueError("digits must be [min, max] with 1 <= min <= max")
+            if self.width is not None and self.width < self.digits[1]:
+                raise ValueError("width must be at least the max digits")
             return self
 
     def __init__(self, **kwargs):
@@ -60,7 +65,7 @@ class Arithmetic:
         total = str(a + b)
         sa, sb = str(a), str(b)
         if self.args.pad:
-            w = self.args.digits[1]
+            w = self.args.width or self.args.digits[1]
             sa, sb, total = f"{a:0{w}d}", f"{b:0{w}d}", f"{a + b:0{w + 1}d}"
         if self.args.operands_reversed:
             sa, sb = sa[::-1], sb[::-1]

@@ -188,7 +188,9 @@ class Phases(Schedule):
 
 
 BUILTINS = {"rl": "orchestrator.schedules:RL", "sft": "orchestrator.schedules:SFT",
-            "phases": "orchestrator.schedules:Phases"}
+            "phases": "orchestrator.schedules:Phases", "relift": "orchestrator.hybrid:ReLIFT",
+            "sasr": "orchestrator.hybrid:SASR", "hpt": "orchestrator.hybrid:HPT",
+            "luffy": "orchestrator.hybrid:LUFFY", "chord": "orchestrator.hybrid:CHORD"}
 
 
 def build_schedule(policy: str, args: dict, where: str = "schedule") -> Schedule:

@@ -26,6 +26,7 @@ class Resolved:
     train: Any                           # dataset object
     eval: Any | None
     schedule: Schedule
+    warnings: list[str]
 
 
 def build_dataset(component, where: str):
@@ -47,14 +48,20 @@ def resolve_recipe(recipe: Recipe) -> Resolved:
             continue
         cls = resolve(cfg.cls, f"roles.{role}.cls", base=base)
         roles[role] = (cls, cls.check_args(cfg.args, f"roles.{role}.args"))
-    model = Path(recipe.model.path)
-    if recipe.model.build is None and not (model / "config.json").is_file():
-        raise RecipeError(f"model.path: no Hugging Face model at {str(model)!r} "
-                          "(and no model.build to create one)")
+    warnings = []
+    if model_missing(recipe):
+        # Not an error here: another recipe may produce it (recipes/repro/arm.yaml).
+        warnings.append(f"model.path: no Hugging Face model at {recipe.model.path!r} yet "
+                        "(and no model.build to create one)")
     train = build_dataset(recipe.data.train, "data.train")
     ev = build_dataset(recipe.data.eval, "data.eval") if recipe.data.eval else None
     schedule = build_schedule(recipe.schedule.policy, recipe.schedule.args)
-    return Resolved(roles, train, ev, schedule)
+    return Resolved(roles, train, ev, schedule, warnings)
+
+
+def model_missing(recipe: Recipe) -> bool:
+    model = Path(recipe.model.path)
+    return recipe.model.build is None and not (model / "config.json").is_file()
 
 
 def ensure_model(recipe: Recipe) -> None:
@@ -100,6 +107,8 @@ def setup_controller(c) -> None:
 
     recipe = c.recipe
     resolved = resolve_recipe(recipe)
+    if model_missing(recipe):
+        raise RecipeError(resolved.warnings[0])
     c.run_dir.mkdir(parents=True, exist_ok=True)
     ensure_model(recipe)
     c.tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)

@@ -44,7 +44,7 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
     if op.demos_in_group:
         prompts_here = sorted({index[i] for i in rows})
         demo_recs = c.demos.take([batch[p]["id"] for p in prompts_here])
-        by_id = {r["id"]: p for p in prompts_here for r in [batch[p]]}
+        by_id = {batch[p]["id"]: p for p in prompts_here}
         demo_rewards = c.score_texts(demo_recs, [r["demonstration"] for r in demo_recs])
         group_rewards += demo_rewards
         group_index += [by_id[r["id"]] for r in demo_recs]

@@ -13,10 +13,13 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 _BASE = Path(tempfile.mkdtemp(prefix="braid-tests-", dir="/tmp"))
-for var, sub in (("TMPDIR", "tmp"), ("HF_HOME", "hf"), ("TORCH_EXTENSIONS_DIR", "torch_ext"),
-                 ("XDG_CONFIG_HOME", "config"), ("XDG_CACHE_HOME", "cache")):
+for var, sub in (("TMPDIR", "tmp"), ("HF_HOME", "hf"), ("XDG_CONFIG_HOME", "config"),
+                 ("XDG_CACHE_HOME", "cache")):
     os.environ[var] = str(_BASE / sub)
     (_BASE / sub).mkdir(parents=True, exist_ok=True)
+# DeepSpeed JIT-compiles its CPU shared-memory collective op (~1 min): a build cache, kept with
+# the virtual environment rather than rebuilt by every test session.
+os.environ["TORCH_EXTENSIONS_DIR"] = str(ROOT / ".venv" / "torch-extensions")
 tempfile.tempdir = os.environ["TMPDIR"]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")

@@ -68,3 +68,36 @@ def test_micro_batches_and_ranks_give_the_same_update(ray_local, make_recipe):
             # ~1e-6; a wrong accumulation scale moves weights by ~lr = 1e-3.
             torch.testing.assert_close(w[name], base_w[name], rtol=1e-4, atol=2e-5)
     assert base_m[0]["rl/grad_norm"] > 0
+
+
+def test_probe_leaves_no_trace_and_named_optimizers_keep_their_own_moments(ray_local,
+                                                                          make_recipe):
+    """SASR's probe measures a gradient norm without moving weights or any optimizer state;
+    ReLIFT's "sft" optimizer keeps moments apart from "main"."""
+    import ray
+
+    recipe = make_recipe(**{"algorithm.lr": 1e-2})
+    cls, args = resolve_recipe(recipe).roles["learner"]
+    group = WorkerGroup("learner", recipe.roles.learner, recipe, cls, args, {})
+    try:
+        addr, port = ray.get(group.actors[0].master_address.remote())
+        group.call(group.fanout("setup", master_addr=addr, master_port=port), "setup")
+        sft = {"kind": "nll", "prompts": [[1, 5, 6, 14, 7]] * 6, "completions": [[8, 9, 2]] * 6}
+        w0 = group.call(group.fanout("full_state_dict"))[0]
+        probe = group.call(group.fanout("update", [sft], probe=True))[0]
+        assert probe["probe/grad_norm"] > 0
+        w1 = group.call(group.fanout("full_state_dict"))[0]
+        for name in w0:
+            assert torch.equal(w0[name], w1[name]), name
+        m = group.call(group.fanout("update", [sft], "sft"))[0]
+        assert m["optimizer/sft_steps"] == 1.0 and m["sft/loss"] > 0
+        # the probe's gradient equals that of the real step taken from the same weights
+        assert m["sft/grad_norm"] == pytest.approx(probe["probe/grad_norm"], rel=1e-5)
+        r, adv = _rollouts(3)
+        m2 = group.call(group.fanout("update", [{"kind": "pg", "rollouts": r,
+                                                 "advantages": adv}]))[0]
+        assert m2["optimizer/main_steps"] == 1.0  # the first step of "main": fresh moments
+        m3 = group.call(group.fanout("update", [sft], "sft"))[0]
+        assert m3["optimizer/sft_steps"] == 2.0
+    finally:
+        group.shutdown()

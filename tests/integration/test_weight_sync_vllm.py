@@ -24,6 +24,7 @@ def test_greedy_vllm_equals_learner_hf_after_sync(ray_local, make_recipe, tmp_pa
                                                ("9+9=", "81"), ("40+2=", "24"), ("1+1=", "2")])]
         before = c.generate(records, step=0, greedy=True)
         assert before["weight_version"] == 0
+        c.demos.add(records)
         for _ in range(3):
             metrics = c.execute(SFTUpdate(), 1, records, None, Timings())
         assert metrics["sft/loss"] > 0
