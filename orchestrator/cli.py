@@ -2,6 +2,7 @@
 
     braid validate RECIPE [key.sub=value ...]   check a recipe without starting Ray
     braid run RECIPE [key.sub=value ...]        run it (locally, or on the cluster in RAY_ADDRESS)
+    braid run RECIPE --resume [DIR]             continue from the latest checkpoint
 
 Exit status: 0 success, 2 a recipe error (one line naming the field), 1 a run that failed.
 """
@@ -41,7 +42,7 @@ def cmd_run(args) -> int:
 
     recipe = _load(args)
     text = OmegaConf.to_yaml(OmegaConf.create(recipe.model_dump(mode="json")))
-    controller = Controller(recipe, text)
+    controller = Controller(recipe, text, resume=args.resume)
     status = "FAILED"
     try:
         controller.setup()
@@ -71,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         p.add_argument("recipe", help="path to the recipe YAML")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        if name == "run":
+            p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
+                           help="continue from a checkpoint: DIR is a checkpoint or a run "
+                                "directory (default: this recipe's run directory)")
         p.set_defaults(fn=fn)
     args = parser.parse_args(argv)
     try:

@@ -14,6 +14,7 @@ import json
 import shutil
 from pathlib import Path
 
+from orchestrator import checkpoint
 from orchestrator.config import Recipe
 from orchestrator.metrics import Timings, sparkline
 from orchestrator.schedules import UPDATES, Checkpoint, Eval, SFTUpdate, Sync
@@ -22,8 +23,9 @@ from orchestrator.updates import learner_terms, sft_term
 
 
 class Controller:
-    def __init__(self, recipe: Recipe, recipe_yaml: str = ""):
-        self.recipe, self.recipe_yaml = recipe, recipe_yaml
+    def __init__(self, recipe: Recipe, recipe_yaml: str = "", resume: str | None = None):
+        self.recipe, self.recipe_yaml, self.resume = recipe, recipe_yaml, resume
+        self.start_step = 0
         self.run_dir = Path(recipe.run_dir)
         self.groups: dict = {}
         self.version = 0
@@ -31,8 +33,9 @@ class Controller:
 
     # --- the loop --------------------------------------------------------------------------
     def run(self) -> dict:
-        self.evaluate(step=0)
-        for step in range(1, self.recipe.steps + 1):
+        if self.start_step == 0:
+            self.evaluate(step=0)
+        for step in range(self.start_step + 1, self.recipe.steps + 1):
             self.train_step(step)
         return self.finish()
 
@@ -127,7 +130,7 @@ class Controller:
                 return self.evaluate(step)
         if isinstance(op, Checkpoint):
             with timer("checkpoint"):
-                self.save_policy(f"step_{step:06d}")
+                checkpoint.save(self, step)
             return {}
         raise TypeError(f"step {step}: the schedule returned an unknown op {op!r}")
 
@@ -209,15 +212,13 @@ class Controller:
         return metrics
 
     def save_policy(self, name: str) -> Path:
+        """A Hugging Face folder of the policy (transformers and vLLM load it)."""
         path = self.run_dir / "checkpoints" / name
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         self.learner.call(self.learner.fanout("save_hf", str(tmp.resolve())), "save_hf")
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
-        kept = sorted(p for p in path.parent.iterdir() if p.name.startswith("step_"))
-        for old in kept[:-self.recipe.checkpoint.keep_last]:
-            shutil.rmtree(old, ignore_errors=True)
         return path
 
     def finish(self) -> dict:

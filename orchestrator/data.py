@@ -131,3 +131,7 @@ class Cursor:
 
     def state(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset}
+
+    def load_state(self, state: dict) -> None:
+        self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
+        self._it = None  # the next batch replays the pass up to the offset

@@ -50,7 +50,7 @@ class RunLogger:
         self.mlflow = None
         self.run_id: str | None = None
 
-    def start(self, recipe_yaml: str) -> None:
+    def start(self, recipe_yaml: str, run_id: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # only matters for file: URIs
         import mlflow
 
@@ -58,6 +58,10 @@ class RunLogger:
         uri = self.recipe.logging.mlflow_uri or default
         mlflow.set_tracking_uri(uri)
         mlflow.set_experiment(self.recipe.logging.experiment)
+        if run_id is not None:  # a resumed run continues its mlflow run
+            run = mlflow.start_run(run_id=run_id)
+            self.mlflow, self.run_id, self.uri = mlflow, run.info.run_id, uri
+            return
         run = mlflow.start_run(run_name=self.recipe.name)
         self.mlflow, self.run_id = mlflow, run.info.run_id
         params = flatten(self.recipe.model_dump(mode="json"))

@@ -115,8 +115,14 @@ def setup_controller(c) -> None:
     c.cursor = Cursor(resolved.train, recipe.seed)
     c.eval_records = list(resolved.eval) if resolved.eval is not None else []
     c.schedule, c.demos = resolved.schedule, DemoStore(recipe.data.demo_budget)
+    state = None
+    if c.resume is not None:
+        from orchestrator import checkpoint
+
+        c.resume_path = checkpoint.find(c.run_dir, c.resume or None)
+        state = checkpoint.read_state(c.resume_path)
     c.logger = RunLogger(recipe, c.run_dir)
-    c.logger.start(c.recipe_yaml)
+    c.logger.start(c.recipe_yaml, run_id=state["mlflow_run_id"] if state else None)
     init_ray(recipe)
     # Engines log every weight reload at INFO, and DeepSpeed's calls into torch.distributed
     # warn on every collective; keep job logs to the progress lines unless asked otherwise.
@@ -135,6 +141,11 @@ def setup_controller(c) -> None:
     for group, refs in pending:
         group.call(refs, "setup")
     init_weight_sync(c)
+    if state is not None:
+        from orchestrator import checkpoint
+
+        c.start_step = checkpoint.load(c, c.resume_path, state)
+        print(f"resumed from {c.resume_path} at step {c.start_step}", flush=True)
 
 
 def init_weight_sync(c) -> None:

@@ -58,10 +58,10 @@ def ray_local(base_dir):
     ray.shutdown()
 
 
-def recipe_dict(model_path: Path, run_dir: Path, **over) -> dict:
+def recipe_dict(model_path: Path, default_run_dir: Path, **over) -> dict:
     """The smallest full recipe: tiny model, 1 rollout engine, 2 ZeRO-3 learner ranks."""
     d = {
-        "name": "test", "seed": 0, "steps": 4, "run_dir": str(run_dir),
+        "name": "test", "seed": 0, "steps": 4, "run_dir": str(default_run_dir),
         "model": {"path": str(model_path), "dtype": "float32"},
         "data": {"train": {"cls": "orchestrator.data:Arithmetic", "args": {"digits": [1, 2]}},
                  "eval": {"cls": "orchestrator.data:Arithmetic",

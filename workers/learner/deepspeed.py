@@ -152,6 +152,15 @@ class DeepSpeedLearner(LearnerWorker):
                 f"optimizer/{optimizer}_steps": float(self._opt_steps(optimizer))}
         return out
 
+    def _state_keys(self) -> list:
+        """The tensors the wrapped optimizer keeps state for, in a stable order. ZeRO-3 steps
+        its flat fp32 partitions (and empties param_groups between steps, so the optimizer's
+        own state_dict cannot be used for the extra named states)."""
+        flat = getattr(self.optimizer, "fp32_partitioned_groups_flat", None)
+        if flat is not None:
+            return list(flat)
+        return [p for g in self._torch_optimizer().param_groups for p in g["params"]]
+
     def _torch_optimizer(self):
         import torch
 
@@ -317,3 +326,30 @@ class DeepSpeedLearner(LearnerWorker):
         model.save_pretrained(path)
         AutoTokenizer.from_pretrained(self.recipe.model.path).save_pretrained(path)
         return path
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def save_state(self, path: str) -> None:
+        """DeepSpeed checkpoint (model, main optimizer, per-rank ZeRO partitions) plus every
+        other named optimizer state, one file per rank. Every rank must call it."""
+        import torch
+
+        self.engine.save_checkpoint(path, tag="learner")
+        keys = self._state_keys()
+        extra = {name: [state.get(k) for k in keys]
+                 for name, state in self._opt_states.items() if name != "main"}
+        torch.save({"states": extra, "counts": self._step_counts, "steps": self.steps},
+                   f"{path}/learner/named_optimizers_rank{self.ctx.rank}.pt")
+
+    def load_state(self, path: str) -> None:
+        import torch
+
+        self.engine.load_checkpoint(path, tag="learner", load_module_strict=True,
+                                    load_optimizer_states=True, load_lr_scheduler_states=True)
+        saved = torch.load(f"{path}/learner/named_optimizers_rank{self.ctx.rank}.pt",
+                           weights_only=False)
+        keys = self._state_keys()
+        self._opt_states = {"main": self._torch_optimizer().state}
+        for name, values in saved["states"].items():
+            self._opt_states[name] = defaultdict(
+                dict, {k: v for k, v in zip(keys, values, strict=True) if v is not None})
+        self._step_counts, self.steps = dict(saved["counts"]), int(saved["steps"])

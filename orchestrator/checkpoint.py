@@ -1,0 +1,75 @@
+"""Resumable checkpoints: everything a run needs to continue as if it had never stopped.
+
+    <run_dir>/checkpoints/step_000040/
+        learner/...                 DeepSpeed checkpoint (model, main optimizer, ZeRO
+                                    partitions per rank) + the other named optimizer states
+        controller.json             step, weight version, data cursor, schedule state,
+                                    demonstration store, eval/reward history, mlflow run id
+    <run_dir>/checkpoints/latest    name of the newest complete checkpoint
+
+A checkpoint is written to ``step_N.tmp`` and renamed when complete; ``latest`` is replaced
+atomically after it; only the newest ``checkpoint.keep_last`` are kept. Learner ranks write
+to the same path, so on a multi-node cluster ``run_dir`` must be on shared storage.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+def save(c, step: int) -> Path:
+    root = c.run_dir.resolve() / "checkpoints"
+    final = root / f"step_{step:06d}"
+    tmp = root / (final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    c.learner.call(c.learner.fanout("save_state", str(tmp)), "save_state")
+    state = {"step": step, "weight_version": c.version, "cursor": c.cursor.state(),
+             "schedule": c.schedule.state_dict(), "demos": c.demos.state_dict(),
+             "history": c.history, "mlflow_run_id": c.logger.run_id}
+    (tmp / "controller.json").write_text(json.dumps(state))
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    pointer = root / "latest.tmp"
+    pointer.write_text(final.name)
+    os.replace(pointer, root / "latest")
+    kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and not p.name.endswith(".tmp"))
+    for old in kept[:-c.recipe.checkpoint.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find(run_dir: Path, where: str | None) -> Path:
+    """A checkpoint folder from --resume's argument: a checkpoint, a run directory, or None
+    (this recipe's run directory)."""
+    from orchestrator.config import RecipeError
+
+    path = Path(where) if where else run_dir
+    if (path / "controller.json").is_file():
+        return path
+    for root in (path / "checkpoints", path):
+        if (root / "latest").is_file():
+            return root / (root / "latest").read_text().strip()
+    raise RecipeError(f"--resume: no checkpoint in {str(path)!r} (looked for controller.json "
+                      "and checkpoints/latest)")
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / "controller.json").read_text())
+
+
+def load(c, path: Path, state: dict) -> int:
+    """Restore learner, data, schedule and demonstrations, then push the learner's weights to
+    the engines under the saved version. Returns the step to continue after."""
+    c.learner.call(c.learner.fanout("load_state", str(path.resolve())), "load_state")
+    c.cursor.load_state(state["cursor"])
+    c.schedule.load_state_dict(state["schedule"])
+    c.demos.load_state_dict(state["demos"])
+    c.history = state["history"]
+    c.version = int(state["weight_version"]) - 1
+    c.sync_weights()
+    return int(state["step"])
