@@ -41,16 +41,15 @@ ARMS: dict[str, list[str]] = {
 }
 
 
-def braid_run(recipe: str, overrides: list[str], log: Path) -> dict:
+def braid_run(recipe: str, overrides: list[str], log: Path, run_dir: Path) -> dict:
     t0 = time.time()
     with log.open("w") as f:
         proc = subprocess.run(BRAID + [recipe, *overrides], cwd=ROOT, stdout=f,
                               stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         sys.exit(f"braid run {recipe} {' '.join(overrides)} failed; see {log}")
-    name = next(o.split("=", 1)[1] for o in overrides if o.startswith("name="))
-    summary = json.loads((RUNS / name / "summary.json").read_text())
-    print(f"  {name}: {time.time() - t0:.0f}s, final accuracy "
+    summary = json.loads((run_dir / "summary.json").read_text())
+    print(f"  {run_dir.name}: {time.time() - t0:.0f}s, final accuracy "
           f"{summary['eval'][-1]['eval/accuracy']:.3f}, demos used "
           f"{summary.get('demos', {}).get('demos/used', 0):.0f}", flush=True)
     return summary
@@ -67,7 +66,8 @@ def main() -> None:
     base = RUNS / "base" / "checkpoints" / "final"
     if not (base / "config.json").is_file():
         print("stage 1: base policy (SFT warm-up)", flush=True)
-        braid_run("recipes/repro/base.yaml", ["name=repro-base"], RUNS / "base.log")
+        braid_run("recipes/repro/base.yaml", ["name=repro-base"], RUNS / "base.log",
+                  RUNS / "base")
     results: dict[str, list[dict]] = {}
     arms = sorted(a.arms, key=lambda x: x != "relift")  # ReLIFT first: it sets the SFT budget
     for arm in arms:
@@ -83,7 +83,7 @@ def main() -> None:
             results.setdefault(arm, []).append(braid_run(
                 "recipes/repro/arm.yaml", [f"name={name}", f"seed={seed}",
                                            f"steps={a.steps}", *over],
-                RUNS / f"{name}.log"))
+                RUNS / f"{name}.log", RUNS / name))
     table = write_table(results, a, time.time() - t0)
     print(table)
     plot(results)

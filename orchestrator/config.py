@@ -66,6 +66,14 @@ class Roles(_Strict):
     learner: RoleConfig
     reward: RoleConfig
     reference: RoleConfig | None = Field(None, description="needed only when algorithm.kl > 0")
+    teacher: RoleConfig | None = Field(
+        None, description="a rollout class running another model (args.model) that writes "
+        "demonstrations for prompts no sample solved; verified by the reward before use")
+
+
+class TeacherConfig(_Strict):
+    samples: int = Field(4, ge=1, description="teacher samples per unsolved prompt")
+    max_prompts: int | None = Field(None, gt=0, description="per step (None: all unsolved)")
 
 
 class SamplingConfig(_Strict):
@@ -137,6 +145,7 @@ class Recipe(_Strict):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     logging: LoggingConfig = Field(default_factory=LoggingConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

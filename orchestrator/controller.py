@@ -49,8 +49,11 @@ class Controller:
                 gen = self.generate(batch, step)
             with timer("reward"):
                 gen["scores"] = self.score(gen, batch)
+            if self.teacher is not None:
+                with timer("teacher"):
+                    metrics |= self.ask_teacher(step, batch, gen)
             signals = step_signals(step, batch, gen["prompt_index"], gen["scores"].rewards,
-                                   gen["lengths"])
+                                   gen["lengths"], has_demo=self.demos.has)
             metrics |= self.rollout_metrics(gen, signals)
         signals = self.run_probes(step, signals, batch)
         ops = self.complete(step, self.schedule.decide(step, signals))
@@ -59,16 +62,18 @@ class Controller:
         return self.log(step, ops, metrics, timer)
 
     # --- named steps -----------------------------------------------------------------------
-    def generate(self, records: list[dict], step: int, greedy: bool = False) -> dict:
+    def generate(self, records: list[dict], step: int, greedy: bool = False,
+                 n: int | None = None, group=None) -> dict:
         s = self.recipe.sampling
-        n = 1 if greedy else s.n
+        n = 1 if greedy else (n or s.n)
         sampling = {"temperature": 0.0 if greedy else s.temperature, "top_p": s.top_p,
                     "max_tokens": (self.recipe.eval.max_tokens or s.max_tokens) if greedy
                     else s.max_tokens}
         items = [{"prompt": r["prompt"], "seed": (self.recipe.seed * 1_000_003 + step) * 10_007 + i}
                  for i, r in enumerate(records)]
-        pairs = self.rollout.split("generate", items, n, sampling, num_returns=2)
-        summaries = self.rollout.call([p[0] for p in pairs], "generate")
+        group = group or self.rollout
+        pairs = group.split("generate", items, n, sampling, num_returns=2)
+        summaries = group.call([p[0] for p in pairs], "generate")
         merged = {k: [x for sm in summaries for x in sm[k]]
                   for k in ("prompt_index", "lengths", "truncated", "texts")}
         merged["weight_version"] = summaries[0]["weight_version"]
@@ -133,6 +138,24 @@ class Controller:
                 checkpoint.save(self, step)
             return {}
         raise TypeError(f"step {step}: the schedule returned an unknown op {op!r}")
+
+    def ask_teacher(self, step: int, batch: list[dict], gen: dict) -> dict:
+        """Demonstrations for prompts no sample solved and that have none: the teacher
+        samples, the reward verifies, the first correct sample is stored."""
+        solved = {p for p, r in zip(gen["prompt_index"], gen["scores"].rewards)
+                  if (r or 0.0) >= 1.0}
+        todo = [batch[p] for p in sorted(set(gen["prompt_index"]) - solved)
+                if not self.demos.has(batch[p]["id"])][:self.recipe.teacher.max_prompts]
+        if not todo:
+            return {"teacher/asked": 0.0, "teacher/accepted": 0.0}
+        t = self.generate(todo, step, n=self.recipe.teacher.samples, group=self.teacher)
+        rewards = self.score_texts([todo[p] for p in t["prompt_index"]], t["texts"])
+        accepted = {}
+        for p, text, r in zip(t["prompt_index"], t["texts"], rewards):
+            if r >= 1.0 and p not in accepted:
+                accepted[p] = dict(todo[p], demonstration=text.strip())
+        self.demos.add(list(accepted.values()))
+        return {"teacher/asked": float(len(todo)), "teacher/accepted": float(len(accepted))}
 
     def run_probes(self, step: int, signals, batch: list[dict]):
         for probe in self.schedule.probes(step, signals):

@@ -86,7 +86,7 @@ def init_ray(recipe: Recipe) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     roles = [r for r in (recipe.roles.rollout, recipe.roles.learner, recipe.roles.reward,
-                         recipe.roles.reference) if r is not None]
+                         recipe.roles.reference, recipe.roles.teacher) if r is not None]
     need = sum(r.replicas * r.resources.num_cpus for r in roles)
     cpus = recipe.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
     here = os.getcwd()
@@ -133,7 +133,7 @@ def setup_controller(c) -> None:
         cfg = getattr(recipe.roles, role)
         c.groups[role] = WorkerGroup(role, cfg, recipe, cls, args, base_env | cfg.env)
     c.rollout, c.learner, c.reward = c.groups["rollout"], c.groups["learner"], c.groups["reward"]
-    c.reference = c.groups.get("reference")
+    c.reference, c.teacher = c.groups.get("reference"), c.groups.get("teacher")
 
     addr, port = ray.get(c.learner.actors[0].master_address.remote())
     pending = [(c.learner, c.learner.fanout("setup", master_addr=addr, master_port=port))]

@@ -55,7 +55,8 @@ def grpo_advantages(rewards: list[float], prompt_index: list[int],
 
 def step_signals(step: int, records: list[dict], prompt_index: list[int],
                  rewards: list[float | None], lengths: list[int],
-                 success_threshold: float = 1.0) -> StepSignals:
+                 success_threshold: float = 1.0, has_demo=None) -> StepSignals:
+    """``has_demo(id)`` says whether a demonstration is known (default: the record has one)."""
     per: dict[int, list[int]] = {}
     for i, p in enumerate(prompt_index):
         per.setdefault(p, []).append(i)
@@ -66,7 +67,8 @@ def step_signals(step: int, records: list[dict], prompt_index: list[int],
             id=records[p]["id"], n=len(members),
             n_correct=sum(r >= success_threshold for r in rs), rewards=rs,
             mean_length=sum(lengths[i] for i in members) / len(members),
-            has_demo=bool(records[p].get("demonstration"))))
+            has_demo=has_demo(records[p]["id"]) if has_demo else
+            bool(records[p].get("demonstration"))))
     scored = [r if r is not None else 0.0 for r in rewards]
     n = max(len(scored), 1)
     return StepSignals(

@@ -53,7 +53,8 @@ def ray_local(base_dir):
     import ray
 
     ray.init(address="local", num_cpus=6, include_dashboard=False,
-             _temp_dir=str(base_dir / "ray"), log_to_driver=False)
+             _temp_dir=str(base_dir / "ray"), log_to_driver=False,
+             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # tests.fixtures in workers
     yield ray
     ray.shutdown()
 

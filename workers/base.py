@@ -85,5 +85,5 @@ class RewardWorker(Worker):
 
 ROLE_BASES: dict[str, type[Worker]] = {
     "rollout": RolloutWorker, "learner": LearnerWorker,
-    "reference": ReferenceWorker, "reward": RewardWorker,
+    "reference": ReferenceWorker, "reward": RewardWorker, "teacher": RolloutWorker,
 }

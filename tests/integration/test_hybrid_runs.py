@@ -37,3 +37,27 @@ def test_hybrid_schedules_run_end_to_end(ray_local, make_recipe):
         assert c.demos.metrics()["demos/used"] > 0
     finally:
         c.shutdown()
+
+
+def test_teacher_writes_verified_demonstrations_for_unsolved_prompts(ray_local, make_recipe):
+    over = {"data.train": {"cls": "tests.fixtures.tasks:NoDemos"}, "data.eval": None,
+            "data.prompts_per_step": 6,
+            "roles.reward.args.verifiers": ["tests.fixtures.tasks:starts_with_digit"],
+            "roles.teacher": {"cls": "workers.rollout.vllm:VLLMRollout",
+                              "resources": {"num_cpus": 0.5}, "args": {"max_model_len": 64}},
+            "teacher": {"samples": 4}}
+    c = Controller(make_recipe(**over)).setup()
+    try:
+        c.schedule = build_schedule("relift", {"buffer_size": 2})
+        seen = {"teacher/asked": 0.0, "teacher/accepted": 0.0, "relift/sft_triggers": 0.0}
+        for step in (1, 2, 3, 4):
+            m = c.train_step(step)
+            seen = {k: seen[k] + m.get(k, 0.0) if k.startswith("teacher") else m.get(k, 0.0)
+                    for k in seen}
+        assert seen["teacher/asked"] > 0 and seen["teacher/accepted"] > 0
+        # every stored demonstration passed the verifier
+        demos = list(c.demos.records.values())
+        assert demos and all(d["demonstration"][:1].isdigit() for d in demos)
+        assert seen["relift/sft_triggers"] >= 1  # ReLIFT trained on the teacher's demos
+    finally:
+        c.shutdown()

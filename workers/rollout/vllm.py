@@ -25,6 +25,8 @@ class VLLMRollout(RolloutWorker):
         cpu_kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
         enforce_eager: bool = True
         threads: int | None = Field(None, description="torch threads (default: role num_cpus)")
+        model: str | None = Field(None, description="model folder (default: model.path; a "
+                                  "teacher names its own)")
 
     def setup(self, **_) -> None:
         import torch
@@ -35,7 +37,8 @@ class VLLMRollout(RolloutWorker):
 
         model = self.recipe.model
         self.llm = LLM(
-            model=model.path, dtype=model.dtype, seed=self.recipe.seed + self.ctx.rank,
+            model=self.args.model or model.path, dtype=model.dtype,
+            seed=self.recipe.seed + self.ctx.rank,
             max_model_len=self.args.max_model_len, enforce_eager=self.args.enforce_eager,
             tensor_parallel_size=self.args.tensor_parallel_size,
             gpu_memory_utilization=self.args.gpu_memory_utilization,
