@@ -141,9 +141,9 @@ def _header(version: int, manifest: Manifest, device) -> torch.Tensor:
 
 
 class WeightSender:
-    """Rank 0's side: ``begin(version)``, then for each bucket fill ``buffers[i]`` (see
-    ``copy_into``) and ``send_bucket(i)`` — the caller interleaves the fill with whatever
-    gathers the weights (ZeRO-3 gathers bucket by bucket)."""
+    """Rank 0's side: ``begin(version)``, then ``send_bucket(i, tensors)`` for each bucket —
+    the caller interleaves it with whatever gathers the weights (ZeRO-3 gathers bucket by
+    bucket)."""
 
     def __init__(self, manifest: Manifest, group: SyncGroup):
         self.manifest, self.group = manifest, group
@@ -152,15 +152,24 @@ class WeightSender:
     def begin(self, version: int) -> None:
         self.group.broadcast(_header(version, self.manifest, self.group.device))
 
-    def send_bucket(self, i: int) -> None:
+    def send_bucket(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
+        """Broadcast bucket i from full tensors. A bucket of one contiguous tensor (one larger
+        than the bucket size) goes out as it is; others are packed into their persistent
+        buffer first — on CPU the copy, not the broadcast, is what costs."""
+        bucket = self.manifest.buckets[i]
+        if len(bucket.tensors) == 1:
+            t = tensors[bucket.tensors[0].name].detach()
+            if t.is_contiguous() and t.device == self.buffers[i].device:
+                self.group.broadcast(t.view(-1))
+                return
+        copy_into(bucket, self.buffers[i], tensors)
         self.group.broadcast(self.buffers[i])
 
     def send(self, version: int, tensors: dict[str, torch.Tensor]) -> None:
         """All buckets from full tensors at hand (no gathering needed)."""
         self.begin(version)
-        for i, bucket in enumerate(self.manifest.buckets):
-            copy_into(bucket, self.buffers[i], tensors)
-            self.send_bucket(i)
+        for i in range(len(self.manifest.buckets)):
+            self.send_bucket(i, tensors)
 
 
 def copy_into(bucket: Bucket, buf: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:

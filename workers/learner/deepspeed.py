@@ -288,8 +288,6 @@ class DeepSpeedLearner(LearnerWorker):
         copies each bucket into its persistent buffer and broadcasts it to the engines."""
         import time
 
-        from orchestrator.weight_sync import copy_into
-
         t0 = time.perf_counter()
         if self.sender is not None:
             self.sender.begin(version)
@@ -297,8 +295,7 @@ class DeepSpeedLearner(LearnerWorker):
             params = [self.named[t.name] for t in bucket.tensors]
             with self._gathered(params):
                 if self.sender is not None:
-                    copy_into(bucket, self.sender.buffers[i], self.named)
-                    self.sender.send_bucket(i)
+                    self.sender.send_bucket(i, self.named)
         return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": self.manifest.nbytes}
 
     def full_state_dict(self) -> dict | None:
