@@ -10,8 +10,10 @@ ReLIFT runs first: the `sft_matched` arm then gets as many demonstrations as ReL
 (mean over seeds). Evaluation: greedy accuracy on 400 fixed problems, by operand digits;
 4 digits never appear in training (out of distribution).
 
-Writes runs/repro/results.md (mean ± std per arm and bucket, demonstrations used) and
-runs/repro/results.png; every run logs to mlflow at sqlite:///runs/repro/mlflow.db.
+Finished runs are kept and reused (``--fresh`` reruns them), so the harness can be stopped
+and started again. Writes runs/repro/results.md (mean ± std per arm and bucket,
+demonstrations used) and runs/repro/results.png; every run logs to mlflow at
+sqlite:///runs/repro/mlflow.db.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 RUNS = ROOT / "runs" / "repro"
 BRAID = [sys.executable, "-m", "orchestrator.cli", "run"]
+FRESH = False
 
 ARMS: dict[str, list[str]] = {
     "grpo": ["schedule.policy=rl"],
@@ -36,12 +39,19 @@ ARMS: dict[str, list[str]] = {
                     "schedule.args={phases: [{policy: sft, steps: HALF}, "
                     "{policy: rl, steps: HALF}]}"],
     "relift": ["schedule.policy=relift", "schedule.args={buffer_size: 32}"],
+    # ReLIFT's code uses one learning rate for both optimizers; the SFT arms' sft_lr (3e-3)
+    # applied to its rare SFT steps, each on fresh Adam moments, is a large sign-like step.
+    "relift_same_lr": ["schedule.policy=relift", "schedule.args={buffer_size: 32}",
+                       "algorithm.sft_lr=0.001"],
     "sasr": ["schedule.policy=sasr", "schedule.args={warmup_steps: 10}"],
     "hpt": ["schedule.policy=hpt", "schedule.args={switch_gate: 0}"],
 }
 
 
 def braid_run(recipe: str, overrides: list[str], log: Path, run_dir: Path) -> dict:
+    done = run_dir / "summary.json"
+    if done.is_file() and not FRESH:  # the harness resumes: finished runs are kept
+        return json.loads(done.read_text())
     t0 = time.time()
     with log.open("w") as f:
         proc = subprocess.run(BRAID + [recipe, *overrides], cwd=ROOT, stdout=f,
@@ -60,7 +70,10 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
+    ap.add_argument("--fresh", action="store_true", help="rerun runs that already finished")
     a = ap.parse_args()
+    global FRESH
+    FRESH = a.fresh
     RUNS.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     base = RUNS / "base" / "checkpoints" / "final"
