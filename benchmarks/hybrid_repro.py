@@ -124,8 +124,9 @@ def write_table(results, a, seconds: float) -> str:
              "| base (start) | " + " | ".join(f"{base[k]:.3f}" for k in keys) + " | 0 |"]
     for arm, runs in results.items():
         cells = [_ms([r["eval"][-1][k] for r in runs]) for k in keys]
-        demos = _ms([r.get("demos", {}).get("demos/used", 0.0) for r in runs]).replace(
-            ".000", "")
+        used = [r.get("demos", {}).get("demos/used", 0.0) for r in runs]
+        demos = f"{statistics.mean(used):.0f}" + (f" ± {statistics.stdev(used):.0f}"
+                                                   if len(used) > 1 else "")
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {demos} |")
     text = "\n".join(lines) + "\n"
     (RUNS / "results.md").write_text(text)

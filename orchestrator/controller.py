@@ -161,7 +161,7 @@ class Controller:
         for probe in self.schedule.probes(step, signals):
             if probe.name != "sft_grad_norm":
                 raise ValueError(f"step {step}: unknown probe {probe.name!r}")
-            term = sft_term(self, SFTUpdate(ids=probe.ids), batch)
+            term = sft_term(self, SFTUpdate(ids=probe.ids), batch, peek=True)
             if term is not None:
                 refs = self.learner.fanout("update", [term], probe=True)
                 signals.probes[probe.name] = self.learner.call(refs, "probe")[0]["probe/grad_norm"]

@@ -24,7 +24,11 @@ class DemoStore:
     def has(self, pid: str) -> bool:
         return pid in self.records
 
-    def take(self, ids) -> list[dict]:
+    def take(self, ids, peek: bool = False) -> list[dict]:
+        """The demonstrations of ``ids`` that the budget allows; ``peek`` (a probe) neither
+        counts them as used nor is limited by the budget: it trains on nothing."""
+        if peek:
+            return [self.records[pid] for pid in ids if pid in self.records]
         out = []
         for pid in ids:
             rec = self.records.get(pid)

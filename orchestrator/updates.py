@@ -18,9 +18,9 @@ def tokenize_demos(tokenizer, records: list[dict]) -> tuple[list, list]:
     return prompts, completions
 
 
-def sft_term(c, op: SFTUpdate, batch: list[dict]) -> dict | None:
+def sft_term(c, op: SFTUpdate, batch: list[dict], peek: bool = False) -> dict | None:
     ids = op.ids if op.ids is not None else [r["id"] for r in batch]
-    recs = c.demos.take(ids)
+    recs = c.demos.take(ids, peek=peek)
     if not recs:
         return None
     prompts, completions = tokenize_demos(c.tokenizer, recs)

@@ -51,3 +51,17 @@ def test_user_schedule_by_import_path(tmp_path, monkeypatch):
     assert [s.decide(i, None) for i in (1, 2)] == [[SFTUpdate()], [RLUpdate()]]
     with pytest.raises(RecipeError, match="schedule.args.unexpected_arg: unknown field"):
         build_schedule("my_sched:EveryOther", {"unexpected_arg": 1})
+
+
+def test_demo_store_budget_and_peek():
+    from orchestrator.demos import DemoStore
+
+    d = DemoStore(budget=2)
+    d.add([{"id": i, "prompt": "p", "demonstration": "x"} for i in "abc"] + [{"id": "z"}])
+    assert [r["id"] for r in d.take(["a", "z"])] == ["a"]
+    assert [r["id"] for r in d.take(["b", "c", "a"])] == ["b", "a"]  # c is past the budget
+    assert [r["id"] for r in d.take(["c"], peek=True)] == ["c"]     # a probe: not counted
+    assert d.metrics() == {"demos/used": 2.0, "demos/refused": 1.0, "demos/known": 3.0}
+    e = DemoStore(budget=2)
+    e.load_state_dict(d.state_dict())
+    assert e.take(["c"]) == [] and e.metrics() == d.metrics() | {"demos/refused": 2.0}
