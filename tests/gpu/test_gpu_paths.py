@@ -58,7 +58,7 @@ def test_deepspeed_learner_on_cuda_world_one(make_recipe):
     w = DeepSpeedLearner(WorkerContext("learner", 0, 1, recipe, args))
     os.environ.pop("DS_ACCELERATOR", None)
     w.setup(master_addr="127.0.0.1", master_port=free_port())
-    m = w.update_sft([[1, 5, 6, 14]] * 4, [[7, 2]] * 4)
+    m = w.update([{"kind": "nll", "prompts": [[1, 5, 6, 14]] * 4, "completions": [[7, 2]] * 4}])
     assert m["sft/loss"] > 0 and m["sft/grad_norm"] > 0
     state = w.full_state_dict()
     assert all(t.is_cuda for t in state.values())

@@ -46,7 +46,8 @@ def _train(make_recipe, replicas: int, micro: int):
         metrics = []
         for seed in (1, 2):
             r, adv = _rollouts(seed)
-            metrics.append(group.call(group.fanout("update_rl", r, adv), "update_rl")[0])
+            term = {"kind": "pg", "rollouts": r, "advantages": adv}
+            metrics.append(group.call(group.fanout("update", [term]), "update")[0])
         state = group.call(group.fanout("full_state_dict"), "state")[0]
         return metrics, state
     finally:

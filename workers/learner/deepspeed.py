@@ -100,15 +100,6 @@ class DeepSpeedLearner(LearnerWorker):
     # parameters (ReLIFT's separate SFT optimizer). ``probe=True`` computes the gradient norm
     # of the terms without changing weights or any named state (SASR's signal).
 
-    def update_rl(self, rollout_parts, advantages: list[float], ref_parts=None) -> dict:
-        """One GRPO/PPO-clip step on this step's rollouts."""
-        return self.update([{"kind": "pg", "rollouts": rollout_parts,
-                             "advantages": advantages, "ref": ref_parts}])
-
-    def update_sft(self, prompts: list[list[int]], completions: list[list[int]]) -> dict:
-        """One SFT step: token NLL of the demonstration tokens."""
-        return self.update([{"kind": "nll", "prompts": prompts, "completions": completions}])
-
     def update(self, terms: list[dict], optimizer: str = "main", lr: float | None = None,
                probe: bool = False) -> dict:
         import torch
