@@ -29,6 +29,7 @@ class Controller:
         self.run_dir = Path(recipe.run_dir)
         self.groups: dict = {}
         self.version = 0
+        self.stale = False  # the learner's weights differ from the engines'
         self.history: dict[str, list] = {"reward": [], "eval": []}
 
     # --- the loop --------------------------------------------------------------------------
@@ -125,9 +126,13 @@ class Controller:
             if not terms:
                 return {"update/skipped": 1.0}
             with timer("learn"):
-                return self.learner.call(self.learner.fanout("update", terms, op.optimizer),
-                                         "update")[0]
+                out = self.learner.call(self.learner.fanout("update", terms, op.optimizer),
+                                        "update")[0]
+            self.stale = True
+            return out
         if isinstance(op, Sync):
+            if not self.stale:  # nothing changed the weights since the last sync
+                return {}
             with timer("sync"):
                 return self.sync_weights()
         if isinstance(op, Eval):
@@ -179,6 +184,7 @@ class Controller:
         return [s if s is not None else 0.0 for s in scores.rewards]
 
     def sync_weights(self) -> dict:
+        self.stale = False
         self.version += 1
         refs = self.learner.fanout("push_weights", self.version)
         recv = self.rollout.fanout("receive_weights", self.version)
