@@ -57,7 +57,12 @@ class RunLogger:
         default = f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
         uri = self.recipe.logging.mlflow_uri or default
         mlflow.set_tracking_uri(uri)
-        mlflow.set_experiment(self.recipe.logging.experiment)
+        name = self.recipe.logging.experiment
+        if uri.startswith("sqlite:///") and mlflow.get_experiment_by_name(name) is None:
+            # artifacts beside the database, not in ./mlruns of whatever the cwd is
+            where = Path(uri[len("sqlite:///"):]).resolve().parent / "mlartifacts"
+            mlflow.create_experiment(name, artifact_location=where.as_uri())
+        mlflow.set_experiment(name)
         if run_id is not None:  # a resumed run continues its mlflow run
             run = mlflow.start_run(run_id=run_id)
             self.mlflow, self.run_id, self.uri = mlflow, run.info.run_id, uri
