@@ -6,7 +6,7 @@ unless a recipe asks for it). A WorkerGroup wraps the role's plain worker class 
 ``ray.remote`` and names its dispatch at the call site:
 
 - ``fanout(method, ...)``: the same call on every replica (setup, weight sync, learner steps);
-- ``split(method, items, ...)``: items split across replicas, contiguous (rollout, reward);
+- ``split(method, items, ...)``: items split across replicas, contiguous (rollout);
 - ``call(refs)``: gather, turning an actor failure into an error that names role and rank.
 """
 

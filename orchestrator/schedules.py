@@ -97,11 +97,11 @@ class Schedule:
     def wants_rollouts(self, step: int) -> bool:
         return True
 
-    def probes(self, step: int, signals: StepSignals | None) -> list[Probe]:
+    def probes(self, step: int, signals: StepSignals) -> list[Probe]:
         """Learner probes to run before ``decide`` (default: none)."""
         return []
 
-    def decide(self, step: int, signals: StepSignals | None) -> list[Op]:
+    def decide(self, step: int, signals: StepSignals) -> list[Op]:
         raise NotImplementedError
 
     def metrics(self) -> dict[str, float]:
@@ -198,7 +198,8 @@ def build_schedule(policy: str, args: dict, where: str = "schedule") -> Schedule
     from orchestrator.registry import resolve
 
     cls = resolve(policy, f"{where}.policy", aliases=BUILTINS)
-    for method in ("decide", "wants_rollouts", "state_dict", "load_state_dict"):
+    for method in ("decide", "wants_rollouts", "probes", "metrics", "state_dict",
+                   "load_state_dict"):
         if not callable(getattr(cls, method, None)):
             raise RecipeError(f"{where}.policy: {policy!r} has no {method}() method")
     arg_model = getattr(cls, "Args", None)

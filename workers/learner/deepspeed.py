@@ -5,7 +5,7 @@ whole step batch (Ray object-store refs, zero-copy on a node), takes every world
 splits them into micro-batches. The loss of every micro-batch is normalised by the *global*
 token (or sequence) count and scaled by world_size, because ZeRO averages gradients across
 ranks; so any micro-batch size and any world size give the same update as one large batch
-(tests/workers/test_learner.py checks it). All ranks run the same number of forward passes —
+(tests/integration/test_learner_ray.py checks it). All ranks run the same number of forward passes —
 ZeRO-3 gathers parameters collectively inside each one — padding with zero-weight rows.
 """
 
