@@ -23,15 +23,29 @@ log = logging.getLogger("braid.reward")
 
 class VerifierSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    fn: str = Field(description="import path of the verifier callable, `module:name`")
+    fn: str = Field(description="import path of the verifier callable, `module:name`; with "
+                    "`args`, of a factory (a class) called once with them to make the verifier")
+    args: dict[str, Any] | None = None
     weight: float = 1.0
     name: str | None = Field(None, description="metric name (default: the function's name)")
 
 
-def _call_verifier(path: str, prompts, completions, fields):
+_BUILT: dict[str, Any] = {}  # in the verifier process: factory verifiers, built once
+
+
+def _call_verifier(spec: dict, prompts, completions, fields):
+    import json
+
     from orchestrator.registry import resolve
 
-    return resolve(path, "verifier")(prompts, completions, **fields)
+    if spec.get("args") is None:
+        fn = resolve(spec["fn"], "verifier")
+    else:
+        key = json.dumps(spec, sort_keys=True, default=str)
+        if key not in _BUILT:
+            _BUILT[key] = resolve(spec["fn"], "verifier")(**spec["args"])
+        fn = _BUILT[key]
+    return fn(prompts, completions, **fields)
 
 
 def _valid(out: Any, n: int) -> bool:
@@ -57,6 +71,15 @@ class RuleRewardWorker(RewardWorker):
                 from orchestrator.config import RecipeError
 
                 raise RecipeError(f"{where}.verifiers.{i}: {fn!r} is not callable")
+            if not isinstance(v, str) and v.args is not None:
+                import inspect
+
+                try:
+                    inspect.signature(fn).bind(**v.args)
+                except TypeError as err:
+                    from orchestrator.config import RecipeError
+
+                    raise RecipeError(f"{where}.verifiers.{i}.args: {err}") from None
         return parsed
 
     def setup(self, **_) -> None:
@@ -75,9 +98,10 @@ class RuleRewardWorker(RewardWorker):
             self._pool.join()
             self._pool = None
 
-    def _run(self, path: str, prompts, completions, fields) -> list | None:
+    def _run(self, spec: VerifierSpec, prompts, completions, fields) -> list | None:
         """One guarded call; None if it raised, timed out or returned something malformed."""
-        res = self._pool_get().apply_async(_call_verifier, (path, prompts, completions, fields))
+        res = self._pool_get().apply_async(
+            _call_verifier, (spec.model_dump(), prompts, completions, fields))
         try:
             out = res.get(timeout=self.args.timeout_s)
         except mp.TimeoutError:
@@ -101,9 +125,9 @@ class RuleRewardWorker(RewardWorker):
         fields = {k: [rec.get(k) for rec in recs] for k in keys}
         scores = Scores(rewards=[0.0] * len(r))
         for spec, name in zip(self.specs, self.names):
-            out = self._run(spec.fn, prompts, r.texts, fields)
+            out = self._run(spec, prompts, r.texts, fields)
             if out is None:  # isolate the failing samples
-                out = [(self._run(spec.fn, [prompts[i]], [r.texts[i]],
+                out = [(self._run(spec, [prompts[i]], [r.texts[i]],
                                   {k: [v[i]] for k, v in fields.items()}) or [None])[0]
                        for i in range(len(r))]
             failed = [ids[i] for i, v in enumerate(out) if v is None]
