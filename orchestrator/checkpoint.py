@@ -4,7 +4,8 @@
         learner/...                 DeepSpeed checkpoint (model, main optimizer, ZeRO
                                     partitions per rank) + the other named optimizer states
         controller.json             step, weight version, data cursor, schedule state,
-                                    demonstration store, eval/reward history, mlflow run id
+                                    demonstration store, eval/reward history, mlflow run id,
+                                    the controller's RNG states, the base model's path
     <run_dir>/checkpoints/latest    name of the newest complete checkpoint
 
 A checkpoint is written to ``step_N.tmp`` and renamed when complete; ``latest`` is replaced
@@ -29,7 +30,8 @@ def save(c, step: int) -> Path:
     c.learner.call(c.learner.fanout("save_state", str(tmp)), "save_state")
     state = {"step": step, "weight_version": c.version, "cursor": c.cursor.state(),
              "schedule": c.schedule.state_dict(), "demos": c.demos.state_dict(),
-             "history": c.history, "mlflow_run_id": c.logger.run_id}
+             "history": c.history, "mlflow_run_id": c.logger.run_id, "rng": rng_state(),
+             "model_path": str(Path(c.recipe.model.path).resolve())}
     (tmp / "controller.json").write_text(json.dumps(state))
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
@@ -70,6 +72,31 @@ def load(c, path: Path, state: dict) -> int:
     c.schedule.load_state_dict(state["schedule"])
     c.demos.load_state_dict(state["demos"])
     c.history = state["history"]
-    c.version = int(state["weight_version"]) - 1
-    c.sync_weights()
+    set_rng_state(state["rng"])
+    c.version, c.stale = int(state["weight_version"]), False
+    c.sync_weights(resend=True)
     return int(state["step"])
+
+
+def rng_state() -> dict:
+    """Python's and numpy's global RNG states (a user schedule may draw from them; braid's
+    own sampling seeds derive from the step, and learner ranks save torch's RNG themselves)."""
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = random.getstate()
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    return {"python": [version, list(internal), gauss],
+            "numpy": [kind, keys.tolist(), pos, has_gauss, cached]}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))

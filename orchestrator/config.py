@@ -120,6 +120,15 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(2, ge=1)
 
 
+class FailuresConfig(_Strict):
+    actor_restarts: int = Field(
+        3, ge=0, description="per role: how many times a dead rollout, reward, reference or "
+        "teacher actor is replaced (it rejoins the weight sync and gets the current weights)")
+    auto_resume: int = Field(
+        0, ge=0, description="after a learner rank dies, restart the run from its latest "
+        "checkpoint up to this many times (0: stop with a message naming the checkpoint)")
+
+
 class WeightSyncConfig(_Strict):
     bucket_mb: float = Field(64.0, gt=0, description="bucket size of the bucketed broadcast")
     backend: Literal["auto", "gloo", "nccl"] = "auto"
@@ -147,6 +156,7 @@ class Recipe(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    failures: FailuresConfig = Field(default_factory=FailuresConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 
     @model_validator(mode="after")

@@ -16,7 +16,9 @@ from pathlib import Path
 
 from orchestrator import checkpoint
 from orchestrator.config import Recipe
+from orchestrator.groups import WorkerError
 from orchestrator.metrics import Timings, sparkline
+from orchestrator.recovery import explain, recoverable
 from orchestrator.schedules import UPDATES, Checkpoint, Eval, SFTUpdate, Sync
 from orchestrator.signals import empty_signals, step_signals
 from orchestrator.updates import learner_terms, sft_term
@@ -31,14 +33,21 @@ class Controller:
         self.version = 0
         self.stale = False  # the learner's weights differ from the engines'
         self.history: dict[str, list] = {"reward": [], "eval": []}
+        self.restarts: dict[str, int] = {}  # role -> actors replaced (orchestrator.recovery)
+        self.stop_requested: str | None = None  # set by SIGTERM/SIGINT
 
     # --- the loop --------------------------------------------------------------------------
     def run(self) -> dict:
-        if self.start_step == 0:
-            self.evaluate(step=0)
-        for step in range(self.start_step + 1, self.recipe.steps + 1):
-            self.train_step(step)
-        return self.finish()
+        try:
+            if self.start_step == 0:
+                self.evaluate(step=0)
+            for step in range(self.start_step + 1, self.recipe.steps + 1):
+                self.train_step(step)
+                if self.stop_requested:
+                    return self.stop(step)
+            return self.finish()
+        except WorkerError as err:
+            raise explain(self, err) from err
 
     def train_step(self, step: int) -> dict:
         timer, metrics = Timings(), {}
@@ -63,6 +72,7 @@ class Controller:
         return self.log(step, ops, metrics, timer)
 
     # --- named steps -----------------------------------------------------------------------
+    @recoverable
     def generate(self, records: list[dict], step: int, greedy: bool = False,
                  n: int | None = None, group=None) -> dict:
         s = self.recipe.sampling
@@ -81,6 +91,7 @@ class Controller:
         merged["refs"] = [p[1] for p in pairs]
         return merged
 
+    @recoverable
     def score(self, gen: dict, records: list[dict]):
         from workers.types import Scores
 
@@ -89,17 +100,17 @@ class Controller:
                 for i, ref in enumerate(gen["refs"])]
         return Scores.concat(self.reward.call(refs, "score"))
 
+    @recoverable
     def reference_logprobs(self, gen: dict | None) -> list | None:
-        """Refs to the reference log-probs of this step's rollouts (computed once, waited for
-        so that time/reference measures them; the learner fetches the values itself)."""
+        """Refs to the reference log-probs of this step's rollouts, computed once; the learner
+        fetches them by ref. (Fetched here too, so that a dead reference actor is found and
+        replaced now rather than failing the learner's update.)"""
         if gen is None or self.recipe.algorithm.kl == 0 or self.reference is None:
             return None
         if "ref" not in gen:
-            import ray
-
             actors = self.reference.actors
             refs = [actors[i % len(actors)].logprobs.remote(r) for i, r in enumerate(gen["refs"])]
-            ray.wait(refs, num_returns=len(refs))
+            self.reference.call(refs, "logprobs")
             gen["ref"] = refs
         return gen["ref"]
 
@@ -172,6 +183,7 @@ class Controller:
                 signals.probes[probe.name] = self.learner.call(refs, "probe")[0]["probe/grad_norm"]
         return signals
 
+    @recoverable
     def score_texts(self, records: list[dict], texts: list[str]) -> list[float]:
         """Verifier rewards of given completions (demonstrations), one per record."""
         from workers.types import Rollouts
@@ -183,13 +195,16 @@ class Controller:
         scores = self.reward.call([self.reward.actors[0].score.remote(r, records)], "score")[0]
         return [s if s is not None else 0.0 for s in scores.rewards]
 
-    def sync_weights(self) -> dict:
-        self.stale = False
-        self.version += 1
-        refs = self.learner.fanout("push_weights", self.version)
-        recv = self.rollout.fanout("receive_weights", self.version)
+    @recoverable
+    def sync_weights(self, resend: bool = False) -> dict:
+        """Learner weights to every engine under a new version (``resend``: the current one,
+        unless the learner moved on since — used when an engine was replaced)."""
+        version = self.version if resend and not self.stale else self.version + 1
+        refs = self.learner.fanout("push_weights", version)
+        recv = self.rollout.fanout("receive_weights", version)
         out = self.learner.call(refs, "push_weights")[0]
         self.rollout.call(recv, "receive_weights")
+        self.version, self.stale = version, False
         return out
 
     def evaluate(self, step: int) -> dict:
@@ -233,12 +248,21 @@ class Controller:
         metrics |= {f"time/{k}": v for k, v in timer.seconds.items()}
         metrics |= self.schedule.metrics() | self.demos.metrics()
         metrics |= {"weight_version": float(self.version)}
+        metrics |= {f"restarts/{role}": float(n) for role, n in self.restarts.items()}
         self.logger.log(step, metrics)
         if step % self.recipe.logging.console_every == 0 or "eval/accuracy" in metrics:
             kinds = "+".join(type(o).__name__.replace("Update", "").lower()
                              for o in ops if isinstance(o, UPDATES)) or "-"
             self.logger.console(step, self.recipe.steps, kinds, metrics)
         return metrics
+
+    def stop(self, step: int) -> dict:
+        """After SIGTERM/SIGINT: checkpoint the finished step and report where it is."""
+        ckpt = checkpoint.save(self, step)
+        self.logger.log(step, {"stopped": 1.0})
+        print(f"braid: stopped by {self.stop_requested} after step {step}/{self.recipe.steps}; "
+              f"checkpoint: {ckpt}", flush=True)
+        return {"stopped": self.stop_requested, "step": step, "checkpoint": str(ckpt)}
 
     def save_policy(self, name: str) -> Path:
         """A Hugging Face folder of the policy (transformers and vLLM load it)."""
@@ -257,6 +281,7 @@ class Controller:
         summary = {"name": self.recipe.name, "steps": self.recipe.steps, "policy": str(policy),
                    "eval": evals, "reward_curve": self.history["reward"],
                    "demos": self.demos.metrics(), "schedule": self.schedule.metrics(),
+                   "restarts": self.restarts,
                    "mlflow": {"uri": self.logger.uri, "run_id": self.logger.run_id}}
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)

@@ -19,7 +19,12 @@ from workers.base import WorkerContext
 
 
 class WorkerError(RuntimeError):
-    """A worker call failed; the message names the role, the rank and the cause."""
+    """A worker call failed; the message names the role and the cause. ``died`` tells an
+    actor that is gone (restartable) from a method that raised (a bug or bad input)."""
+
+    def __init__(self, message: str, role: str = "", died: bool = False):
+        super().__init__(message)
+        self.role, self.died = role, died
 
 
 class WorkerGroup:
@@ -41,15 +46,17 @@ class WorkerGroup:
                 f"({cfg.strategy}) within {ready_timeout_s:.0f}s; available: "
                 f"{ray.available_resources()}")
         remote = ray.remote(cls)
-        self.actors = [
-            remote.options(
+
+        def make(i: int):
+            return remote.options(
                 num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_concurrency=1,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=i),
                 runtime_env={"env_vars": env} if env else None,
             ).remote(WorkerContext(role, i, cfg.replicas, recipe, args))
-            for i in range(cfg.replicas)
-        ]
+
+        self._make = make
+        self.actors = [make(i) for i in range(cfg.replicas)]
 
     def __len__(self) -> int:
         return len(self.actors)
@@ -76,11 +83,36 @@ class WorkerGroup:
             return ray.get(refs)
         except ray.exceptions.RayActorError as err:
             raise WorkerError(f"{self.role} actor died{' during ' + what if what else ''}: "
-                              f"{_first_line(err)}") from err
+                              f"{_first_line(err)}", self.role, died=True) from err
         except ray.exceptions.RayTaskError as err:
             cause = err.cause if getattr(err, "cause", None) is not None else err
             raise WorkerError(f"{self.role}{' ' + what if what else ''} failed: "
-                              f"{type(cause).__name__}: {_first_line(cause)}") from err
+                              f"{type(cause).__name__}: {_first_line(cause)}", self.role) from err
+
+    def dead(self, timeout_s: float = 30.0) -> list[int]:
+        """Ranks whose actor is gone (a health ping fails with an actor error)."""
+        import ray
+
+        pings = {i: a.health.remote() for i, a in enumerate(self.actors)}
+        ray.wait(list(pings.values()), num_returns=len(pings), timeout=timeout_s)
+        out = []
+        for i, ref in pings.items():
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayActorError:
+                out.append(i)
+            except ray.exceptions.GetTimeoutError:
+                pass  # busy, not dead
+        return out
+
+    def restart(self, rank: int, **setup_kwargs) -> None:
+        """A fresh actor in the dead one's placement bundle, set up like the first."""
+        import ray
+
+        ray.kill(self.actors[rank], no_restart=True)
+        self.actors[rank] = self._make(rank)
+        self.call([self.actors[rank].setup.remote(**setup_kwargs)], f"setup of restarted "
+                  f"rank {rank}")
 
     def shutdown(self) -> None:
         import ray

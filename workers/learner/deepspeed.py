@@ -280,13 +280,25 @@ class DeepSpeedLearner(LearnerWorker):
         import time
 
         t0 = time.perf_counter()
-        if self.sender is not None:
-            self.sender.begin(version)
+        failed = None
+        try:
+            if self.sender is not None:
+                self.sender.begin(version)
+        except Exception as err:
+            failed = err
         for i, bucket in enumerate(self.manifest.buckets):
             params = [self.named[t.name] for t in bucket.tensors]
+            # Every rank gathers every bucket even after a failed send (an engine died):
+            # the gathers are collectives, and a rank that skipped them would hang the others.
             with self._gathered(params):
-                if self.sender is not None:
-                    self.sender.send_bucket(i, self.named)
+                if self.sender is not None and failed is None:
+                    try:
+                        self.sender.send_bucket(i, self.named)
+                    except Exception as err:
+                        failed = err
+        if failed is not None:
+            self.sender = None  # drop the broken group; the controller forms a new one
+            raise RuntimeError(f"weight sync to the engines failed: {failed}") from failed
         return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": self.manifest.nbytes}
 
     def full_state_dict(self) -> dict | None:
@@ -325,8 +337,10 @@ class DeepSpeedLearner(LearnerWorker):
         keys = self._state_keys()
         extra = {name: [state.get(k) for k in keys]
                  for name, state in self._opt_states.items() if name != "main"}
-        torch.save({"states": extra, "counts": self._step_counts, "steps": self.steps},
-                   f"{path}/learner/named_optimizers_rank{self.ctx.rank}.pt")
+        rng = {"torch": torch.get_rng_state(),
+               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        torch.save({"states": extra, "counts": self._step_counts, "steps": self.steps,
+                    "rng": rng}, f"{path}/learner/named_optimizers_rank{self.ctx.rank}.pt")
 
     def load_state(self, path: str) -> None:
         import torch
@@ -341,3 +355,6 @@ class DeepSpeedLearner(LearnerWorker):
             self._opt_states[name] = defaultdict(
                 dict, {k: v for k, v in zip(keys, values, strict=True) if v is not None})
         self._step_counts, self.steps = dict(saved["counts"]), int(saved["steps"])
+        torch.set_rng_state(saved["rng"]["torch"])
+        if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(saved["rng"]["cuda"])

@@ -1,0 +1,112 @@
+"""What a run does when a cluster does what clusters do.
+
+- **A rollout, reward, reference or teacher actor dies** (a node lost, an OOM kill, a segfault in
+  an engine): the controller method that saw it is marked ``@recoverable``; the dead actors are
+  replaced in their placement bundles and set up again, a new rollout engine rejoins the
+  weight-sync group (the group is formed anew: a gloo or NCCL group cannot take a member back)
+  and every engine receives the learner's current weights; then the method runs again. Each role
+  gets ``failures.actor_restarts`` replacements per run.
+- **A learner rank dies**: its ZeRO-3 partitions and optimizer state are gone, so there is
+  nothing to rejoin. The run stops with :class:`LearnerLost`, naming the checkpoint to resume
+  from; with ``failures.auto_resume`` the CLI brings the run back up from it.
+- **SIGTERM or SIGINT** (``ray job stop``, a Kubernetes pod eviction, Ctrl-C): the current step
+  finishes, a checkpoint is written, the process exits 143 (130 for SIGINT). A second signal
+  exits at once.
+"""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+from pathlib import Path
+
+from orchestrator.groups import WorkerError
+
+RESTARTABLE = ("rollout", "reward", "reference", "teacher")
+
+
+class LearnerLost(WorkerError):
+    """A learner rank died; ``checkpoint`` is the newest complete checkpoint (or None)."""
+
+    def __init__(self, message: str, checkpoint: Path | None):
+        super().__init__(message, "learner", died=True)
+        self.checkpoint = checkpoint
+
+
+def recoverable(method):
+    """Run a controller method again after replacing the actors whose death made it fail."""
+
+    @functools.wraps(method)
+    def wrapper(c, *args, **kwargs):
+        while True:
+            try:
+                return method(c, *args, **kwargs)
+            except WorkerError as err:
+                if isinstance(err, LearnerLost) or not replace_dead(c, err):
+                    raise
+
+    return wrapper
+
+
+def replace_dead(c, err: WorkerError) -> bool:
+    """Replace every dead restartable actor; False when none is dead (the error stands)."""
+    dead = {role: g.dead() for role, g in c.groups.items()}
+    if dead.get("learner"):
+        raise learner_lost(c, dead["learner"], err) from err
+    dead = {role: ranks for role, ranks in dead.items() if ranks and role in RESTARTABLE}
+    if not dead:
+        return False
+    budget = c.recipe.failures.actor_restarts
+    for role, ranks in dead.items():
+        if c.restarts.get(role, 0) + len(ranks) > budget:
+            raise WorkerError(f"{err} — {role} actors died {c.restarts.get(role, 0) + len(ranks)}"
+                              f" times, more than failures.actor_restarts={budget}",
+                              role, died=True) from err
+        for rank in ranks:
+            print(f"braid: {role} rank {rank} died ({err}); starting a replacement", flush=True)
+            c.groups[role].restart(rank)
+            c.restarts[role] = c.restarts.get(role, 0) + 1
+    if "rollout" in dead:
+        from orchestrator.setup import init_weight_sync
+
+        init_weight_sync(c)
+        c.sync_weights(resend=True)
+    return True
+
+
+def learner_lost(c, ranks: list[int], err: BaseException) -> LearnerLost:
+    from orchestrator import checkpoint
+
+    try:
+        ckpt = checkpoint.find(c.run_dir, None)
+        where = f"resume from {ckpt}"
+    except Exception:
+        ckpt, where = None, "no checkpoint was written (set checkpoint.every to keep one)"
+    return LearnerLost(f"learner rank(s) {ranks} died: {err}; the run cannot continue without "
+                       f"its ZeRO-3 partitions — {where}", ckpt)
+
+
+def explain(c, err: WorkerError) -> WorkerError:
+    """A learner failure becomes LearnerLost when a rank is gone (the survivors usually
+    report a broken collective first)."""
+    if isinstance(err, LearnerLost) or "learner" not in c.groups:
+        return err
+    dead = c.groups["learner"].dead()
+    return learner_lost(c, dead, err) if dead else err
+
+
+def install_stop_handler(c) -> None:
+    """First SIGTERM/SIGINT: finish the step, checkpoint, exit. Second: exit now. Installed
+    after ``ray.init``, which sets its own SIGTERM handler."""
+
+    def on_signal(signum, frame):
+        name = signal.Signals(signum).name
+        if c.stop_requested:
+            sys.exit(128 + signum)
+        c.stop_requested = name
+        print(f"braid: {name}: finishing this step, then writing a checkpoint (send it again "
+              "to exit at once)", flush=True)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)

@@ -1,0 +1,81 @@
+"""Surviving failures: actors killed mid-step (their processes exit, as in an OOM kill) are
+replaced and the run completes; a dead learner rank stops the run with a message naming the
+checkpoint, and ``failures.auto_resume`` brings it back from there."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from orchestrator.controller import Controller
+from tests.conftest import ROOT, recipe_dict
+
+pytestmark = pytest.mark.slow
+
+
+def test_rollout_reward_and_reference_deaths_are_survived(ray_local, make_recipe, tmp_path):
+    die = str(tmp_path / "markers")
+    os.makedirs(die)
+
+    def role(cls, at):
+        return {"cls": f"tests.fixtures.dying:{cls}",
+                "env": {"BRAID_DIE_AT": at, "BRAID_DIE_DIR": die}}
+
+    recipe = make_recipe(**{
+        "steps": 3, "data.prompts_per_step": 4, "algorithm.kl": 0.01,
+        # generate calls: eval at step 0, step 1, step 2 (after the first sync: version 1)
+        "roles.rollout": {**recipe_dict_role("rollout"), **role("DyingRollout", "generate:3")},
+        "roles.reward": {**recipe_dict_role("reward"), **role("DyingReward", "score:4")},
+        "roles.reference": {**role("DyingReference", "logprobs:2"),
+                            "resources": {"num_cpus": 0.5}},
+    })
+    c = Controller(recipe).setup()
+    try:
+        per_step = {}
+        c.evaluate(0)
+        for step in range(1, 4):
+            per_step[step] = c.train_step(step)
+        final = c.evaluate(3)
+    finally:
+        c.shutdown()
+    assert c.restarts == {"rollout": 1, "reference": 1, "reward": 1}
+    assert sorted(os.listdir(die)) == ["reference-logprobs-0", "reward-score-0",
+                                       "rollout-generate-0"]
+    # the replacement engine generated step 2 with the weights of step 1's update
+    assert per_step[2]["rollout/weight_version"] == 1.0
+    assert per_step[3]["rollout/weight_version"] == 2.0
+    assert per_step[3]["restarts/rollout"] == 1.0 and per_step[3]["restarts/reward"] == 1.0
+    for step in (1, 2, 3):
+        assert per_step[step]["reward/unscored"] == 0.0
+        assert "rl/loss" in per_step[step] and "rl/kl" in per_step[step]
+    assert 0.0 <= final["eval/accuracy"] <= 1.0
+
+
+def recipe_dict_role(role: str) -> dict:
+    return recipe_dict("m", "r")["roles"][role]
+
+
+def test_learner_death_names_the_checkpoint_and_auto_resumes(tiny_model, tmp_path):
+    d = recipe_dict(tiny_model, tmp_path / "run", steps=4)
+    d["data"]["prompts_per_step"] = 4
+    d["checkpoint"] = {"every": 2}
+    d["failures"] = {"auto_resume": 1}
+    d["roles"]["learner"]["cls"] = "tests.fixtures.dying:DyingLearner"
+    # rank 1 dies in its third update (step 3), after the checkpoint of step 2
+    d["roles"]["learner"]["env"] = {"BRAID_DIE_AT": "update:3:1",
+                                    "BRAID_DIE_DIR": str(tmp_path)}
+    (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(d))
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "recipe.yaml"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
+    assert "learner rank(s) [1] died" in proc.stderr, proc.stderr[-3000:]
+    assert f"auto_resume: restarting from {ckpt}" in proc.stderr
+    assert f"resumed from {ckpt} at step 2" in proc.stdout
+    assert (tmp_path / "learner-update-1").exists()
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 4 and [e["step"] for e in summary["eval"]][-1] == 4
