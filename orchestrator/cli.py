@@ -3,8 +3,11 @@
     braid validate RECIPE [key.sub=value ...]   check a recipe without starting Ray
     braid run RECIPE [key.sub=value ...]        run it (locally, or on the cluster in RAY_ADDRESS)
     braid run RECIPE --resume [DIR]             continue from the latest checkpoint
+    braid serve-reward module:fn [...]          serve verifiers over HTTP (rewards/remote.py)
+    braid export CHECKPOINT|RUN_DIR OUT         a Hugging Face folder of a checkpoint's policy
 
-Exit status: 0 success, 2 a recipe error (one line naming the field), 1 a run that failed.
+Exit status: 0 success, 2 a recipe error (one line naming the field), 1 a run that failed,
+143 (130) stopped by SIGTERM (SIGINT) after writing a checkpoint.
 """
 
 from __future__ import annotations
@@ -36,30 +39,62 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from omegaconf import OmegaConf
 
+    recipe = _load(args)
+    text = OmegaConf.to_yaml(OmegaConf.create(recipe.model_dump(mode="json")))
+    resume, retries = args.resume, recipe.failures.auto_resume
+    while True:
+        code, lost = _run_once(recipe, text, resume)
+        if lost is None:
+            return code
+        again = " ".join(["braid run", args.recipe, *args.overrides, "--resume",
+                          str(lost.checkpoint or "")]).strip()
+        if retries == 0 or lost.checkpoint is None:
+            print(f"braid: run failed: {lost}\n  to continue: {again}", file=sys.stderr)
+            return 1
+        retries -= 1
+        print(f"braid: {lost}\nbraid: auto_resume: restarting from {lost.checkpoint} "
+              f"({retries} more allowed)", file=sys.stderr, flush=True)
+        resume = str(lost.checkpoint)
+
+
+def _run_once(recipe, text: str, resume: str | None):
+    """One attempt: (exit status, the LearnerLost that ended it or None)."""
     from orchestrator.config import RecipeError
     from orchestrator.controller import Controller
     from orchestrator.groups import WorkerError
+    from orchestrator.recovery import LearnerLost, install_stop_handler
 
-    recipe = _load(args)
-    text = OmegaConf.to_yaml(OmegaConf.create(recipe.model_dump(mode="json")))
-    controller = Controller(recipe, text, resume=args.resume)
+    controller = Controller(recipe, text, resume=resume)
     status = "FAILED"
     try:
         controller.setup()
-        controller.run()
+        install_stop_handler(controller)
+        out = controller.run()
+        if "stopped" in out:
+            status = "KILLED"
+            return (130 if out["stopped"] == "SIGINT" else 143), None
         status = "FINISHED"
-        return 0
+        return 0, None
     except RecipeError:
         raise
+    except LearnerLost as err:
+        return 1, err
     except WorkerError as err:
         print(f"braid: run failed: {err}", file=sys.stderr)
-        return 1
+        return 1, None
     except KeyboardInterrupt:
         status = "KILLED"
         print("braid: interrupted", file=sys.stderr)
-        return 130
+        return 130, None
     finally:
         controller.shutdown(status)
+
+
+def cmd_export(args) -> int:
+    from orchestrator.export import export
+
+    export(args.source, args.out, args.dtype)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -77,6 +112,17 @@ def main(argv: list[str] | None = None) -> int:
                            help="continue from a checkpoint: DIR is a checkpoint or a run "
                                 "directory (default: this recipe's run directory)")
         p.set_defaults(fn=fn)
+    p = sub.add_parser("export", help="write a Hugging Face folder of a checkpoint's policy")
+    p.add_argument("source", help="a checkpoint folder, or a run directory (its latest)")
+    p.add_argument("out", help="the folder to write (replaced if it exists)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                   help="default: the base model's")
+    p.set_defaults(fn=cmd_export)
+    from rewards.remote import add_cli_arguments, cmd_serve_reward
+
+    p = sub.add_parser("serve-reward", help="serve verifiers over HTTP (see rewards/remote.py)")
+    add_cli_arguments(p)
+    p.set_defaults(fn=cmd_serve_reward)
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
