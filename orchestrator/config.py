@@ -120,6 +120,15 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(2, ge=1)
 
 
+class ScoringConfig(_Strict):
+    unscored: Literal["zero", "drop"] = Field(
+        "zero", description="a sample no verifier could score (None): counts as reward 0, or "
+        "is dropped from the RL update (and from its prompt's group baseline)")
+    max_unscored_frac: float = Field(
+        0.5, ge=0, le=1, description="stop the run when a step has more unscored samples than "
+        "this fraction, instead of training on noise (1: never)")
+
+
 class FailuresConfig(_Strict):
     actor_restarts: int = Field(
         3, ge=0, description="per role: how many times a dead rollout, reward, reference or "
@@ -156,6 +165,7 @@ class Recipe(_Strict):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     teacher: TeacherConfig = Field(default_factory=TeacherConfig)
     weight_sync: WeightSyncConfig = Field(default_factory=WeightSyncConfig)
+    scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     failures: FailuresConfig = Field(default_factory=FailuresConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
 

@@ -59,6 +59,7 @@ class Controller:
                 gen = self.generate(batch, step)
             with timer("reward"):
                 gen["scores"] = self.score(gen, batch)
+            self.check_unscored(step, gen["scores"])
             if self.teacher is not None:
                 with timer("teacher"):
                     metrics |= self.ask_teacher(step, batch, gen)
@@ -95,10 +96,21 @@ class Controller:
     def score(self, gen: dict, records: list[dict]):
         from workers.types import Scores
 
-        actors = self.reward.actors
-        refs = [actors[i % len(actors)].score.remote([ref], records)
-                for i, ref in enumerate(gen["refs"])]
+        n = len(self.reward)
+        refs = [a.score.remote(gen["refs"], records, shard=(k, n))
+                for k, a in enumerate(self.reward.actors)]
         return Scores.concat(self.reward.call(refs, "score"))
+
+    def check_unscored(self, step: int, scores) -> None:
+        """Stop before training on a step whose rewards are mostly missing."""
+        n, bad = len(scores.rewards), sum(r is None for r in scores.rewards)
+        limit = self.recipe.scoring.max_unscored_frac
+        if n and bad / n > limit:
+            raise WorkerError(
+                f"step {step}: {bad} of {n} samples could not be scored (failures per verifier: "
+                f"{scores.failures}; e.g. {', '.join(scores.failed_ids[:5])}), more than "
+                f"scoring.max_unscored_frac={limit}; the verifier logs name every sample. "
+                "Nothing from this step was trained on.", "reward")
 
     @recoverable
     def reference_logprobs(self, gen: dict | None) -> list | None:

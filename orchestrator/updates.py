@@ -34,10 +34,13 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
                            "wants_rollouts() returned False")
     index = gen["prompt_index"]
     wanted = None if op.ids is None else set(op.ids)
-    rows = [i for i, p in enumerate(index) if wanted is None or batch[p]["id"] in wanted]
+    raw = gen["scores"].rewards
+    drop = c.recipe.scoring.unscored == "drop"
+    rows = [i for i, p in enumerate(index) if (wanted is None or batch[p]["id"] in wanted)
+            and not (drop and raw[i] is None)]
     if not rows:
         return []
-    rewards = [r if r is not None else 0.0 for r in gen["scores"].rewards]
+    rewards = [r if r is not None else 0.0 for r in raw]
     group_rewards = [rewards[i] for i in rows]
     group_index = [index[i] for i in rows]
     demo_recs = []
@@ -53,7 +56,8 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
     for k, i in enumerate(rows):
         full_adv[i] = adv[k]
     terms = [{"kind": "pg", "rollouts": gen["refs"], "advantages": full_adv,
-              "ref": c.reference_logprobs(gen), "select": None if wanted is None else rows,
+              "ref": c.reference_logprobs(gen),
+              "select": None if len(rows) == len(index) else rows,
               "coef": op.coef}]
     if demo_recs:
         prompts, completions = tokenize_demos(c.tokenizer, demo_recs)

@@ -80,7 +80,9 @@ class ReferenceWorker(Worker):
 
 
 class RewardWorker(Worker):
-    """score(rollouts, records) -> Scores."""
+    """score(rollouts, records, shard=(k, of)) -> Scores of the k-th of ``of`` contiguous
+    slices of the samples (``Rollouts.shard``): every replica gets the step's rollout refs and
+    scores its slice, so replicas share the work whatever the number of rollout engines."""
 
 
 ROLE_BASES: dict[str, type[Worker]] = {

@@ -54,6 +54,16 @@ def _valid(out: Any, n: int) -> bool:
                               and v == v) for v in out))
 
 
+def sample_ids(r: Rollouts, records: list[dict]) -> list[str]:
+    """``<record id>#<k>`` for the k-th sample of each prompt: how failures are logged."""
+    ids, seen = [], {}
+    for i in r.prompt_index:
+        rid = records[i]["id"]
+        seen[rid] = seen.get(rid, -1) + 1
+        ids.append(f"{rid}#{seen[rid]}")
+    return ids
+
+
 class RuleRewardWorker(RewardWorker):
     class Args(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -112,15 +122,12 @@ class RuleRewardWorker(RewardWorker):
         return [None if v is None else float(v) for v in out] if _valid(out, len(completions)) \
             else None
 
-    def score(self, rollout_parts, records: list[dict]) -> Scores:
-
-        r = Rollouts.gather(rollout_parts)
+    def score(self, rollout_parts, records: list[dict], shard: tuple[int, int] = (0, 1)) -> Scores:
+        """Scores of the ``shard[0]``-th of ``shard[1]`` slices of the rollouts."""
+        r, offset = Rollouts.gather(rollout_parts).shard(*shard)
+        ids = sample_ids(Rollouts.gather(rollout_parts), records)[offset:offset + len(r)]
         recs = [records[i] for i in r.prompt_index]
         prompts = [rec["prompt"] for rec in recs]
-        ids, seen = [], {}
-        for rec in recs:
-            k = seen[rec["id"]] = seen.get(rec["id"], -1) + 1
-            ids.append(f"{rec['id']}#{k}")
         keys = sorted({k for rec in recs for k in rec} - {"prompt", "id", "demonstration"})
         fields = {k: [rec.get(k) for rec in recs] for k in keys}
         scores = Scores(rewards=[0.0] * len(r))

@@ -37,6 +37,17 @@ class Rollouts:
         """One Rollouts from a Rollouts, a list of them, or a list of Ray refs to them."""
         return x if isinstance(x, cls) else cls.concat(resolve_refs(x))
 
+    def shard(self, k: int, of: int) -> tuple[Rollouts, int]:
+        """The k-th of ``of`` contiguous slices, and the index of its first sample (reward
+        replicas each score one slice of a step's rollouts)."""
+        per = -(-len(self) // of) if of > 1 else len(self)
+        lo, hi = min(k * per, len(self)), min((k + 1) * per, len(self))
+        if (lo, hi) == (0, len(self)):
+            return self, 0
+        return Rollouts(*(getattr(self, f)[lo:hi] for f in (
+            "prompt_index", "prompt_ids", "completion_ids", "logprobs", "texts",
+            "finish_reasons")), self.weight_version), lo
+
     @classmethod
     def concat(cls, parts: list[Rollouts]) -> Rollouts:
         if len(parts) == 1:

@@ -36,6 +36,8 @@ def test_braid_run_end_to_end(tiny_model, tmp_path):
     d["algorithm"]["kl"] = 0.01
     d["eval"] = {"bucket_key": "digits"}
     d["logging"] = {"experiment": "e2e"}
+    # samples the user's verifier fails on leave the RL update, however many there are
+    d["scoring"] = {"unscored": "drop", "max_unscored_frac": 1.0}
     (tmp_path / "recipe.yaml").write_text("# e2e test recipe\n" + yaml.safe_dump(d))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "recipe.yaml"],
