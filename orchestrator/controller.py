@@ -120,8 +120,9 @@ class Controller:
         if gen is None or self.recipe.algorithm.kl == 0 or self.reference is None:
             return None
         if "ref" not in gen:
-            actors = self.reference.actors
-            refs = [actors[i % len(actors)].logprobs.remote(r) for i, r in enumerate(gen["refs"])]
+            n = len(self.reference)
+            refs = [a.logprobs.remote(gen["refs"], shard=(k, n))
+                    for k, a in enumerate(self.reference.actors)]
             self.reference.call(refs, "logprobs")
             gen["ref"] = refs
         return gen["ref"]

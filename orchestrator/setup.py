@@ -42,13 +42,17 @@ def build_dataset(component, where: str):
 
 def resolve_recipe(recipe: Recipe) -> Resolved:
     roles = {}
+    warnings = []
     for role, base in ROLE_BASES.items():
         cfg = getattr(recipe.roles, role)
         if cfg is None:
             continue
+        if role == "reference" and recipe.algorithm.kl == 0:
+            warnings.append("roles.reference is not started: algorithm.kl is 0, so no loss "
+                            "term needs reference log-probs")
+            continue
         cls = resolve(cfg.cls, f"roles.{role}.cls", base=base)
         roles[role] = (cls, cls.check_args(cfg.args, f"roles.{role}.args"))
-    warnings = []
     if model_missing(recipe):
         # Not an error here: another recipe may produce it (recipes/repro/arm.yaml).
         warnings.append(f"model.path: no Hugging Face model at {recipe.model.path!r} yet "
@@ -108,7 +112,7 @@ def setup_controller(c) -> None:
     recipe = c.recipe
     resolved = resolve_recipe(recipe)
     if model_missing(recipe):
-        raise RecipeError(resolved.warnings[0])
+        raise RecipeError(next(w for w in resolved.warnings if w.startswith("model.path")))
     c.run_dir.mkdir(parents=True, exist_ok=True)
     ensure_model(recipe)
     c.tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
@@ -132,6 +136,8 @@ def setup_controller(c) -> None:
     for role, (cls, args) in resolved.roles.items():
         cfg = getattr(recipe.roles, role)
         c.groups[role] = WorkerGroup(role, cfg, recipe, cls, args, base_env | cfg.env)
+    for w in resolved.warnings:
+        print(f"braid: note: {w}", flush=True)
     c.rollout, c.learner, c.reward = c.groups["rollout"], c.groups["learner"], c.groups["reward"]
     c.reference, c.teacher = c.groups.get("reference"), c.groups.get("teacher")
 

@@ -91,3 +91,12 @@ def test_malformed_yaml(tmp_path):
     p.write_text("name: x\nroles: [unclosed\n")
     with pytest.raises(RecipeError, match="not valid YAML"):
         load_recipe(p)
+
+
+def test_reference_role_is_not_started_without_a_kl_term(make_recipe):
+    ref = {"cls": "workers.reference:HFReference"}
+    off = resolve_recipe(make_recipe(**{"roles.reference": ref, "algorithm.kl": 0.0}))
+    assert "reference" not in off.roles
+    assert any("roles.reference is not started" in w for w in off.warnings)
+    on = resolve_recipe(make_recipe(**{"roles.reference": ref, "algorithm.kl": 0.01}))
+    assert "reference" in on.roles and not on.warnings
