@@ -52,21 +52,44 @@ def build_char_tokenizer(out_dir: str | Path, chars: list[str] = ARITH_CHARS):
 def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec | None = None) -> Path:
     """Write a randomly initialised Llama plus a character tokenizer to `out_dir`."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     spec = spec or TinyModelSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     tok = build_char_tokenizer(out)
-    cfg = LlamaConfig(
+    torch.manual_seed(spec.seed)
+    LlamaForCausalLM(_llama_config(spec, tok)).save_pretrained(str(out))
+    (out / "braid_build.json").write_text(json.dumps(spec.model_dump(), indent=2))
+    return out
+
+
+def build_tiny_reward_model(out_dir: str | Path, spec: TinyModelSpec | None = None) -> Path:
+    """Write a randomly initialised Llama sequence classifier with one output (a scalar reward
+    model, as ``workers.reward_model.RewardModelWorker`` loads) plus the character tokenizer.
+    ``config.pad_token_id`` is set: the classifier pools the last token that is not padding."""
+    import torch
+    from transformers import LlamaForSequenceClassification
+
+    spec = spec or TinyModelSpec()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tok = build_char_tokenizer(out)
+    cfg = _llama_config(spec, tok, num_labels=1)
+    torch.manual_seed(spec.seed)
+    LlamaForSequenceClassification(cfg).save_pretrained(str(out))
+    (out / "braid_build.json").write_text(json.dumps(spec.model_dump(), indent=2))
+    return out
+
+
+def _llama_config(spec: TinyModelSpec, tok, **extra):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
         vocab_size=len(tok), hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size, num_hidden_layers=spec.num_layers,
         num_attention_heads=spec.num_heads, num_key_value_heads=spec.num_heads,
         max_position_embeddings=spec.max_position_embeddings,
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id, tie_word_embeddings=True, torch_dtype="float32",
+        pad_token_id=tok.pad_token_id, tie_word_embeddings=True, torch_dtype="float32", **extra,
     )
-    torch.manual_seed(spec.seed)
-    LlamaForCausalLM(cfg).save_pretrained(str(out))
-    (out / "braid_build.json").write_text(json.dumps(spec.model_dump(), indent=2))
-    return out
