@@ -43,3 +43,47 @@ def test_stop_and_resume_matches_a_straight_run(ray_local, make_recipe, tmp_path
     assert v_a == v_b
     for name in w_a:
         torch.testing.assert_close(w_b[name], w_a[name], rtol=0, atol=1e-7)
+    _export_loads_in_transformers_and_vllm(tmp_path / "b", tmp_path / "exported", w_b)
+
+
+VLLM_GREEDY = """
+import json, sys
+from vllm import LLM, SamplingParams
+llm = LLM(model=sys.argv[1], max_model_len=64, enforce_eager=True, dtype="float32")
+outs = llm.generate(json.loads(sys.argv[2]), SamplingParams(temperature=0, max_tokens=5))
+print("GREEDY" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
+"""
+
+
+def _export_loads_in_transformers_and_vllm(run_dir, out, weights):
+    """`braid export` of the run's latest checkpoint: transformers loads exactly the learner's
+    weights, and vLLM (a fresh process) decodes greedily exactly what transformers does."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from orchestrator.cli import main
+
+    assert main(["export", str(run_dir), str(out)]) == 0
+    hf = AutoModelForCausalLM.from_pretrained(out).eval()
+    state = hf.state_dict()
+    for name, w in weights.items():
+        torch.testing.assert_close(state[name], w, rtol=0, atol=0)
+    tok = AutoTokenizer.from_pretrained(out)
+    prompts = ["12+7=", "3+4=", "55+5=", "9+9="]
+    expected = []
+    for p in prompts:
+        ids = tok(p, return_tensors="pt").input_ids
+        with torch.no_grad():
+            gen = hf.generate(ids, max_new_tokens=5, do_sample=False,
+                              pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        expected.append(gen[:gen.index(tok.eos_token_id) + 1] if tok.eos_token_id in gen else gen)
+    proc = subprocess.run([sys.executable, "-c", VLLM_GREEDY, str(out), json.dumps(prompts)],
+                          capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = json.loads(proc.stdout.split("GREEDY", 1)[1].splitlines()[0])
+    assert got == expected
