@@ -129,18 +129,18 @@ def test_hanging_verifier_times_out_and_the_client_time_is_bounded(start):
     remote = RemoteVerifier(srv.url, "hang", timeout_s=2, retries=1, backoff_s=0.05)
     t0 = time.monotonic()
     assert remote(["p"], ["c"]) == [None]
-    assert time.monotonic() - t0 < 2.0  # 2 x 0.3 s + backoff, generously
+    assert time.monotonic() - t0 < 3.5  # 2 x 0.3 s + backoff, not 2 x the client's 2 s
     # client-side timeout: the server would wait 10 s, the client gives up after 0.3 s per try
     slow = start({"hang": hang}, timeout_s=10)
     remote = RemoteVerifier(slow.url, "hang", timeout_s=0.3, retries=2, backoff_s=0.05)
     t0 = time.monotonic()
     assert remote(["p"] * 2, ["c"] * 2) == [None, None]
-    assert time.monotonic() - t0 < 3.0  # 3 x 0.3 s + 0.15 s backoff, generously
+    assert time.monotonic() - t0 < 8.0  # 3 x 0.3 s + backoff; the server would take 10 s
     # a deadline caps a call's total time below timeout x attempts
     remote = RemoteVerifier(slow.url, "hang", timeout_s=5, retries=3, deadline_s=0.4)
     t0 = time.monotonic()
     assert remote(["p"], ["c"]) == [None]
-    assert time.monotonic() - t0 < 2.0
+    assert time.monotonic() - t0 < 4.0  # without the deadline: over 5 s
 
 
 def test_saturated_server_answers_503(start):
@@ -347,7 +347,7 @@ def test_through_the_reward_worker(start):
         s = worker.score(rollouts, records)
         assert s.rewards == [None] * 3 and s.failures == {"RemoteVerifier": 3}
         assert s.failed_ids == ["p0#0", "p1#0", "p2#0"]
-        assert time.monotonic() - t0 < 2.0  # connection refused is not retried here
+        assert time.monotonic() - t0 < 3.0  # connection refused is not retried here
     finally:
         worker.shutdown()
 

