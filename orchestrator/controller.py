@@ -155,8 +155,6 @@ class Controller:
             self.stale = True
             return out
         if isinstance(op, Sync):
-            if not self.stale:  # nothing changed the weights since the last sync
-                return {}
             with timer("sync"):
                 return self.sync_weights()
         if isinstance(op, Eval):
@@ -212,6 +210,8 @@ class Controller:
     def sync_weights(self, resend: bool = False) -> dict:
         """Learner weights to every engine under a new version (``resend``: the current one,
         unless the learner moved on since — used when an engine was replaced)."""
+        if not (resend or self.stale):  # nothing changed the weights since the last sync
+            return {}
         version = self.version if resend and not self.stale else self.version + 1
         refs = self.learner.fanout("push_weights", version)
         recv = self.rollout.fanout("receive_weights", version)

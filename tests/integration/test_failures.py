@@ -26,8 +26,10 @@ def test_rollout_reward_and_reference_deaths_are_survived(ray_local, make_recipe
 
     recipe = make_recipe(**{
         "steps": 3, "data.prompts_per_step": 4, "algorithm.kl": 0.01,
-        # generate calls: eval at step 0, step 1, step 2 (after the first sync: version 1)
-        "roles.rollout": {**recipe_dict_role("rollout"), **role("DyingRollout", "generate:3")},
+        # generate calls: eval at step 0, step 1, step 2 (after the first sync: version 1);
+        # the replacement then dies receiving its second push (step 2's sync: mid-sync)
+        "roles.rollout": {**recipe_dict_role("rollout"),
+                          **role("DyingRollout", "generate:3,receive_weights:2")},
         "roles.reward": {**recipe_dict_role("reward"), **role("DyingReward", "score:4")},
         "roles.reference": {**role("DyingReference", "logprobs:2"),
                             "resources": {"num_cpus": 0.5}},
@@ -41,13 +43,13 @@ def test_rollout_reward_and_reference_deaths_are_survived(ray_local, make_recipe
         final = c.evaluate(3)
     finally:
         c.shutdown()
-    assert c.restarts == {"rollout": 1, "reference": 1, "reward": 1}
+    assert c.restarts == {"rollout": 2, "reference": 1, "reward": 1}
     assert sorted(os.listdir(die)) == ["reference-logprobs-0", "reward-score-0",
-                                       "rollout-generate-0"]
+                                       "rollout-generate-0", "rollout-receive_weights-0"]
     # the replacement engine generated step 2 with the weights of step 1's update
     assert per_step[2]["rollout/weight_version"] == 1.0
     assert per_step[3]["rollout/weight_version"] == 2.0
-    assert per_step[3]["restarts/rollout"] == 1.0 and per_step[3]["restarts/reward"] == 1.0
+    assert per_step[3]["restarts/rollout"] == 2.0 and per_step[3]["restarts/reward"] == 1.0
     for step in (1, 2, 3):
         assert per_step[step]["reward/unscored"] == 0.0
         assert "rl/loss" in per_step[step] and "rl/kl" in per_step[step]
