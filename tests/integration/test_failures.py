@@ -12,6 +12,7 @@ import yaml
 
 from orchestrator.controller import Controller
 from tests.conftest import ROOT, recipe_dict
+from tests.fixtures.greedy import hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -41,8 +42,14 @@ def test_rollout_reward_and_reference_deaths_are_survived(ray_local, make_recipe
         for step in range(1, 4):
             per_step[step] = c.train_step(step)
         final = c.evaluate(3)
+        # the engine now running is the second replacement: it holds the learner's weights
+        records = [{"id": f"g{i}", "prompt": p} for i, p in enumerate(["12+7=", "3+4=", "9+9="])]
+        greedy = c.rollout.call(c.generate(records, step=3, greedy=True)["refs"])[0]
+        state = c.learner.call(c.learner.fanout("full_state_dict"))[0]
     finally:
         c.shutdown()
+    assert greedy.completion_ids == hf_greedy(recipe.model.path, [r["prompt"] for r in records],
+                                              recipe.sampling.max_tokens, state)
     assert c.restarts == {"rollout": 2, "reference": 1, "reward": 1}
     assert sorted(os.listdir(die)) == ["reference-logprobs-0", "reward-score-0",
                                        "rollout-generate-0", "rollout-receive_weights-0"]

@@ -63,24 +63,17 @@ def _export_loads_in_transformers_and_vllm(run_dir, out, weights):
     import subprocess
     import sys
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from orchestrator.cli import main
+    from tests.fixtures.greedy import hf_greedy
 
     assert main(["export", str(run_dir), str(out)]) == 0
-    hf = AutoModelForCausalLM.from_pretrained(out).eval()
-    state = hf.state_dict()
+    state = AutoModelForCausalLM.from_pretrained(out).state_dict()
     for name, w in weights.items():
         torch.testing.assert_close(state[name], w, rtol=0, atol=0)
-    tok = AutoTokenizer.from_pretrained(out)
     prompts = ["12+7=", "3+4=", "55+5=", "9+9="]
-    expected = []
-    for p in prompts:
-        ids = tok(p, return_tensors="pt").input_ids
-        with torch.no_grad():
-            gen = hf.generate(ids, max_new_tokens=5, do_sample=False,
-                              pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
-        expected.append(gen[:gen.index(tok.eos_token_id) + 1] if tok.eos_token_id in gen else gen)
+    expected = hf_greedy(out, prompts, 5)
     proc = subprocess.run([sys.executable, "-c", VLLM_GREEDY, str(out), json.dumps(prompts)],
                           capture_output=True, text=True, timeout=300,
                           env=dict(os.environ, VLLM_LOGGING_LEVEL="WARNING"))

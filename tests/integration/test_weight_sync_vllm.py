@@ -3,18 +3,16 @@ in a Ray actor, braid's own gloo group. After an SFT step and a sync, vLLM's gre
 equal Hugging Face greedy decoding of the learner's gathered weights."""
 
 import pytest
-import torch
 
 from orchestrator.controller import Controller
 from orchestrator.metrics import Timings
 from orchestrator.schedules import SFTUpdate
+from tests.fixtures.greedy import hf_greedy
 
 pytestmark = pytest.mark.slow
 
 
 def test_greedy_vllm_equals_learner_hf_after_sync(ray_local, make_recipe, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     recipe = make_recipe(**{"algorithm.lr": 5e-2, "algorithm.sft_lr": 5e-2,
                             "weight_sync.bucket_mb": 0.05})
     c = Controller(recipe).setup()
@@ -36,20 +34,9 @@ def test_greedy_vllm_equals_learner_hf_after_sync(ray_local, make_recipe, tmp_pa
         assert rollouts.weight_version == 1
 
         state = c.learner.call(c.learner.fanout("full_state_dict"))[0]
-        tok = AutoTokenizer.from_pretrained(recipe.model.path)
-        hf = AutoModelForCausalLM.from_pretrained(recipe.model.path)
-        hf.load_state_dict(state, strict=False)
-        hf.tie_weights()
-        hf.eval()
-        n_tokens = recipe.sampling.max_tokens
-        for i, rec in enumerate(records):
-            ids = tok(rec["prompt"], return_tensors="pt").input_ids
-            with torch.no_grad():
-                out = hf.generate(ids, max_new_tokens=n_tokens, do_sample=False,
-                                  pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
-            if tok.eos_token_id in out:
-                out = out[:out.index(tok.eos_token_id) + 1]
-            assert rollouts.completion_ids[i] == out, rec["prompt"]
+        expected = hf_greedy(recipe.model.path, [r["prompt"] for r in records],
+                             recipe.sampling.max_tokens, state)
+        assert rollouts.completion_ids == expected
         # the step really changed the policy: greedy outputs moved for some prompt
         assert before["texts"] != after["texts"]
     finally:
