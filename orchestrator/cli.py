@@ -46,10 +46,11 @@ def cmd_run(args) -> int:
         code, lost = _run_once(recipe, text, resume)
         if lost is None:
             return code
-        again = " ".join(["braid run", args.recipe, *args.overrides, "--resume",
-                          str(lost.checkpoint or "")]).strip()
         if retries == 0 or lost.checkpoint is None:
-            print(f"braid: run failed: {lost}\n  to continue: {again}", file=sys.stderr)
+            again = " ".join(["braid run", args.recipe, *args.overrides, "--resume",
+                              str(lost.checkpoint)])
+            hint = f"\n  to continue: {again}" if lost.checkpoint is not None else ""
+            print(f"braid: run failed: {lost}{hint}", file=sys.stderr)
             return 1
         retries -= 1
         print(f"braid: {lost}\nbraid: auto_resume: restarting from {lost.checkpoint} "
@@ -59,7 +60,6 @@ def cmd_run(args) -> int:
 
 def _run_once(recipe, text: str, resume: str | None):
     """One attempt: (exit status, the LearnerLost that ended it or None)."""
-    from orchestrator.config import RecipeError
     from orchestrator.controller import Controller
     from orchestrator.groups import WorkerError
     from orchestrator.recovery import LearnerLost, install_stop_handler
@@ -75,8 +75,6 @@ def _run_once(recipe, text: str, resume: str | None):
             return (130 if out["stopped"] == "SIGINT" else 143), None
         status = "FINISHED"
         return 0, None
-    except RecipeError:
-        raise
     except LearnerLost as err:
         return 1, err
     except WorkerError as err:
