@@ -28,13 +28,20 @@ def save(c, step: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     c.learner.call(c.learner.fanout("save_state", str(tmp)), "save_state")
+    c.saved_step = step
     state = {"step": step, "weight_version": c.version, "cursor": c.cursor.state(),
              "schedule": c.schedule.state_dict(), "demos": c.demos.state_dict(),
              "history": c.history, "mlflow_run_id": c.logger.run_id, "rng": rng_state(),
              "model_path": str(Path(c.recipe.model.path).resolve())}
     (tmp / "controller.json").write_text(json.dumps(state))
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    if final.exists():  # the same step again: never leave `latest` naming a missing folder
+        old = root / (final.name + ".old")
+        shutil.rmtree(old, ignore_errors=True)
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
     pointer = root / "latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
@@ -55,7 +62,11 @@ def find(run_dir: Path, where: str | None) -> Path:
         return path
     for root in (path / "checkpoints", path):
         if (root / "latest").is_file():
-            return root / (root / "latest").read_text().strip()
+            found = root / (root / "latest").read_text().strip()
+            if not (found / "controller.json").is_file():
+                raise RecipeError(f"--resume: {root / 'latest'} names {found.name}, which is "
+                                  "not a complete checkpoint; pass a checkpoint folder instead")
+            return found
     raise RecipeError(f"--resume: no checkpoint in {str(path)!r} (looked for controller.json "
                       "and checkpoints/latest)")
 
@@ -72,7 +83,8 @@ def load(c, path: Path, state: dict) -> int:
     c.schedule.load_state_dict(state["schedule"])
     c.demos.load_state_dict(state["demos"])
     c.history = state["history"]
-    set_rng_state(state["rng"])
+    if "rng" in state:  # checkpoints from before RNG states were saved have none
+        set_rng_state(state["rng"])
     c.version, c.stale = int(state["weight_version"]), False
     c.sync_weights(resend=True)
     return int(state["step"])

@@ -39,6 +39,9 @@ def cmd_validate(args) -> int:
 def cmd_run(args) -> int:
     from omegaconf import OmegaConf
 
+    from orchestrator.recovery import STOP, install_stop_handler
+
+    install_stop_handler()
     recipe = _load(args)
     text = OmegaConf.to_yaml(OmegaConf.create(recipe.model_dump(mode="json")))
     resume, retries = args.resume, recipe.failures.auto_resume
@@ -46,12 +49,12 @@ def cmd_run(args) -> int:
         code, lost = _run_once(recipe, text, resume)
         if lost is None:
             return code
-        if retries == 0 or lost.checkpoint is None:
+        if retries == 0 or lost.checkpoint is None or STOP.requested:
             again = " ".join(["braid run", args.recipe, *args.overrides, "--resume",
                               str(lost.checkpoint)])
             hint = f"\n  to continue: {again}" if lost.checkpoint is not None else ""
             print(f"braid: run failed: {lost}{hint}", file=sys.stderr)
-            return 1
+            return STOP.exit_status or 1
         retries -= 1
         print(f"braid: {lost}\nbraid: auto_resume: restarting from {lost.checkpoint} "
               f"({retries} more allowed)", file=sys.stderr, flush=True)
@@ -62,17 +65,16 @@ def _run_once(recipe, text: str, resume: str | None):
     """One attempt: (exit status, the LearnerLost that ended it or None)."""
     from orchestrator.controller import Controller
     from orchestrator.groups import WorkerError
-    from orchestrator.recovery import LearnerLost, install_stop_handler
+    from orchestrator.recovery import STOP, LearnerLost
 
     controller = Controller(recipe, text, resume=resume)
     status = "FAILED"
     try:
         controller.setup()
-        install_stop_handler(controller)
         out = controller.run()
         if "stopped" in out:
             status = "KILLED"
-            return (130 if out["stopped"] == "SIGINT" else 143), None
+            return STOP.exit_status, None
         status = "FINISHED"
         return 0, None
     except LearnerLost as err:

@@ -141,6 +141,9 @@ class FailuresConfig(_Strict):
 class WeightSyncConfig(_Strict):
     bucket_mb: float = Field(64.0, gt=0, description="bucket size of the bucketed broadcast")
     backend: Literal["auto", "gloo", "nccl"] = "auto"
+    timeout_s: float = Field(
+        300.0, gt=0, description="a broadcast that waits longer fails (an engine died "
+        "mid-sync: the survivors give up and rejoin a new group after this long)")
 
 
 class RayConfig(_Strict):

@@ -18,7 +18,7 @@ from orchestrator import checkpoint
 from orchestrator.config import Recipe
 from orchestrator.groups import WorkerError
 from orchestrator.metrics import Timings, sparkline
-from orchestrator.recovery import explain, recoverable
+from orchestrator.recovery import STOP, explain, recoverable
 from orchestrator.schedules import UPDATES, Checkpoint, Eval, SFTUpdate, Sync
 from orchestrator.signals import empty_signals, step_signals
 from orchestrator.updates import learner_terms, sft_term
@@ -34,7 +34,7 @@ class Controller:
         self.stale = False  # the learner's weights differ from the engines'
         self.history: dict[str, list] = {"reward": [], "eval": []}
         self.restarts: dict[str, int] = {}  # role -> actors replaced (orchestrator.recovery)
-        self.stop_requested: str | None = None  # set by SIGTERM/SIGINT
+        self.saved_step: int | None = None  # step of the newest checkpoint (this process)
 
     # --- the loop --------------------------------------------------------------------------
     def run(self) -> dict:
@@ -42,9 +42,9 @@ class Controller:
             if self.start_step == 0:
                 self.evaluate(step=0)
             for step in range(self.start_step + 1, self.recipe.steps + 1):
+                if STOP.requested:  # SIGTERM/SIGINT (orchestrator.recovery)
+                    return self.stop(step - 1)
                 self.train_step(step)
-                if self.stop_requested:
-                    return self.stop(step)
             return self.finish()
         except WorkerError as err:
             raise explain(self, err) from err
@@ -270,12 +270,18 @@ class Controller:
         return metrics
 
     def stop(self, step: int) -> dict:
-        """After SIGTERM/SIGINT: checkpoint the finished step and report where it is."""
-        ckpt = checkpoint.save(self, step)
+        """After SIGTERM/SIGINT: checkpoint the last finished step (unless it has one, or
+        nothing was trained since the run started or resumed) and say where it is."""
+        if step > self.start_step and self.saved_step != step:
+            checkpoint.save(self, step)
+        try:
+            ckpt = str(checkpoint.find(self.run_dir, None))
+        except Exception:
+            ckpt = "none"
         self.logger.log(step, {"stopped": 1.0})
-        print(f"braid: stopped by {self.stop_requested} after step {step}/{self.recipe.steps}; "
+        print(f"braid: stopped by {STOP.requested} after step {step}/{self.recipe.steps}; "
               f"checkpoint: {ckpt}", flush=True)
-        return {"stopped": self.stop_requested, "step": step, "checkpoint": str(ckpt)}
+        return {"stopped": STOP.requested, "step": step, "checkpoint": ckpt}
 
     def save_policy(self, name: str) -> Path:
         """A Hugging Face folder of the policy (transformers and vLLM load it)."""

@@ -42,7 +42,7 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Pat
     if missing or unexpected:
         raise RuntimeError(f"{ckpt}: the checkpoint does not match {base}: missing "
                            f"{sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
-    model.load_state_dict({k: v.contiguous().to(target) for k, v in weights.items()},
+    model.load_state_dict({k: _cast(v.contiguous(), target) for k, v in weights.items()},
                           strict=False, assign=True)
     if config.tie_word_embeddings:
         model.tie_weights()
@@ -56,3 +56,7 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Pat
     print(f"exported {ckpt} (step {state['step']}, weight version {state['weight_version']}) "
           f"to {out} as {str(target).removeprefix('torch.')}")
     return out
+
+
+def _cast(t, dtype):
+    return t.to(dtype) if t.dtype.is_floating_point else t

@@ -34,7 +34,7 @@ class WorkerGroup:
         from ray.util.placement_group import placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-        self.role, self.cfg = role, cfg
+        self.role, self.cfg, self.ready_timeout_s = role, cfg, ready_timeout_s
         res = cfg.resources
         bundle = {"CPU": res.num_cpus} | ({"GPU": res.num_gpus} if res.num_gpus else {})
         self.pg = placement_group([dict(bundle) for _ in range(cfg.replicas)],
@@ -111,8 +111,13 @@ class WorkerGroup:
 
         ray.kill(self.actors[rank], no_restart=True)
         self.actors[rank] = self._make(rank)
-        self.call([self.actors[rank].setup.remote(**setup_kwargs)], f"setup of restarted "
-                  f"rank {rank}")
+        ref = self.actors[rank].setup.remote(**setup_kwargs)
+        ready, _ = ray.wait([ref], timeout=self.ready_timeout_s)
+        if not ready:  # e.g. its node is gone and no other has room for the bundle
+            raise WorkerError(f"{self.role} rank {rank}: the replacement actor was not up "
+                              f"within {self.ready_timeout_s:.0f}s; available: "
+                              f"{ray.available_resources()}", self.role)
+        self.call([ref], f"setup of replacement rank {rank}")
 
     def shutdown(self) -> None:
         import ray

@@ -9,14 +9,15 @@
 - **A learner rank dies**: its ZeRO-3 partitions and optimizer state are gone, so there is
   nothing to rejoin. The run stops with :class:`LearnerLost`, naming the checkpoint to resume
   from; with ``failures.auto_resume`` the CLI brings the run back up from it.
-- **SIGTERM or SIGINT** (``ray job stop``, a Kubernetes pod eviction, Ctrl-C): the current step
-  finishes, a checkpoint is written, the process exits 143 (130 for SIGINT). A second signal
-  exits at once.
+- **SIGTERM or SIGINT** (``ray job stop``, Ctrl-C) to ``braid run``: the current step finishes,
+  a checkpoint is written, the process exits 143 (130 for SIGINT); a signal during set-up stops
+  the run before its first step. A second signal exits at once.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import sys
 from pathlib import Path
@@ -96,17 +97,32 @@ def explain(c, err: WorkerError) -> WorkerError:
     return learner_lost(c, dead, err) if dead else err
 
 
-def install_stop_handler(c) -> None:
-    """First SIGTERM/SIGINT: finish the step, checkpoint, exit. Second: exit now. Installed
-    after ``ray.init``, which sets its own SIGTERM handler."""
+class _Stop:
+    """The process-wide stop request: the signal's name once SIGTERM or SIGINT arrived."""
+
+    requested: str | None = None
+
+    @property
+    def exit_status(self) -> int:
+        return 128 + signal.Signals[self.requested] if self.requested else 0
+
+
+STOP = _Stop()
+
+
+def install_stop_handler() -> None:
+    """First SIGTERM/SIGINT: note it (the controller finishes its step, checkpoints, exits).
+    Second: exit now. The CLI installs it before anything else; ``init_ray`` keeps it through
+    ``ray.init``, which would otherwise replace it with its own."""
 
     def on_signal(signum, frame):
         name = signal.Signals(signum).name
-        if c.stop_requested:
+        if STOP.requested:
             sys.exit(128 + signum)
-        c.stop_requested = name
-        print(f"braid: {name}: finishing this step, then writing a checkpoint (send it again "
-              "to exit at once)", flush=True)
+        STOP.requested = name
+        # os.write, not print: a signal can land in the middle of a print
+        os.write(2, f"braid: {name}: finishing this step, then writing a checkpoint (send it "
+                    "again to exit at once)\n".encode())
 
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,6 +86,29 @@ def init_ray(recipe: Recipe) -> bool:
 
     if ray.is_initialized():
         return False
+    with _keep_sigterm_handler():
+        return _init_ray(recipe)
+
+
+@contextmanager
+def _keep_sigterm_handler():
+    """ray.init installs a SIGTERM handler that exits at once; keep braid's (a checkpoint
+    first: orchestrator.recovery) when one is installed."""
+    import signal
+    import threading
+
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(before):
+            signal.signal(signal.SIGTERM, before)
+
+
+def _init_ray(recipe: Recipe) -> bool:
+    import ray
+
     address = recipe.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)

@@ -272,7 +272,9 @@ class DeepSpeedLearner(LearnerWorker):
 
         self.manifest = Manifest.from_dict(manifest)
         if self.ctx.rank == 0:
-            self.sender = WeightSender(self.manifest, SyncGroup(host, port, world_size, 0, backend))
+            group = SyncGroup(host, port, world_size, 0, backend,
+                              self.recipe.weight_sync.timeout_s)
+            self.sender = WeightSender(self.manifest, group)
 
     def push_weights(self, version: int) -> dict:
         """Gather ZeRO-3 shards bucket by bucket (a collective on every learner rank); rank 0
@@ -355,6 +357,8 @@ class DeepSpeedLearner(LearnerWorker):
             self._opt_states[name] = defaultdict(
                 dict, {k: v for k, v in zip(keys, values, strict=True) if v is not None})
         self._step_counts, self.steps = dict(saved["counts"]), int(saved["steps"])
-        torch.set_rng_state(saved["rng"]["torch"])
-        if saved["rng"]["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(saved["rng"]["cuda"])
+        rng = saved.get("rng") or {}
+        if rng.get("torch") is not None:
+            torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])

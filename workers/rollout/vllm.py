@@ -85,7 +85,8 @@ class VLLMRollout(RolloutWorker):
         # Every engine worker process (one per tensor-parallel rank) joins; collective_rpc
         # passes each its own rank through the rank offset plus vLLM's local rank.
         self.llm.collective_rpc("braid_init_sync",
-                                args=(host, port, world_size, ranks[0], manifest, backend))
+                                args=(host, port, world_size, ranks[0], manifest, backend,
+                                      self.recipe.weight_sync.timeout_s))
 
     def receive_weights(self, version: int) -> int:
         got = self.llm.collective_rpc("braid_receive_weights", args=(version,))

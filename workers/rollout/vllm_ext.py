@@ -25,7 +25,7 @@ def _shared_parameters(model):
 
 class BraidWeightSyncExtension:
     def braid_init_sync(self, host: str, port: int, world_size: int, rank: int,
-                        manifest: dict, backend: str) -> None:
+                        manifest: dict, backend: str, timeout_s: float = 300.0) -> None:
         import logging
 
         from orchestrator.weight_sync import Manifest, SyncGroup, WeightReceiver
@@ -36,7 +36,8 @@ class BraidWeightSyncExtension:
             logging.ERROR)
 
         # `rank` is the first rank of this engine; tensor-parallel workers follow it.
-        group = SyncGroup(host, port, world_size, rank + getattr(self, "rank", 0), backend)
+        group = SyncGroup(host, port, world_size, rank + getattr(self, "rank", 0), backend,
+                          timeout_s)
         self._braid_receiver = WeightReceiver(Manifest.from_dict(manifest), group)
         self._braid_aliases = _shared_parameters(self.model_runner.get_model())
         self._braid_version = 0
