@@ -54,14 +54,18 @@ def _valid(out: Any, n: int) -> bool:
                               and v == v) for v in out))
 
 
-def sample_ids(r: Rollouts, records: list[dict]) -> list[str]:
-    """``<record id>#<k>`` for the k-th sample of each prompt: how failures are logged."""
+def shard_with_ids(rollout_parts, records: list[dict],
+                   shard: tuple[int, int]) -> tuple[Rollouts, list[str]]:
+    """This replica's slice of the step's rollouts (fetched once) and its samples' ids,
+    ``<record id>#<k>`` for the k-th sample of a prompt: how failures are logged."""
+    full = Rollouts.gather(rollout_parts)
+    r, offset = full.shard(*shard)
     ids, seen = [], {}
-    for i in r.prompt_index:
+    for i in full.prompt_index:
         rid = records[i]["id"]
         seen[rid] = seen.get(rid, -1) + 1
         ids.append(f"{rid}#{seen[rid]}")
-    return ids
+    return r, ids[offset:offset + len(r)]
 
 
 class RuleRewardWorker(RewardWorker):
@@ -72,23 +76,20 @@ class RuleRewardWorker(RewardWorker):
 
     @classmethod
     def check_args(cls, args: dict, where: str):
+        import inspect
+
+        from orchestrator.config import RecipeError
         from orchestrator.registry import resolve
 
         parsed = super().check_args(args, where)
         for i, v in enumerate(parsed.verifiers):
             fn = resolve(v if isinstance(v, str) else v.fn, f"{where}.verifiers.{i}")
             if not callable(fn):
-                from orchestrator.config import RecipeError
-
                 raise RecipeError(f"{where}.verifiers.{i}: {fn!r} is not callable")
             if not isinstance(v, str) and v.args is not None:
-                import inspect
-
                 try:
                     inspect.signature(fn).bind(**v.args)
                 except TypeError as err:
-                    from orchestrator.config import RecipeError
-
                     raise RecipeError(f"{where}.verifiers.{i}.args: {err}") from None
         return parsed
 
@@ -124,8 +125,7 @@ class RuleRewardWorker(RewardWorker):
 
     def score(self, rollout_parts, records: list[dict], shard: tuple[int, int] = (0, 1)) -> Scores:
         """Scores of the ``shard[0]``-th of ``shard[1]`` slices of the rollouts."""
-        r, offset = Rollouts.gather(rollout_parts).shard(*shard)
-        ids = sample_ids(Rollouts.gather(rollout_parts), records)[offset:offset + len(r)]
+        r, ids = shard_with_ids(rollout_parts, records, shard)
         recs = [records[i] for i in r.prompt_index]
         prompts = [rec["prompt"] for rec in recs]
         keys = sorted({k for rec in recs for k in rec} - {"prompt", "id", "demonstration"})

@@ -58,19 +58,12 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workers.base import RewardWorker
-from workers.reward import sample_ids
-from workers.types import Rollouts, Scores
+from workers.reward import shard_with_ids
+from workers.types import Scores
 
 log = logging.getLogger("braid.reward")
 
 Dtype = Literal["float32", "bfloat16", "float16"]
-
-
-def _slice(rollout_parts, records: list[dict], shard: tuple[int, int]):
-    """This replica's slice of the step's rollouts and the ids of its samples."""
-    full = Rollouts.gather(rollout_parts)
-    r, offset = full.shard(*shard)
-    return r, sample_ids(full, records)[offset:offset + len(r)]
 
 
 def _report(scores: Scores, name: str, ids: list[str], raw: list[float | None],
@@ -183,7 +176,7 @@ class RewardModelWorker(RewardWorker):
 
     def score(self, rollout_parts, records: list[dict], shard: tuple[int, int] = (0, 1)) -> Scores:
         """Scores of the ``shard[0]``-th of ``shard[1]`` slices of the rollouts."""
-        r, ids = _slice(rollout_parts, records, shard)
+        r, ids = shard_with_ids(rollout_parts, records, shard)
         pairs = [(records[p]["prompt"], c) for p, c in zip(r.prompt_index, r.texts)]
         unique = list(dict.fromkeys(pairs))  # GRPO groups often repeat a completion
         seqs = [self.encode(p, c) for p, c in unique]
@@ -352,7 +345,7 @@ class JudgeRewardWorker(RewardWorker):
         from vllm import SamplingParams
 
         a = self.args
-        r, ids = _slice(rollout_parts, records, shard)
+        r, ids = shard_with_ids(rollout_parts, records, shard)
         keys = [(p, c) for p, c in zip(r.prompt_index, r.texts)]
         unique = list(dict.fromkeys(keys))
         grades: dict[tuple[int, str], float | None] = {}
