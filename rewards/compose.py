@@ -4,11 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-
-def _valid(out: Any, n: int) -> bool:
-    return (isinstance(out, (list, tuple)) and len(out) == n and
-            all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool) and v == v)
-                for v in out))
+from rewards import as_rewards
 
 
 class Weighted:
@@ -61,8 +57,7 @@ class Weighted:
                 out = fn(prompts, completions, **fields)
             except Exception:
                 out = None
-            if not _valid(out, n):
-                out = [None] * n
+            out = as_rewards(out, n) or [None] * n
             for i, v in enumerate(out):
                 if v is None and self.on_failure == "zero":
                     v = 0.0

@@ -66,7 +66,6 @@ import http.client
 import json
 import logging
 import math
-import numbers
 import os
 import random
 import signal
@@ -84,6 +83,8 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from rewards import as_rewards
+
 log = logging.getLogger("braid.reward.remote")
 
 TOKEN_ENV = "BRAID_REWARD_TOKEN"
@@ -99,22 +100,6 @@ class _Reply(Exception):
     def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.headers = status, message, headers or {}
-
-
-def _rewards(out: Any, n: int) -> list[float | None] | None:
-    """The verifier's output as JSON-ready rewards, or None if it is not one finite number
-    (or None) per completion."""
-    if not isinstance(out, (list, tuple)) or len(out) != n:
-        return None
-    res: list[float | None] = []
-    for v in out:
-        if v is None:
-            res.append(None)
-        elif isinstance(v, numbers.Real) and not isinstance(v, bool) and math.isfinite(v):
-            res.append(float(v))
-        else:
-            return None
-    return res
 
 
 def _describe(out: Any, limit: int = 120) -> str:
@@ -226,7 +211,7 @@ class RewardServer(ThreadingHTTPServer):
         if "err" in box:
             err = box["err"]
             raise _Reply(500, f"verifier {name!r} raised {type(err).__name__}: {err}")
-        rewards = _rewards(box["out"], len(completions))
+        rewards = as_rewards(box["out"], len(completions))
         if rewards is None:
             raise _Reply(500, f"verifier {name!r} returned malformed output (expected "
                               f"{len(completions)} finite numbers or nulls): "

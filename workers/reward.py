@@ -15,6 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from rewards import as_rewards
 from workers.base import RewardWorker
 from workers.types import Rollouts, Scores
 
@@ -46,12 +47,6 @@ def _call_verifier(spec: dict, prompts, completions, fields):
             _BUILT[key] = resolve(spec["fn"], "verifier")(**spec["args"])
         fn = _BUILT[key]
     return fn(prompts, completions, **fields)
-
-
-def _valid(out: Any, n: int) -> bool:
-    return (isinstance(out, (list, tuple)) and len(out) == n and
-            all(v is None or (isinstance(v, (int, float)) and not isinstance(v, bool)
-                              and v == v) for v in out))
 
 
 def shard_with_ids(rollout_parts, records: list[dict],
@@ -120,8 +115,7 @@ class RuleRewardWorker(RewardWorker):
             return None
         except Exception:
             return None
-        return [None if v is None else float(v) for v in out] if _valid(out, len(completions)) \
-            else None
+        return as_rewards(out, len(completions))
 
     def score(self, rollout_parts, records: list[dict], shard: tuple[int, int] = (0, 1)) -> Scores:
         """Scores of the ``shard[0]``-th of ``shard[1]`` slices of the rollouts."""
