@@ -26,11 +26,13 @@ def cmd_validate(args) -> int:
     from orchestrator.setup import resolve_recipe
 
     recipe = _load(args)
-    resolved = resolve_recipe(recipe)
+    resolved = resolve_recipe(recipe, check_model=not args.skip_model)
     roles = ", ".join(f"{r}={cls.__module__}:{cls.__name__}"
                       for r, (cls, _) in resolved.roles.items())
     print(f"{args.recipe}: ok ({recipe.name}: {recipe.steps} steps; {roles}; "
           f"schedule={recipe.schedule.policy})")
+    for n in resolved.notes:
+        print(f"  {n}")
     for w in resolved.warnings:
         print(f"  warning: {w}")
     return 0
@@ -107,6 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         p = sub.add_parser(name, help=help_)
         p.add_argument("recipe", help="path to the recipe YAML")
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+        if name == "validate":
+            p.add_argument("--skip-model", action="store_true",
+                           help="do not look at model folders (e.g. a GPU recipe checked on a "
+                                "machine without its model); says so in the output")
         if name == "run":
             p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                            help="continue from a checkpoint: DIR is a checkpoint or a run "

@@ -76,11 +76,40 @@ class TeacherConfig(_Strict):
     max_prompts: int | None = Field(None, gt=0, description="per step (None: all unsolved)")
 
 
+class PromptConfig(_Strict):
+    """How a record becomes prompt token ids — in one place, for the rollout engines, SFT
+    demonstrations, the reference, the teacher and eval (orchestrator/prompts.py)."""
+
+    style: Literal["auto", "chat", "plain"] = Field(
+        "auto", description="chat: the tokenizer's chat template; plain: the formatted text as "
+        "it is (base models); auto: chat when the tokenizer has a chat template")
+    template: str = Field("{prompt}", description="format string over the record's fields: "
+                          "the user message (chat) or the whole prompt text (plain)")
+    system: str | None = Field(None, description="system message (chat)")
+    chat_template: str | None = Field(None, description="a Jinja chat template file used instead "
+                                      "of the tokenizer's")
+    template_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="extra arguments of the chat template, e.g. "
+        "{enable_thinking: false}")
+    add_generation_prompt: bool = Field(True, description="end with the assistant header (chat)")
+    response_prefix: str = Field("", description="text the response starts with, appended to "
+                                 "the prompt (e.g. '<think>\\n'); a demonstration that starts "
+                                 "with it has it removed")
+    max_prompt_tokens: int | None = Field(
+        None, gt=0, description="longer prompts are dropped before a step and counted "
+        "(default: the rollout's max_model_len minus sampling.max_tokens)")
+
+
 class SamplingConfig(_Strict):
     n: int = Field(8, ge=1, description="samples per prompt (the GRPO group size)")
     temperature: float = Field(1.0, ge=0)
     top_p: float = Field(1.0, gt=0, le=1)
     max_tokens: int = Field(16, gt=0)
+    stop: list[str] = Field(default_factory=list, description="stop strings (kept in the "
+                            "completion's tokens, cut from its text)")
+    stop_token_ids: list[int] = Field(
+        default_factory=list, description="more stop tokens, besides the tokenizer's EOS, the "
+        "generation config's and the chat template's end-of-turn token")
 
 
 class AlgorithmConfig(_Strict):
@@ -107,6 +136,18 @@ class EvalConfig(_Strict):
     every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     max_tokens: int | None = Field(None, gt=0, description="default: sampling.max_tokens")
     bucket_key: str | None = Field(None, description="record field to report accuracy by")
+    greedy: bool = Field(True, description="greedy accuracy (eval/accuracy)")
+    samples: int = Field(0, ge=0, description="k: sampled completions per prompt for avg@k "
+                         "(mean accuracy) and pass@k (any correct); 0: none")
+    temperature: float | None = Field(None, ge=0, description="of the k samples (default: "
+                                      "sampling.temperature)")
+    top_p: float | None = Field(None, gt=0, le=1, description="default: sampling.top_p")
+
+    @model_validator(mode="after")
+    def _something(self) -> EvalConfig:
+        if not self.greedy and not self.samples:
+            raise ValueError("eval measures nothing: greedy is false and samples is 0")
+        return self
 
 
 class LoggingConfig(_Strict):
@@ -160,6 +201,7 @@ class Recipe(_Strict):
     model: ModelConfig
     data: DataConfig
     roles: Roles
+    prompt: PromptConfig = Field(default_factory=PromptConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)

@@ -50,15 +50,15 @@ class Controller:
             raise explain(self, err) from err
 
     def train_step(self, step: int) -> dict:
-        timer, metrics = Timings(), {}
-        batch = self.cursor.next_batch(self.recipe.data.prompts_per_step)
+        timer = Timings()
+        batch, metrics = self.next_batch(step)
         self.demos.add(batch)
         gen, signals = None, empty_signals(step)
         if self.schedule.wants_rollouts(step):
             with timer("generate"):
                 gen = self.generate(batch, step)
             with timer("reward"):
-                gen["scores"] = self.score(gen, batch)
+                gen["scores"] = self.score(gen, batch, step)
             self.check_unscored(step, gen["scores"])
             if self.teacher is not None:
                 with timer("teacher"):
@@ -73,18 +73,47 @@ class Controller:
         return self.log(step, ops, metrics, timer)
 
     # --- named steps -----------------------------------------------------------------------
+    def next_batch(self, step: int) -> tuple[list[dict], dict]:
+        """This step's prompts; prompts too long for the engines were skipped and are counted."""
+        before = self.cursor.skipped
+        batch = self.cursor.next_batch(self.recipe.data.prompts_per_step)
+        dropped = self.cursor.skipped - before
+        if dropped and not before:
+            self.logger.note(f"step {step}: {dropped} prompt(s) longer than "
+                             f"{self.prompts.max_prompt_tokens} tokens (prompt.max_prompt_tokens)"
+                             " dropped; counted in data/prompts_dropped")
+        return batch, {"data/prompts_dropped": float(dropped),
+                       "data/prompts_dropped_total": float(self.cursor.skipped)}
+
+    def sampling(self, kind: str = "train") -> dict:
+        """vLLM sampling arguments: 'train', 'greedy' (eval) or 'eval' (eval's k samples)."""
+        s, ev = self.recipe.sampling, self.recipe.eval
+        out = {"temperature": s.temperature, "top_p": s.top_p, "max_tokens": s.max_tokens,
+               "stop": list(s.stop)}
+        if kind != "train":
+            out["max_tokens"] = ev.max_tokens or s.max_tokens
+        if kind == "greedy":
+            out |= {"temperature": 0.0, "top_p": 1.0}
+        elif kind == "eval":
+            out |= {"temperature": s.temperature if ev.temperature is None else ev.temperature,
+                    "top_p": s.top_p if ev.top_p is None else ev.top_p}
+        return out
+
     @recoverable
-    def generate(self, records: list[dict], step: int, greedy: bool = False,
-                 n: int | None = None, group=None) -> dict:
-        s = self.recipe.sampling
-        n = 1 if greedy else (n or s.n)
-        sampling = {"temperature": 0.0 if greedy else s.temperature, "top_p": s.top_p,
-                    "max_tokens": (self.recipe.eval.max_tokens or s.max_tokens) if greedy
-                    else s.max_tokens}
-        items = [{"prompt": r["prompt"], "seed": (self.recipe.seed * 1_000_003 + step) * 10_007 + i}
+    def generate(self, records: list[dict], step: int, greedy: bool = False, n: int | None = None,
+                 sampling: dict | None = None, group=None, prompts=None) -> dict:
+        """n samples per record (default: sampling.n with the training sampling; ``greedy``:
+        one greedy sample) from the rollout engines, or from ``group`` (the teacher) with its
+        ``prompts`` formatter. Sampling seeds derive from the run's seed and the step."""
+        if greedy:
+            n, sampling = 1, self.sampling("greedy")
+        group, prompts = group or self.rollout, prompts or self.prompts
+        base = (self.recipe.seed * 1_000_003 + step) * 10_007 + (0 if sampling is None else 5003)
+        sampling = (sampling or self.sampling()) | {"stop_token_ids": prompts.stop_token_ids}
+        items = [{"prompt_ids": prompts.prompt_ids(r), "seed": base + i}
                  for i, r in enumerate(records)]
-        group = group or self.rollout
-        pairs = group.split("generate", items, n, sampling, num_returns=2)
+        pairs = group.split("generate", items, n or self.recipe.sampling.n, sampling,
+                            num_returns=2)
         summaries = group.call([p[0] for p in pairs], "generate")
         merged = {k: [x for sm in summaries for x in sm[k]]
                   for k in ("prompt_index", "lengths", "truncated", "texts")}
@@ -93,13 +122,17 @@ class Controller:
         return merged
 
     @recoverable
-    def score(self, gen: dict, records: list[dict]):
+    def score(self, gen: dict, records: list[dict], step: int):
         from workers.types import Scores
 
         n = len(self.reward)
         refs = [a.score.remote(gen["refs"], records, shard=(k, n))
                 for k, a in enumerate(self.reward.actors)]
-        return Scores.concat(self.reward.call(refs, "score"))
+        scores = Scores.concat(self.reward.call(refs, "score"))
+        for name, error in scores.errors.items():  # the first failure of each verifier
+            self.logger.note(f"step {step}: verifier {name} could not score "
+                             f"{scores.failures.get(name, 0)} sample(s); first: {error}")
+        return scores
 
     def check_unscored(self, step: int, scores) -> None:
         """Stop before training on a step whose rewards are mostly missing."""
@@ -175,7 +208,8 @@ class Controller:
                 if not self.demos.has(batch[p]["id"])][:self.recipe.teacher.max_prompts]
         if not todo:
             return {"teacher/asked": 0.0, "teacher/accepted": 0.0}
-        t = self.generate(todo, step, n=self.recipe.teacher.samples, group=self.teacher)
+        t = self.generate(todo, step, n=self.recipe.teacher.samples, group=self.teacher,
+                          prompts=self.teacher_prompts)
         rewards = self.score_texts([todo[p] for p in t["prompt_index"]], t["texts"])
         accepted = {}
         for p, text, r in zip(t["prompt_index"], t["texts"], rewards):
@@ -221,21 +255,39 @@ class Controller:
         return out
 
     def evaluate(self, step: int) -> dict:
+        """Held-out accuracy: greedy (``eval/accuracy``) and, with ``eval.samples: k``, the
+        mean accuracy of k samples (``eval/avg@k``) and the fraction of prompts any of them
+        solved (``eval/pass@k``) — overall and per ``eval.bucket_key`` bucket."""
         if not self.eval_records:
             return {}
-        gen = self.generate(self.eval_records, step, greedy=True)
-        scores = self.score(gen, self.eval_records)
-        ok = [1.0 if (r or 0.0) >= 1.0 else 0.0 for r in scores.rewards]
-        out = {"eval/accuracy": sum(ok) / len(ok)}
-        key = self.recipe.eval.bucket_key
-        if key:
-            buckets: dict[str, list[float]] = {}
-            for i, p in enumerate(gen["prompt_index"]):
-                buckets.setdefault(str(self.eval_records[p].get(key)), []).append(ok[i])
-            for b, v in sorted(buckets.items()):
-                out[f"eval/accuracy/{key}_{b}"] = sum(v) / len(v)
+        ev, out = self.recipe.eval, {}
+        runs = ([("accuracy", 1, self.sampling("greedy"))] if ev.greedy else []) + \
+            ([(f"@{ev.samples}", ev.samples, self.sampling("eval"))] if ev.samples else [])
+        for name, k, sampling in runs:
+            gen = self.generate(self.eval_records, step, n=k, sampling=sampling)
+            scores = self.score(gen, self.eval_records, step)
+            out |= self.eval_rates(name, gen["prompt_index"], scores.rewards)
         self.history["eval"].append({"step": step, **out})
         self.logger.log(step, out)
+        return out
+
+    def eval_rates(self, name: str, prompt_index: list[int], rewards: list) -> dict:
+        per_prompt: dict[int, list[float]] = {}
+        for p, r in zip(prompt_index, rewards):
+            per_prompt.setdefault(p, []).append(1.0 if (r or 0.0) >= 1.0 else 0.0)
+        groups = {"": sorted(per_prompt)}
+        key = self.recipe.eval.bucket_key
+        if key:
+            for p in sorted(per_prompt):
+                groups.setdefault(f"/{key}_{self.eval_records[p].get(key)}", []).append(p)
+        out = {}
+        for suffix, ps in sorted(groups.items()):
+            mean = sum(sum(per_prompt[p]) / len(per_prompt[p]) for p in ps) / len(ps)
+            if name == "accuracy":
+                out[f"eval/accuracy{suffix}"] = mean
+            else:
+                out[f"eval/avg{name}{suffix}"] = mean
+                out[f"eval/pass{name}{suffix}"] = sum(max(per_prompt[p]) for p in ps) / len(ps)
         return out
 
     def rollout_metrics(self, gen: dict, sig) -> dict:
@@ -327,10 +379,14 @@ def print_summary(summary: dict) -> None:
     print("\n=== braid run summary: " + summary["name"] + " ===")
     if evals:
         shown = evals if len(evals) <= 5 else [evals[0], *evals[-4:]]
-        print("held-out accuracy (greedy)" + "".join(f"   step {e['step']:>5}" for e in shown))
-        for k in (k for k in shown[-1] if k.startswith("eval/accuracy")):
-            label = "overall" if k == "eval/accuracy" else k.rsplit("/", 1)[1]
-            print(f"  {label:<24}" + "".join(f"{e.get(k, float('nan')):>13.3f}" for e in shown))
+        keys = [k for k in shown[-1] if k.startswith("eval/")]
+        print("held-out" + " " * 18 + "".join(f"   step {e['step']:>5}" for e in shown))
+        for metric in dict.fromkeys(k.split("/")[1] for k in keys):
+            title = "accuracy (greedy)" if metric == "accuracy" else metric
+            for k in (k for k in keys if k.split("/")[1] == metric):
+                label = title if k.count("/") == 1 else "  " + k.rsplit("/", 1)[1]
+                print(f"  {label:<24}" + "".join(f"{e.get(k, float('nan')):>13.3f}"
+                                                 for e in shown))
     curve = summary["reward_curve"]
     if curve:
         print(f"reward curve ({len(curve)} RL steps, {min(curve):.2f}..{max(curve):.2f}): "

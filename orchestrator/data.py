@@ -1,16 +1,249 @@
 """Datasets: anything iterable over ``{id, prompt, answer, demonstration?, ...}`` records.
 
 Extra keys of a record travel with it and reach verifiers as keyword arguments (lists aligned
-with the completions). The built-in task is synthetic arithmetic with verifiable answers and a
-difficulty knob — the number of digits — so it needs no download.
+with the completions). Built in: :class:`FileDataset` (local JSONL, JSON, parquet, CSV or
+``save_to_disk`` folders, or a hub name where a hub is reachable, read with the ``datasets``
+library, with a field mapping) and :class:`Arithmetic` (synthetic additions with a difficulty
+knob — the number of digits — so the demo needs no download). :class:`Cursor` walks a dataset
+in shuffled passes and resumes exactly.
 """
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class DataError(ValueError):
+    """A data file that cannot serve as a dataset; the message names the file and the field."""
+
+
+def field_value(row: dict, path: str):
+    """The value at a dotted path (``reward_model.ground_truth``, ``target.0.content``); raises
+    KeyError when a part is missing.
+
+    >>> field_value({"a": {"b": [{"c": 1}]}}, "a.b.0.c")
+    1
+    """
+    value: Any = row
+    for part in path.split("."):
+        if isinstance(value, dict) and part in value:
+            value = value[part]
+        elif isinstance(value, (list, tuple)) and part.lstrip("-").isdigit() and \
+                -len(value) <= int(part) < len(value):
+            value = value[int(part)]
+        else:
+            raise KeyError(part)
+    return value
+
+
+class Fields(BaseModel):
+    """Which column (a dotted path into nested columns) holds each field braid reads."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field("prompt", description="the question: text, or a list of chat messages "
+                        "({role, content}) used as the conversation")
+    answer: str | None = Field("answer", description="the gold answer verifiers read (None: "
+                               "no answer column)")
+    demonstration: str | None = Field(None, description="a worked solution for SFT (None: none)")
+    id: str | None = Field(None, description="a unique id (None: <file stem>-<row>)")
+    bucket: str | None = Field(None, description="a difficulty or category column, copied to "
+                               "`bucket` (eval.bucket_key: bucket reports accuracy by it)")
+
+
+class FileDataset:
+    """Records from a data file or folder, read with the ``datasets`` library.
+
+    ``path`` is a ``.jsonl``/``.json``, ``.parquet``, ``.csv`` or ``.arrow`` file (or a glob of
+    them), a folder written by ``Dataset.save_to_disk``, a folder of data files, or — on a
+    machine that reaches a hub — a dataset name; the same code reads them all. ``fields`` maps
+    braid's fields to columns; every other column travels with the record (verifiers receive it
+    as a keyword argument). ``where`` keeps records whose field equals a value (or one of a
+    list); ``filter`` names a predicate ``record -> bool``; ``limit`` keeps the first N that
+    remain. Every record is checked for the mapped fields when the dataset is built, so a bad
+    file fails before a run starts, naming the file, the record and the field.
+
+    Rows stay in Arrow (memory-mapped); :class:`Cursor` shuffles indices, not records.
+
+    >>> import json, tempfile, os
+    >>> path = os.path.join(tempfile.mkdtemp(), "qa.jsonl")
+    >>> with open(path, "w") as f:
+    ...     for i in range(3):
+    ...         print(json.dumps({"question": f"{i}+1?", "solution": {"final": str(i + 1)},
+    ...                           "level": i % 2}), file=f)
+    >>> ds = FileDataset(path=path, fields={"prompt": "question", "answer": "solution.final"},
+    ...                  where={"level": 0})
+    >>> len(ds), ds[1]
+    (2, {'id': 'qa-2', 'prompt': '2+1?', 'answer': '3', 'level': 0})
+    """
+
+    class Args(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        path: str = Field(description="data file, glob, folder, or hub dataset name")
+        format: Literal["auto", "json", "parquet", "csv", "arrow", "disk", "hub"] = Field(
+            "auto", description="auto: from the file extension; a folder written by "
+            "save_to_disk is `disk`; a name that is no local path is `hub`")
+        split: str = "train"
+        subset: str | None = Field(None, description="configuration name of a hub dataset")
+        fields: Fields = Field(default_factory=Fields)
+        where: dict[str, Any] = Field(default_factory=dict, description="field: value (or a "
+                                      "list of values) a record must have")
+        filter: str | None = Field(None, description="import path of a predicate record -> bool")
+        limit: int | None = Field(None, gt=0, description="keep the first N records that pass")
+
+    _EXT = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv",
+            ".arrow": "arrow"}
+
+    def __init__(self, **kwargs):
+        self.args = self.Args(**kwargs)
+        self.source = self.args.path
+        self.table = self._load()
+        self.rows = self._select()
+
+    # --- loading -------------------------------------------------------------------------
+    def _format(self) -> str:
+        a = self.args
+        if a.format != "auto":
+            return a.format
+        path = Path(a.path).expanduser()
+        if path.is_dir():
+            if (path / "dataset_info.json").is_file() or (path / "dataset_dict.json").is_file():
+                return "disk"
+            return "folder"
+        fmt = self._EXT.get(path.suffix.lower())
+        if fmt is not None:
+            return fmt
+        if "/" in a.path and not path.parent.exists() and not any(c in a.path for c in "*?["):
+            return "hub"  # `org/name` that is not a local path
+        raise DataError(f"{a.path}: no such file or folder (or not a .jsonl, .json, .parquet, "
+                        ".csv or .arrow file; set format: to say which)")
+
+    def _load(self):
+        import datasets
+
+        a, fmt = self.args, self._format()
+        datasets.disable_progress_bars()
+        try:
+            if fmt == "disk":
+                loaded = datasets.load_from_disk(str(Path(a.path).expanduser()))
+                if isinstance(loaded, datasets.DatasetDict):
+                    if a.split not in loaded:
+                        raise DataError(f"{a.path}: no split {a.split!r} (it has "
+                                        f"{', '.join(loaded)})")
+                    loaded = loaded[a.split]
+                return loaded
+            if fmt == "hub":
+                return datasets.load_dataset(a.path, a.subset, split=a.split)
+            if fmt == "folder":
+                return datasets.load_dataset(str(Path(a.path).expanduser()), split=a.split)
+            return datasets.load_dataset(fmt, data_files=str(Path(a.path).expanduser()),
+                                         split="train")
+        except DataError:
+            raise
+        except FileNotFoundError as err:
+            raise DataError(f"{a.path}: no such file or folder ({err})") from None
+        except (StopIteration, datasets.exceptions.DatasetGenerationError, ValueError) as err:
+            why = f": {err}" if str(err) else ""
+            raise DataError(f"{a.path}: could not be read as {fmt} (empty or malformed?"
+                            f"{why})") from None
+        except Exception as err:
+            raise DataError(f"{a.path}: could not be read as {fmt}: "
+                            f"{type(err).__name__}: {err}") from None
+
+    def _select(self) -> list[int]:
+        """Indices of the rows that pass the filters, every record checked on the way."""
+        from orchestrator.registry import resolve
+
+        a = self.args
+        if len(self.table) == 0:
+            raise DataError(f"{self.source}: no records")
+        columns = set(self.table.column_names)
+        for name, path in a.fields.model_dump().items():
+            if path is not None and path.split(".")[0] not in columns:
+                raise DataError(f"{self.source}: no column {path.split('.')[0]!r} for "
+                                f"fields.{name} (columns: {', '.join(sorted(columns))})")
+        keep: Callable[[dict], bool] | None = resolve(a.filter, "filter") if a.filter else None
+        wanted = {k: v if isinstance(v, list) else [v] for k, v in a.where.items()}
+        rows, has_demo, ids = [], 0, set()
+        table = self.table
+        if keep is None:  # read only the columns the checks need, in batches
+            need = {p.split(".")[0] for p in a.fields.model_dump().values() if p is not None}
+            table = table.select_columns(sorted((need | set(wanted)) & columns))
+        for i, row in enumerate(_rows(table)):
+            rec = self._record(i, row)
+            if rec.get("demonstration") is not None:
+                has_demo += 1
+            if any(rec.get(k) not in vs for k, vs in wanted.items()):
+                continue
+            if keep is not None and not keep(rec):
+                continue
+            if rec["id"] in ids:
+                raise DataError(f"{self.source}: record {i}: id {rec['id']!r} is not unique "
+                                f"(fields.id: {a.fields.id})")
+            ids.add(rec["id"])
+            rows.append(i)
+            if a.limit is not None and len(rows) == a.limit:
+                break
+        if a.fields.demonstration is not None and has_demo == 0:
+            raise DataError(f"{self.source}: no record has a demonstration in column "
+                            f"{a.fields.demonstration!r} (fields.demonstration)")
+        if not rows:
+            raise DataError(f"{self.source}: no record passes where={a.where} "
+                            f"filter={a.filter}")
+        return rows
+
+    def _record(self, i: int, row: dict | None = None) -> dict:
+        """Row ``i`` of the table as a braid record; raises DataError naming the field that a
+        row lacks."""
+        row = self.table[i] if row is None else row
+        f = self.args.fields
+        rec: dict[str, Any] = {"id": f"{Path(self.source).stem}-{i}"}
+        for name in ("id", "prompt", "answer", "demonstration", "bucket"):
+            path = getattr(f, name)
+            if path is None:
+                continue
+            try:
+                value = field_value(row, path)
+            except KeyError:
+                value = None
+            if value is None and name in ("prompt", "answer", "id"):
+                raise DataError(f"{self.source}: record {i} has no {path!r} "
+                                f"(fields.{name})")
+            if name == "prompt" and not (isinstance(value, str) and value.strip()
+                                         or _is_messages(value)):
+                raise DataError(f"{self.source}: record {i}: {path!r} (fields.prompt) is "
+                                f"neither text nor a list of chat messages: {value!r:.80}")
+            rec[name] = str(value) if name == "id" else value
+        used = {p.split(".")[0] for p in f.model_dump().values() if p is not None}
+        for col, value in row.items():
+            if col not in used and col not in rec:
+                rec[col] = value
+        return rec
+
+    # --- the dataset protocol ------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i: int) -> dict:
+        return self._record(self.rows[i])
+
+    def __iter__(self) -> Iterator[dict]:
+        return (self[i] for i in range(len(self)))
+
+
+def _rows(table, batch_size: int = 1024) -> Iterator[dict]:
+    for batch in table.iter(batch_size=batch_size):
+        keys = list(batch)
+        yield from (dict(zip(keys, values)) for values in zip(*batch.values()))
+
+
+def _is_messages(value) -> bool:
+    return isinstance(value, list) and bool(value) and all(
+        isinstance(m, dict) and "role" in m and "content" in m for m in value)
 
 
 class Arithmetic:
@@ -90,48 +323,74 @@ class Arithmetic:
 
 
 class Cursor:
-    """Walks a dataset in passes (reshuffling a finite one each pass); state is two ints."""
+    """Walks a dataset in passes, reshuffling a finite one each pass (seeded by the pass
+    number), so that its state is two ints and a resume lands on the same record. A dataset
+    with ``__getitem__`` is shuffled by index and resumed by jumping; others are listed (or,
+    when streaming, replayed up to the offset).
 
-    def __init__(self, dataset, seed: int):
-        self.dataset, self.seed = dataset, seed
+    ``keep`` (a predicate) skips records — e.g. prompts too long for the engine; they are
+    counted in ``skipped`` and still advance the offset, so a resume skips the same ones.
+    """
+
+    def __init__(self, dataset, seed: int, keep: Callable[[dict], bool] | None = None):
+        self.dataset, self.seed, self.keep = dataset, seed, keep
         self.epoch, self.offset = 0, 0
-        self._it = None
+        self.skipped = 0
+        self._it: Iterator[dict] | None = None
 
-    def _finite(self) -> bool:
+    def _size(self) -> int | None:
         try:
-            len(self.dataset)
-            return True
+            return len(self.dataset)
         except TypeError:  # no __len__, or a streaming dataset that refuses one
-            return False
+            return None
 
     def _start(self):
-        records = list(self.dataset) if self._finite() else None
-        if records is None:
+        n = self._size()
+        if n is None:
             self._it = iter(self.dataset)
+            for _ in range(self.offset):
+                next(self._it)
+            return
+        indexable = hasattr(self.dataset, "__getitem__")
+        records = None if indexable else list(self.dataset)
+        order = list(range(n))
+        random.Random(self.seed + self.epoch).shuffle(order)
+        if indexable:
+            self._it = (self.dataset[i] for i in order[self.offset:])
         else:
-            random.Random(self.seed + self.epoch).shuffle(records)
-            self._it = iter(records)
-        for _ in range(self.offset):
-            next(self._it)
+            self._it = (records[i] for i in order[self.offset:])
 
     def next_batch(self, size: int) -> list[dict]:
         if self._it is None:
             self._start()
-        out = []
+        out: list[dict] = []
+        run = 0  # records skipped since the last one kept
+        limit = self._size() or 10_000
         while len(out) < size:
             try:
-                out.append(next(self._it))
-                self.offset += 1
+                rec = next(self._it)
             except StopIteration:
                 if self.offset == 0:
                     raise ValueError("dataset is empty") from None
                 self.epoch, self.offset = self.epoch + 1, 0
                 self._start()
+                continue
+            self.offset += 1
+            if self.keep is not None and not self.keep(rec):
+                self.skipped += 1
+                run += 1
+                if run >= limit:
+                    raise ValueError(f"{run} records in a row were skipped (every prompt too "
+                                     "long?): none is left to train on")
+                continue
+            run = 0
+            out.append(rec)
         return out
 
     def state(self) -> dict:
-        return {"epoch": self.epoch, "offset": self.offset}
+        return {"epoch": self.epoch, "offset": self.offset, "skipped": self.skipped}
 
     def load_state(self, state: dict) -> None:
         self.epoch, self.offset = int(state["epoch"]), int(state["offset"])
-        self._it = None  # the next batch replays the pass up to the offset
+        self.skipped = int(state.get("skipped", 0))
+        self._it = None  # the next batch starts at the saved offset

@@ -82,6 +82,15 @@ class RunLogger:
                      if isinstance(v, (int, float))}
             self.mlflow.log_metrics(clean, step=step)
 
+    def note(self, message: str) -> None:
+        """Something a user should see that is not a metric (a verifier's exception, dropped
+        prompts): printed, and appended to ``<run_dir>/run.log`` (an mlflow artifact at the end)."""
+        line = f"braid: {message}"
+        print(line, flush=True)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.run_dir / "run.log", "a") as f:
+            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+
     def console(self, step: int, total: int, kinds: str, m: dict[str, float]) -> None:
         parts = [f"step {step:>4}/{total}", f"{kinds:<7}"]
         if "reward/mean" in m:
@@ -101,5 +110,7 @@ class RunLogger:
     def finish(self, summary: dict, status: str = "FINISHED") -> None:
         if self.mlflow is not None:
             self.mlflow.log_dict(summary, "summary.json")
+            if (self.run_dir / "run.log").is_file():
+                self.mlflow.log_artifact(str(self.run_dir / "run.log"))
             self.mlflow.end_run(status=status)
             self.mlflow = None

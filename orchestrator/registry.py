@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
+from contextlib import contextmanager
 from typing import Any
 
 from orchestrator.config import RecipeError
@@ -43,3 +44,23 @@ def resolve(path: str, where: str, base: type | None = None,
         raise RecipeError(f"{where}: {path!r} must be a subclass of "
                           f"{base.__module__}.{base.__qualname__}")
     return obj
+
+
+@contextmanager
+def user_code(where: str, path: str):
+    """Run a user's component (a dataset, a schedule, a verifier factory): an exception it
+    raises becomes one RecipeError line naming the recipe field, the import path, the
+    exception and the user's own frame — not a traceback through braid's set-up."""
+    from workers.base import user_frame
+
+    try:
+        yield
+    except RecipeError:
+        raise
+    except Exception as err:
+        from orchestrator.data import DataError
+
+        if isinstance(err, DataError):  # a built-in dataset: its message names file and field
+            raise RecipeError(f"{where}: {err}") from None
+        raise RecipeError(f"{where}: {path} raised {type(err).__name__}: {err}"
+                          f"{user_frame(err)}") from None

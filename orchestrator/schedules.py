@@ -195,7 +195,7 @@ BUILTINS = {"rl": "orchestrator.schedules:RL", "sft": "orchestrator.schedules:SF
 
 def build_schedule(policy: str, args: dict, where: str = "schedule") -> Schedule:
     from orchestrator.config import RecipeError, validate_model
-    from orchestrator.registry import resolve
+    from orchestrator.registry import resolve, user_code
 
     cls = resolve(policy, f"{where}.policy", aliases=BUILTINS)
     for method in ("decide", "wants_rollouts", "probes", "metrics", "state_dict",
@@ -205,4 +205,5 @@ def build_schedule(policy: str, args: dict, where: str = "schedule") -> Schedule
     arg_model = getattr(cls, "Args", None)
     if arg_model is not None:
         validate_model(arg_model, args, f"{where}.args")
-    return cls(**args)
+    with user_code(f"{where}.policy", policy):
+        return cls(**args)

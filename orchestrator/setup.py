@@ -8,15 +8,16 @@ the worker groups, runs every worker's ``setup()`` in parallel and forms the wei
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from orchestrator.config import Recipe, RecipeError, validate_model
-from orchestrator.registry import resolve
+from orchestrator.registry import resolve, user_code
 from orchestrator.schedules import Schedule, build_schedule
 from workers.base import ROLE_BASES
 
@@ -28,6 +29,7 @@ class Resolved:
     eval: Any | None
     schedule: Schedule
     warnings: list[str]
+    notes: list[str] = field(default_factory=list)  # what was checked, for `braid validate`
 
 
 def build_dataset(component, where: str):
@@ -35,15 +37,82 @@ def build_dataset(component, where: str):
     args_model = getattr(cls, "Args", None)
     if args_model is not None:
         validate_model(args_model, component.args, f"{where}.args")
-    try:
+    with user_code(where, component.cls):
         return cls(**component.args)
-    except TypeError as err:
-        raise RecipeError(f"{where}.args: {err}") from None
 
 
-def resolve_recipe(recipe: Recipe) -> Resolved:
+def first_records(dataset, where: str, path: str, n: int = 8) -> list[dict]:
+    """The first records of a dataset, each checked for what braid needs (``id``, ``prompt``)."""
+    with user_code(where, path):
+        records = list(itertools.islice(iter(dataset), n))
+    if not records:
+        raise RecipeError(f"{where}: {path} yields no records")
+    for i, r in enumerate(records):
+        if not isinstance(r, dict):
+            raise RecipeError(f"{where}: record {i} of {path} is a {type(r).__name__}, not a "
+                              "mapping of fields")
+        for key in ("id", "prompt"):
+            if r.get(key) in (None, ""):
+                raise RecipeError(f"{where}: record {i} of {path} has no {key!r} (fields: "
+                                  f"{', '.join(r) or 'none'})")
+    return records
+
+
+def dataset_size(dataset) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
+
+
+def model_problem(path: str | Path) -> str | None:
+    """What keeps ``path`` from being a Hugging Face model folder, or None: a config, weights
+    and a tokenizer."""
+    p = Path(path)
+    if not p.is_dir():
+        return "no such folder"
+    if not (p / "config.json").is_file():
+        return "no config.json"
+    if not any(p.glob("*.safetensors")) and not any(p.glob("pytorch_model*.bin")):
+        return "no weights (*.safetensors or pytorch_model*.bin)"
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "vocab.json",
+                                           "tokenizer_config.json")):
+        return "no tokenizer (tokenizer.json, tokenizer.model or vocab.json)"
+    return None
+
+
+def model_folders(recipe: Recipe, roles: dict) -> dict[str, str]:
+    """Recipe field -> model folder, for every model the run loads."""
+    out = {}
+    if recipe.model.build is None or (Path(recipe.model.path) / "config.json").is_file():
+        out["model.path"] = recipe.model.path
+    for role, (_, args) in roles.items():
+        model = getattr(args, "model", None)
+        if isinstance(model, str):
+            out[f"roles.{role}.args.model"] = model
+    return out
+
+
+def prompt_budget(recipe: Recipe, rollout_args) -> int | None:
+    """prompt.max_prompt_tokens, else the engine's max_model_len less the longest generation."""
+    if recipe.prompt.max_prompt_tokens is not None:
+        return recipe.prompt.max_prompt_tokens
+    max_len = getattr(rollout_args, "max_model_len", None)
+    if max_len is None:
+        return None
+    longest = max(recipe.sampling.max_tokens, recipe.eval.max_tokens or 0)
+    if longest >= max_len:
+        raise RecipeError(f"sampling.max_tokens (or eval.max_tokens) = {longest} leaves no room "
+                          f"for a prompt in the engine's max_model_len = {max_len}")
+    return max_len - longest
+
+
+def resolve_recipe(recipe: Recipe, check_model: bool = True) -> Resolved:
+    """Everything ``braid validate`` checks: import paths, worker classes and arguments, the
+    schedule, the datasets' first records (and their size against prompts_per_step), and —
+    unless ``check_model`` is False — every model folder and the prompts its tokenizer makes."""
     roles = {}
-    warnings = []
+    warnings: list[str] = []
     for role, base in ROLE_BASES.items():
         cfg = getattr(recipe.roles, role)
         if cfg is None:
@@ -54,19 +123,67 @@ def resolve_recipe(recipe: Recipe) -> Resolved:
             continue
         cls = resolve(cfg.cls, f"roles.{role}.cls", base=base)
         roles[role] = (cls, cls.check_args(cfg.args, f"roles.{role}.args"))
-    if model_missing(recipe):
-        # Not an error here: another recipe may produce it (recipes/repro/arm.yaml).
-        warnings.append(f"model.path: no Hugging Face model at {recipe.model.path!r} yet "
-                        "(and no model.build to create one)")
     train = build_dataset(recipe.data.train, "data.train")
     ev = build_dataset(recipe.data.eval, "data.eval") if recipe.data.eval else None
+    samples = {"data.train": first_records(train, "data.train", recipe.data.train.cls)}
+    if ev is not None:
+        samples["data.eval"] = first_records(ev, "data.eval", recipe.data.eval.cls)
+    size = dataset_size(train)
+    if size is not None and size < recipe.data.prompts_per_step:
+        warnings.append(f"data.prompts_per_step = {recipe.data.prompts_per_step} is larger "
+                        f"than data.train ({size} records): a step repeats prompts")
     schedule = build_schedule(recipe.schedule.policy, recipe.schedule.args)
-    return Resolved(roles, train, ev, schedule, warnings)
+    warnings += schedule_warnings(recipe)
+    notes = [f"{where}: {dataset_size(ds) or 'a stream of'} records"
+             for where, ds in (("data.train", train), ("data.eval", ev)) if ds is not None]
+    if check_model:
+        for where, folder in model_folders(recipe, roles).items():
+            problem = model_problem(folder)
+            if problem:
+                raise RecipeError(f"{where}: {folder!r} is not a Hugging Face model folder "
+                                  f"({problem}); `braid validate --skip-model` checks the rest")
+        if "model.path" in model_folders(recipe, roles):
+            notes += check_prompts(recipe, roles, samples)
+    else:
+        notes.append("model folders not checked and prompts not tokenised (--skip-model)")
+    return Resolved(roles, train, ev, schedule, warnings, notes)
 
 
-def model_missing(recipe: Recipe) -> bool:
-    model = Path(recipe.model.path)
-    return recipe.model.build is None and not (model / "config.json").is_file()
+def schedule_warnings(recipe: Recipe) -> list[str]:
+    s = recipe.schedule
+    if s.policy != "phases":
+        return []
+    total = sum(int(p.get("steps", 0)) for p in s.args.get("phases", []))
+    if total < recipe.steps:
+        return [f"schedule.args.phases cover {total} steps of {recipe.steps}: the last phase "
+                f"runs on for the remaining {recipe.steps - total}"]
+    if total > recipe.steps:
+        return [f"schedule.args.phases cover {total} steps, more than steps = {recipe.steps}: "
+                "later phases never run"]
+    return []
+
+
+def check_prompts(recipe: Recipe, roles: dict, samples: dict[str, list[dict]]) -> list[str]:
+    """Format the first records with the model's tokenizer: template fields and lengths."""
+    from orchestrator.prompts import PromptError, PromptFormatter
+
+    budget = prompt_budget(recipe, roles["rollout"][1])
+    try:
+        fmt = PromptFormatter.for_model(recipe.model.path, recipe, budget)
+    except (PromptError, OSError) as err:
+        raise RecipeError(f"prompt: {err}") from None
+    notes = [f"prompt: {'chat template' if fmt.chat else 'plain text'}, stop tokens "
+             f"{fmt.stop_token_ids}, at most {budget or 'any number of'} prompt tokens"]
+    for where, records in samples.items():
+        try:
+            lengths = [len(fmt.prompt_ids(r)) for r in records]
+        except PromptError as err:
+            raise RecipeError(f"prompt: {where}: {err}") from None
+        long = sum(budget is not None and n > budget for n in lengths)
+        notes.append(f"{where}: first {len(records)} prompts are {min(lengths)}-{max(lengths)} "
+                     f"tokens" + (f"; {long} longer than {budget} would be dropped" if long
+                                  else ""))
+    return notes
 
 
 def ensure_model(recipe: Recipe) -> None:
@@ -126,22 +243,34 @@ def _init_ray(recipe: Recipe) -> bool:
 
 def setup_controller(c) -> None:
     import ray
-    from transformers import AutoTokenizer
 
     from orchestrator.data import Cursor
     from orchestrator.demos import DemoStore
     from orchestrator.groups import WorkerGroup
     from orchestrator.metrics import RunLogger
+    from orchestrator.prompts import PromptFormatter
 
     recipe = c.recipe
-    resolved = resolve_recipe(recipe)
-    if model_missing(recipe):
-        raise RecipeError(next(w for w in resolved.warnings if w.startswith("model.path")))
-    c.run_dir.mkdir(parents=True, exist_ok=True)
     ensure_model(recipe)
-    c.tokenizer = AutoTokenizer.from_pretrained(recipe.model.path)
-    c.cursor = Cursor(resolved.train, recipe.seed)
+    resolved = resolve_recipe(recipe)
+    c.run_dir.mkdir(parents=True, exist_ok=True)
+    rollout_args = resolved.roles["rollout"][1]
+    c.prompts = PromptFormatter.for_model(recipe.model.path, recipe,
+                                          prompt_budget(recipe, rollout_args))
+    c.teacher_prompts = None
+    if "teacher" in resolved.roles:
+        t_args = resolved.roles["teacher"][1]
+        c.teacher_prompts = PromptFormatter.for_model(
+            getattr(t_args, "model", None) or recipe.model.path, recipe,
+            prompt_budget(recipe, t_args))
+    c.cursor = Cursor(resolved.train, recipe.seed, keep=c.prompts.fits)
     c.eval_records = list(resolved.eval) if resolved.eval is not None else []
+    long = [r["id"] for r in c.eval_records if not c.prompts.fits(r)]
+    if long:
+        print(f"braid: note: data.eval: {len(long)} of {len(c.eval_records)} prompts are longer "
+              f"than {c.prompts.max_prompt_tokens} tokens and left out (e.g. {long[0]})",
+              flush=True)
+        c.eval_records = [r for r in c.eval_records if c.prompts.fits(r)]
     c.schedule, c.demos = resolved.schedule, DemoStore(recipe.data.demo_budget)
     state = None
     if c.resume is not None:

@@ -11,11 +11,10 @@ from orchestrator.schedules import MixedUpdate, RLUpdate, SFTUpdate
 from orchestrator.signals import grpo_advantages
 
 
-def tokenize_demos(tokenizer, records: list[dict]) -> tuple[list, list]:
-    prompts = [tokenizer(r["prompt"]).input_ids for r in records]
-    completions = [tokenizer(r["demonstration"], add_special_tokens=False).input_ids
-                   + [tokenizer.eos_token_id] for r in records]
-    return prompts, completions
+def tokenize_demos(prompts, records: list[dict]) -> tuple[list, list]:
+    """Prompt ids (formatted as the engines see them) and demonstration ids, ending the turn."""
+    return ([prompts.prompt_ids(r) for r in records],
+            [prompts.completion_ids(r["demonstration"]) for r in records])
 
 
 def sft_term(c, op: SFTUpdate, batch: list[dict], peek: bool = False) -> dict | None:
@@ -23,7 +22,7 @@ def sft_term(c, op: SFTUpdate, batch: list[dict], peek: bool = False) -> dict | 
     recs = c.demos.take(ids, peek=peek)
     if not recs:
         return None
-    prompts, completions = tokenize_demos(c.tokenizer, recs)
+    prompts, completions = tokenize_demos(c.prompts, recs)
     return {"kind": "nll", "prompts": prompts, "completions": completions, "coef": op.coef,
             "token_weight": op.token_weight, "entropy": op.entropy}
 
@@ -60,7 +59,7 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
               "select": None if len(rows) == len(index) else rows,
               "coef": op.coef}]
     if demo_recs:
-        prompts, completions = tokenize_demos(c.tokenizer, demo_recs)
+        prompts, completions = tokenize_demos(c.prompts, demo_recs)
         terms.append({"kind": "pg_off", "prompts": prompts, "completions": completions,
                       "advantages": adv[len(rows):], "gamma": op.gamma, "coef": op.coef})
     return terms

@@ -48,6 +48,18 @@ def tiny_model(base_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_chat_model(base_dir) -> Path:
+    """A random tiny Llama whose tokenizer has a ChatML chat template (end of turn
+    ``<|im_end|>``, not EOS) and room for prompts longer than one KV-cache block."""
+    from workers.models import TinyModelSpec, build_tiny_model
+
+    return build_tiny_model(base_dir / "tiny-chat-model",
+                            TinyModelSpec(hidden_size=64, intermediate_size=128, num_layers=2,
+                                          num_heads=2, max_position_embeddings=256, seed=0,
+                                          chat=True))
+
+
+@pytest.fixture(scope="session")
 def ray_local(base_dir):
     """A private local Ray cluster for the session (never `ray stop`: that kills every Ray)."""
     import ray
@@ -94,5 +106,18 @@ def make_recipe(tiny_model, tmp_path):
 
     def make(**over) -> Recipe:
         return Recipe.model_validate(recipe_dict(tiny_model, tmp_path / "run", **over))
+
+    return make
+
+
+@pytest.fixture
+def make_chat_recipe(tiny_chat_model, tmp_path):
+    """The smallest recipe on the chat model: prompts through its chat template, an engine
+    with room for 256 tokens."""
+    from orchestrator.config import Recipe
+
+    def make(**over) -> Recipe:
+        over = {"roles.rollout.args.max_model_len": 256, "sampling.max_tokens": 8} | over
+        return Recipe.model_validate(recipe_dict(tiny_chat_model, tmp_path / "run", **over))
 
     return make

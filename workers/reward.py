@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from rewards import as_rewards
-from workers.base import RewardWorker
+from workers.base import RewardWorker, user_frame
 from workers.types import Rollouts, Scores
 
 log = logging.getLogger("braid.reward")
@@ -47,6 +47,17 @@ def _call_verifier(spec: dict, prompts, completions, fields):
             _BUILT[key] = resolve(spec["fn"], "verifier")(**spec["args"])
         fn = _BUILT[key]
     return fn(prompts, completions, **fields)
+
+
+def _malformed(out, n: int) -> str:
+    if not isinstance(out, (list, tuple)):
+        return f"returned a {type(out).__name__}, not a list of {n} rewards"
+    if len(out) != n:
+        return f"returned {len(out)} rewards for {n} completions"
+    bad = next(v for v in out if not (v is None or isinstance(v, (int, float))) or
+               isinstance(v, bool) or (isinstance(v, float) and v != v) or
+               v in (float("inf"), float("-inf")))
+    return f"returned {bad!r}, not a finite number or None"
 
 
 def shard_with_ids(rollout_parts, records: list[dict],
@@ -104,18 +115,22 @@ class RuleRewardWorker(RewardWorker):
             self._pool.join()
             self._pool = None
 
-    def _run(self, spec: VerifierSpec, prompts, completions, fields) -> list | None:
-        """One guarded call; None if it raised, timed out or returned something malformed."""
+    def _run(self, spec: VerifierSpec, prompts, completions, fields) -> tuple[list | None, str]:
+        """One guarded call: (rewards, "") or (None, why) if it raised, timed out or returned
+        something malformed."""
         res = self._pool_get().apply_async(
             _call_verifier, (spec.model_dump(), prompts, completions, fields))
         try:
             out = res.get(timeout=self.args.timeout_s)
         except mp.TimeoutError:
             self._kill_pool()
-            return None
-        except Exception:
-            return None
-        return as_rewards(out, len(completions))
+            return None, f"timed out after {self.args.timeout_s:g}s"
+        except Exception as err:
+            return None, f"{type(err).__name__}: {err}{user_frame(err)}"
+        rewards = as_rewards(out, len(completions))
+        if rewards is None:
+            return None, _malformed(out, len(completions))
+        return rewards, ""
 
     def score(self, rollout_parts, records: list[dict], shard: tuple[int, int] = (0, 1)) -> Scores:
         """Scores of the ``shard[0]``-th of ``shard[1]`` slices of the rollouts."""
@@ -126,17 +141,27 @@ class RuleRewardWorker(RewardWorker):
         fields = {k: [rec.get(k) for rec in recs] for k in keys}
         scores = Scores(rewards=[0.0] * len(r))
         for spec, name in zip(self.specs, self.names):
-            out = self._run(spec, prompts, r.texts, fields)
+            out, why = self._run(spec, prompts, r.texts, fields)
+            first = ""
             if out is None:  # isolate the failing samples
-                out = [(self._run(spec, [prompts[i]], [r.texts[i]],
-                                  {k: [v[i]] for k, v in fields.items()}) or [None])[0]
-                       for i in range(len(r))]
+                out = []
+                for i in range(len(r)):
+                    one, why_one = self._run(spec, [prompts[i]], [r.texts[i]],
+                                             {k: [v[i]] for k, v in fields.items()})
+                    out.append(one[0] if one is not None else None)
+                    if one is None and not first:
+                        first = f"{why_one} (sample {ids[i]})"
+                    elif one is not None and one[0] is None and not first:
+                        first = f"returned None (sample {ids[i]})"
+                first = first or f"{why} (on the whole batch)"
             failed = [ids[i] for i, v in enumerate(out) if v is None]
             if failed:
+                first = first or f"returned None (sample {failed[0]})"
                 scores.failures[name] = len(failed)
                 scores.failed_ids.extend(failed)
-                log.warning("verifier %s could not score %d sample(s): %s", name, len(failed),
-                            ", ".join(failed[:20]))
+                scores.errors[name] = first
+                log.warning("verifier %s could not score %d sample(s): %s; first: %s", name,
+                            len(failed), ", ".join(failed[:20]), first)
             scores.per_verifier[name] = out
             for i, v in enumerate(out):
                 cur = scores.rewards[i]

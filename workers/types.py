@@ -70,6 +70,7 @@ class Scores:
     per_verifier: dict[str, list[float | None]] = field(default_factory=dict)
     failures: dict[str, int] = field(default_factory=dict)  # verifier -> failed samples
     failed_ids: list[str] = field(default_factory=list)
+    errors: dict[str, str] = field(default_factory=dict)    # verifier -> its first failure
 
     @classmethod
     def concat(cls, parts: list[Scores]) -> Scores:
@@ -83,5 +84,7 @@ class Scores:
             for k, v in p.failures.items():
                 out.failures[k] = out.failures.get(k, 0) + v
             out.failed_ids.extend(p.failed_ids)
+            for k, v in p.errors.items():
+                out.errors.setdefault(k, v)
         return out
 

