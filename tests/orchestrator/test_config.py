@@ -101,3 +101,93 @@ def test_reference_role_is_not_started_without_a_kl_term(make_recipe):
     assert any("roles.reference is not started" in w for w in off.warnings)
     on = resolve_recipe(make_recipe(**{"roles.reference": ref, "algorithm.kl": 0.01}))
     assert "reference" in on.roles and not on.warnings
+
+
+# --- validate looks at the data and the model ------------------------------------------------
+
+USER_DATA = '''
+import json
+
+
+class Problems:
+    def __init__(self, path):
+        with open(path) as f:
+            self.rows = [json.loads(line) for line in f]
+
+    def __iter__(self):
+        return iter(self.rows)
+'''
+
+
+def _validate(args, cwd):
+    braid = [sys.executable, "-m", "orchestrator.cli", "validate"]
+    import os
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    return subprocess.run(braid + args, capture_output=True, text=True, cwd=cwd, env=env,
+                          timeout=120)
+
+
+def test_an_empty_model_folder_fails_validate_unless_skipped(recipe_file, tmp_path):
+    empty = tmp_path / "empty-model"
+    empty.mkdir()
+    p = recipe_file(lambda d: d["model"].update(path=str(empty)))
+    with pytest.raises(RecipeError, match=r"model.path: '.*empty-model' is not a Hugging Face "
+                                          r"model folder \(no config.json\)"):
+        resolve_recipe(load_recipe(p))
+    skipped = _validate(["--skip-model", str(p)], tmp_path)
+    assert skipped.returncode == 0, skipped.stderr
+    assert "model folders not checked and prompts not tokenised (--skip-model)" in skipped.stdout
+
+
+def test_a_user_dataset_that_raises_is_one_line_with_the_users_frame(recipe_file, tmp_path):
+    (tmp_path / "my_data.py").write_text(USER_DATA)
+    p = recipe_file(lambda d: d["data"].update(
+        train={"cls": "my_data:Problems", "args": {"path": "missing.jsonl"}}))
+    out = _validate([str(p)], tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (
+        "braid: recipe error: data.train: my_data:Problems raised FileNotFoundError: [Errno 2] "
+        "No such file or directory: 'missing.jsonl' (at my_data.py:7 in __init__)")
+
+
+def test_records_without_a_prompt_fail_validate(recipe_file, tmp_path):
+    (tmp_path / "my_data.py").write_text(USER_DATA)
+    (tmp_path / "rows.jsonl").write_text('{"id": "a", "question": "1+1?", "answer": "2"}\n')
+    p = recipe_file(lambda d: d["data"].update(
+        train={"cls": "my_data:Problems", "args": {"path": "rows.jsonl"}}))
+    out = _validate([str(p)], tmp_path)
+    assert out.returncode == 2
+    assert "data.train: record 0 of my_data:Problems has no 'prompt' (fields: id, question, " \
+           "answer)" in out.stderr
+    p = recipe_file(lambda d: d["data"].update(
+        train={"cls": "orchestrator.data:FileDataset", "args": {"path": "rows.jsonl"}}))
+    out = _validate([str(p)], tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == ("braid: recipe error: data.train: rows.jsonl: no column "
+                                  "'prompt' for fields.prompt (columns: answer, id, question)")
+
+
+def test_validate_warns_about_short_phases_and_small_datasets(make_recipe, tmp_path):
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text("".join(f'{{"prompt": "{i}+1=", "answer": "{i + 1}"}}\n' for i in range(5)))
+    recipe = make_recipe(**{
+        "steps": 10, "data.train": {"cls": "orchestrator.data:FileDataset",
+                                    "args": {"path": str(rows)}},
+        "schedule": {"policy": "phases", "args": {"phases": [{"policy": "sft", "steps": 3},
+                                                             {"policy": "rl", "steps": 4}]}}})
+    warnings = resolve_recipe(recipe).warnings
+    assert "data.prompts_per_step = 8 is larger than data.train (5 records): a step repeats " \
+           "prompts" in warnings
+    assert "schedule.args.phases cover 7 steps of 10: the last phase runs on for the " \
+           "remaining 3" in warnings
+
+
+def test_validate_formats_the_first_prompts_with_the_models_tokenizer(make_chat_recipe):
+    recipe = make_chat_recipe(**{"prompt.system": "Answer with a number."})
+    notes = resolve_recipe(recipe).notes
+    assert "prompt: chat template, stop tokens [5, 2], at most 248 prompt tokens" in notes
+    assert any(n.startswith("data.train: first 8 prompts are ") for n in notes), notes
+    bad = make_chat_recipe(**{"prompt.template": "{question}"})
+    with pytest.raises(RecipeError, match=r"prompt: data.train: prompt.template names "
+                                          r"\{question\}, which record"):
+        resolve_recipe(bad)

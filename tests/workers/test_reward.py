@@ -20,6 +20,8 @@ def garbage(prompts, completions, **_):
     return "not a list"
 def always(prompts, completions, **_):
     return [0.5] * len(completions)
+def short(prompts, completions, **_):
+    return [1.0] * (len(completions) - 1)
 '''
 
 
@@ -54,6 +56,9 @@ def test_failures_are_isolated_counted_and_named(worker):
     assert s.rewards == [2.0, None, None, 1.0]
     assert s.failures == {"picky": 2}
     assert s.failed_ids == ["p1#0", "p2#0"]
+    # the first failure says what went wrong, where in the user's code, and on which sample
+    assert s.errors == {"picky": "ValueError: cannot parse boom (at flaky_verifiers.py:5 in "
+                                 "picky) (sample p1#0)"}
     # the worker is still healthy: a clean batch scores normally afterwards
     ok = w.score(_rollouts(["3"]), records[:1])
     assert ok.rewards == [2.0] and not ok.failures
@@ -64,6 +69,15 @@ def test_garbage_output_is_a_failure(worker):
     w = worker(["flaky_verifiers:garbage"])
     s = w.score(_rollouts(["a", "b"]), [{"id": "q0", "prompt": "x"}, {"id": "q1", "prompt": "y"}])
     assert s.rewards == [None, None] and s.failures == {"garbage": 2}
+    assert s.errors == {"garbage": "returned a str, not a list of 1 rewards (sample q0#0)"}
+    w.shutdown()
+
+
+def test_a_wrong_number_of_rewards_is_named(worker):
+    w = worker(["flaky_verifiers:short"])
+    s = w.score(_rollouts(["a", "b"]), [{"id": "q0", "prompt": "x"}, {"id": "q1", "prompt": "y"}])
+    assert s.failures == {"short": 2}
+    assert s.errors == {"short": "returned 0 rewards for 1 completions (sample q0#0)"}
     w.shutdown()
 
 
