@@ -142,15 +142,18 @@ class RewardModelWorker(RewardWorker):
             raise ValueError(f"{self.args.model}: chat_template is set but the tokenizer has "
                              "no chat template")
 
-    def encode(self, prompt: str, completion: str) -> list[int]:
-        """The token ids the model scores for one sample (truncated to ``max_length``)."""
+    def encode(self, prompt, completion: str) -> list[int]:
+        """The token ids the model scores for one sample (truncated to ``max_length``); a
+        prompt is text or a conversation ((role, content) pairs, as a dataset may hold)."""
         trunc = {"truncation": self.max_length is not None, "max_length": self.max_length}
+        turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else \
+            [{"role": role, "content": content} for role, content in prompt]
         if self.args.chat_template:
             text = self.tok.apply_chat_template(
-                [{"role": "user", "content": prompt},
-                 {"role": "assistant", "content": completion}], tokenize=False)
+                turns + [{"role": "assistant", "content": completion}], tokenize=False)
             return self.tok(text, add_special_tokens=False, **trunc)["input_ids"]
-        return self.tok(prompt + completion, **trunc)["input_ids"]
+        text = "\n".join(t["content"] for t in turns)
+        return self.tok(text + completion, **trunc)["input_ids"]
 
     def raw_scores(self, seqs: list[list[int]]) -> list[float]:
         """Model outputs for token sequences: sorted by length, right-padded micro-batches,
@@ -177,7 +180,7 @@ class RewardModelWorker(RewardWorker):
     def score(self, rollout_parts, records: list[dict], shard: tuple[int, int] = (0, 1)) -> Scores:
         """Scores of the ``shard[0]``-th of ``shard[1]`` slices of the rollouts."""
         r, ids = shard_with_ids(rollout_parts, records, shard)
-        pairs = [(records[p]["prompt"], c) for p, c in zip(r.prompt_index, r.texts)]
+        pairs = [(_hashable(records[p]["prompt"]), c) for p, c in zip(r.prompt_index, r.texts)]
         unique = list(dict.fromkeys(pairs))  # GRPO groups often repeat a completion
         seqs = [self.encode(p, c) for p, c in unique]
         by_pair = dict(zip(unique, self.raw_scores(seqs)))
@@ -190,6 +193,13 @@ class RewardModelWorker(RewardWorker):
 
     def shutdown(self) -> None:
         self.model = None
+
+
+def _hashable(prompt):
+    """A prompt as a dictionary key: text, or a conversation as (role, content) pairs."""
+    if isinstance(prompt, str):
+        return prompt
+    return tuple((m["role"], m["content"]) for m in prompt)
 
 
 # --------------------------------------------------------------------------------------------

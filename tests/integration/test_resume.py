@@ -1,6 +1,12 @@
 """Exact resume: N steps straight, and N/2 steps + stop + resume + N/2 steps, give the same
 weights, the same metrics and the same ReLIFT buffer (CPU runs are deterministic: sampling
-seeds derive from the step, the data cursor and every optimizer state are restored)."""
+seeds derive from the step, the data cursor and every optimizer state are restored).
+
+The run is what a user brings: a JSONL file of natural-language problems read by FileDataset,
+prompts through the tokenizer's chat template; the checkpoint falls in the middle of the
+data's second pass."""
+
+import json
 
 import pytest
 import torch
@@ -10,10 +16,30 @@ from orchestrator.controller import Controller
 pytestmark = pytest.mark.slow
 
 
-def _recipe(make_recipe, run_dir, steps):
-    return make_recipe(**{"steps": steps, "run_dir": str(run_dir), "data.prompts_per_step": 4,
-                          "schedule": {"policy": "relift", "args": {"buffer_size": 3}},
-                          "checkpoint.every": 2, "checkpoint.keep_last": 1})
+def _recipe(make_chat_recipe, run_dir, steps, data):
+    return make_chat_recipe(**{
+        "steps": steps, "run_dir": str(run_dir), "data.prompts_per_step": 4,
+        "data.train": {"cls": "orchestrator.data:FileDataset",
+                       "args": {"path": str(data), "fields": {"prompt": "question",
+                                                              "demonstration": "solution"}}},
+        "data.eval": None, "prompt.system": "Answer with the number.",
+        "roles.reward.args.verifiers": ["rewards.math:numeric_match",
+                                        "tests.fixtures.tasks:starts_with_digit"],
+        "schedule": {"policy": "relift", "args": {"buffer_size": 3}},
+        "checkpoint.every": 2, "checkpoint.keep_last": 1})
+
+
+@pytest.fixture
+def problems(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    with open(path, "w") as f:
+        for i in range(6):  # 4 prompts a step: step 2 ends 2 records into the second pass
+            a, b = 3 * i + 1, 7 - i
+            f.write(json.dumps({"question": f"Sam has {a} pens and finds {b} more. How many "
+                                            "pens does he have?",
+                                "answer": str(a + b), "solution": f"{a} + {b} = {a + b}"})
+                    + "\n")
+    return path
 
 
 def _run(recipe, resume=None):
@@ -30,11 +56,14 @@ def _run(recipe, resume=None):
         c.shutdown()
 
 
-def test_stop_and_resume_matches_a_straight_run(ray_local, make_recipe, tmp_path):
-    straight, w_a, sched_a, v_a = _run(_recipe(make_recipe, tmp_path / "a", 4))
-    first, _, _, _ = _run(_recipe(make_recipe, tmp_path / "b", 2))
-    assert (tmp_path / "b" / "checkpoints" / "latest").read_text() == "step_000002"
-    second, w_b, sched_b, v_b = _run(_recipe(make_recipe, tmp_path / "b", 4), resume="")
+def test_stop_and_resume_matches_a_straight_run(ray_local, make_chat_recipe, tmp_path,
+                                                problems):
+    straight, w_a, sched_a, v_a = _run(_recipe(make_chat_recipe, tmp_path / "a", 4, problems))
+    first, _, _, _ = _run(_recipe(make_chat_recipe, tmp_path / "b", 2, problems))
+    ckpt = tmp_path / "b" / "checkpoints" / "step_000002" / "controller.json"
+    assert json.loads(ckpt.read_text())["cursor"] == {"epoch": 1, "offset": 2, "skipped": 0}
+    second, w_b, sched_b, v_b = _run(_recipe(make_chat_recipe, tmp_path / "b", 4, problems),
+                                     resume="")
     assert sorted(second) == [3, 4]
     for step in (3, 4):
         for key in ("reward/mean", "rl/loss", "relift/buffer_depth", "response/length_mean"):
