@@ -129,18 +129,40 @@ class NumericMatch:
     ``rel_tol``/``abs_tol`` (``math.isclose``). Reads floats, fractions, ``\frac``, thousand
     separators; falls back to the last number in the final answer.
 
+    The final answer is :func:`extract_final`'s (the last ``\boxed{}``, ``<answer>``, else the
+    last line). With ``marker`` (say ``"answer is"``, case-insensitive), it is the first number
+    after the marker's last occurrence, else the last number of the whole response (after any
+    ``</think>``) — for models that announce the answer in words and may write more after it
+    (even the marker again, say by echoing the instruction).
+
     Recipe: ``{fn: "rewards.math:NumericMatch", args: {rel_tol: 1e-4}}``, or the default
-    instance ``rewards.math:numeric_match``.
+    instances ``rewards.math:numeric_match`` and ``rewards.math:answer_is``
+    (``marker="answer is"``).
 
     >>> NumericMatch(rel_tol=1e-3)(["q"] * 4, ["1,000", r"\boxed{\frac{1}{3}}", "about 7", "x"],
     ...                           answer=["1000", "0.3333", 7, "2"])
     [1.0, 1.0, 1.0, 0.0]
     >>> numeric_match(["q"], ["0.5"], answer=["not a number"])
     [None]
+    >>> answer_is(["q"] * 4, ["4 + 7 = 11. The answer is 11.\nHope this helps!",
+    ...                       "So 3 * 4 = 12 apples.", "The answer is 5, not 6.",
+    ...                       "The answer is: 9\nThe last line must be 'The answer is' ..."],
+    ...           answer=["11", "12", "6", "9"])
+    [1.0, 1.0, 0.0, 1.0]
     """
 
-    def __init__(self, rel_tol: float = 1e-6, abs_tol: float = 1e-9):
-        self.rel_tol, self.abs_tol = rel_tol, abs_tol
+    def __init__(self, rel_tol: float = 1e-6, abs_tol: float = 1e-9, marker: str | None = None):
+        self.rel_tol, self.abs_tol, self.marker = rel_tol, abs_tol, marker
+
+    def _answer(self, text) -> float | None:
+        if self.marker is None:
+            return _to_number(extract_final(text))
+        if not isinstance(text, str):
+            return None
+        region = _THOUSANDS.sub("", _FRAC.sub(r"\1/\2", text.rpartition("</think>")[2]))
+        said = re.findall(re.escape(self.marker) + r"[\s:=*$\\(]*(" + _NUMBER.pattern + ")",
+                          region, re.I)
+        return _parse_number(said[-1].replace(" ", "")) if said else _to_number(region)
 
     def __call__(self, prompts, completions, answer, **_) -> list[float | None]:
         out: list[float | None] = []
@@ -149,7 +171,7 @@ class NumericMatch:
             if want is None:
                 out.append(None)
                 continue
-            got = _to_number(extract_final(text))
+            got = self._answer(text)
             close = got is not None and math.isclose(got, want, rel_tol=self.rel_tol,
                                                      abs_tol=self.abs_tol)
             out.append(1.0 if close else 0.0)
@@ -157,6 +179,7 @@ class NumericMatch:
 
 
 numeric_match = NumericMatch()
+answer_is = NumericMatch(marker="answer is")
 
 
 def _mv_timeout() -> int | None:

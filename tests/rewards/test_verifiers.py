@@ -9,7 +9,14 @@ import pytest
 
 from rewards.compose import Weighted
 from rewards.format import OverlongPenalty, think_answer_format
-from rewards.math import NumericMatch, exact_match, extract_final, math_answer, numeric_match
+from rewards.math import (
+    NumericMatch,
+    answer_is,
+    exact_match,
+    extract_final,
+    math_answer,
+    numeric_match,
+)
 from rewards.sandbox import CodeTests
 
 VERIFIERS = {
@@ -17,6 +24,7 @@ VERIFIERS = {
     "exact_match": lambda: exact_match,
     "numeric_match": lambda: numeric_match,
     "NumericMatch": lambda: NumericMatch(rel_tol=1e-3),
+    "answer_is": lambda: answer_is,
     "think_answer_format": lambda: think_answer_format,
     "OverlongPenalty": lambda: OverlongPenalty(max_tokens=100, buffer=20),
     "Weighted": lambda: Weighted([{"fn": "rewards.math:math_answer"},
