@@ -83,11 +83,21 @@ class WorkerGroup:
             return ray.get(refs)
         except ray.exceptions.RayActorError as err:
             raise WorkerError(f"{self.role} actor died{' during ' + what if what else ''}: "
-                              f"{_first_line(err)}", self.role, died=True) from err
+                              f"{_first_line(err)}{self._where(err)}", self.role,
+                              died=True) from err
         except ray.exceptions.RayTaskError as err:
             cause = err.cause if getattr(err, "cause", None) is not None else err
             raise WorkerError(f"{self.role}{' ' + what if what else ''} failed: "
-                              f"{type(cause).__name__}: {_first_line(cause)}", self.role) from err
+                              f"{type(cause).__name__}: {_first_line(cause)}{self._where(err)}",
+                              self.role) from err
+
+    def _where(self, err: BaseException) -> str:
+        """The user's frame in the remote traceback, and the class, when the class is not
+        braid's own: a worker of the user's that raised is named, not braid's internals."""
+        from workers.base import user_frame
+
+        frame = user_frame(err)
+        return f"{frame} (roles.{self.role}.cls: {self.cfg.cls})" if frame else ""
 
     def dead(self, timeout_s: float = 30.0) -> list[int]:
         """Ranks whose actor is gone (a health ping fails with an actor error)."""

@@ -116,12 +116,9 @@ def user_frame(err: BaseException) -> str:
     import traceback
 
     remote = getattr(err.__cause__, "tb", None)
-    if isinstance(remote, str):
-        frames = _FRAME.findall(remote)
-    elif err.__traceback__ is not None:
+    frames = _FRAME.findall(remote if isinstance(remote, str) else str(err))
+    if not frames and err.__traceback__ is not None:
         frames = [(f.filename, f.lineno, f.name) for f in traceback.extract_tb(err.__traceback__)]
-    else:
-        frames = _FRAME.findall(str(err))
     mine = [f for f in frames if _is_user_file(f[0])]
     if not mine:
         return ""
