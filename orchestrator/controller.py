@@ -20,7 +20,7 @@ from orchestrator.groups import WorkerError
 from orchestrator.metrics import Timings, sparkline
 from orchestrator.recovery import STOP, explain, recoverable
 from orchestrator.schedules import UPDATES, Checkpoint, Eval, SFTUpdate, Sync
-from orchestrator.signals import empty_signals, step_signals
+from orchestrator.signals import empty_signals, eval_rates, step_signals
 from orchestrator.updates import learner_terms, sft_term
 
 
@@ -261,33 +261,16 @@ class Controller:
         if not self.eval_records:
             return {}
         ev, out = self.recipe.eval, {}
-        runs = ([("accuracy", 1, self.sampling("greedy"))] if ev.greedy else []) + \
-            ([(f"@{ev.samples}", ev.samples, self.sampling("eval"))] if ev.samples else [])
-        for name, k, sampling in runs:
-            gen = self.generate(self.eval_records, step, n=k, sampling=sampling)
+        runs = ([(None, self.sampling("greedy"))] if ev.greedy else []) + \
+            ([(ev.samples, self.sampling("eval"))] if ev.samples else [])
+        key = ev.bucket_key
+        buckets = [f"{key}_{r.get(key)}" for r in self.eval_records] if key else None
+        for k, sampling in runs:
+            gen = self.generate(self.eval_records, step, n=k or 1, sampling=sampling)
             scores = self.score(gen, self.eval_records, step)
-            out |= self.eval_rates(name, gen["prompt_index"], scores.rewards)
+            out |= eval_rates(k, gen["prompt_index"], scores.rewards, buckets)
         self.history["eval"].append({"step": step, **out})
         self.logger.log(step, out)
-        return out
-
-    def eval_rates(self, name: str, prompt_index: list[int], rewards: list) -> dict:
-        per_prompt: dict[int, list[float]] = {}
-        for p, r in zip(prompt_index, rewards):
-            per_prompt.setdefault(p, []).append(1.0 if (r or 0.0) >= 1.0 else 0.0)
-        groups = {"": sorted(per_prompt)}
-        key = self.recipe.eval.bucket_key
-        if key:
-            for p in sorted(per_prompt):
-                groups.setdefault(f"/{key}_{self.eval_records[p].get(key)}", []).append(p)
-        out = {}
-        for suffix, ps in sorted(groups.items()):
-            mean = sum(sum(per_prompt[p]) / len(per_prompt[p]) for p in ps) / len(ps)
-            if name == "accuracy":
-                out[f"eval/accuracy{suffix}"] = mean
-            else:
-                out[f"eval/avg{name}{suffix}"] = mean
-                out[f"eval/pass{name}{suffix}"] = sum(max(per_prompt[p]) for p in ps) / len(ps)
         return out
 
     def rollout_metrics(self, gen: dict, sig) -> dict:

@@ -84,17 +84,17 @@ class PromptFormatter:
         return text + self.cfg.response_prefix
 
     def prompt_ids(self, record: dict) -> list[int]:
-        """Token ids of a record's formatted prompt (cached by record id)."""
-        key = str(record.get("id"))
-        ids = self._cache.get(key)
+        """Token ids of a record's formatted prompt (the tokenisation cached by text)."""
+        text = self.text(record)
+        ids = self._cache.get(text)
         if ids is None:
             # A chat template writes its own special tokens (BOS included); plain text gets
             # the tokenizer's, as the model saw in pre-training.
-            ids = self.tok(self.text(record), add_special_tokens=not self.chat).input_ids
-            self._cache[key] = ids
-            if len(self._cache) > 8192:
+            ids = self.tok(text, add_special_tokens=not self.chat).input_ids
+            self._cache[text] = ids
+            if len(self._cache) > 4096:
                 self._cache.popitem(last=False)
-        return ids
+        return list(ids)
 
     def fits(self, record: dict) -> bool:
         """Whether the prompt is within ``max_prompt_tokens`` (always, without a limit)."""

@@ -123,6 +123,10 @@ def resolve_recipe(recipe: Recipe, check_model: bool = True) -> Resolved:
             continue
         cls = resolve(cfg.cls, f"roles.{role}.cls", base=base)
         roles[role] = (cls, cls.check_args(cfg.args, f"roles.{role}.args"))
+    template = recipe.prompt.chat_template
+    if template and not Path(template).expanduser().is_file():
+        raise RecipeError(f"prompt.chat_template: no such file: {template!r} (relative paths "
+                          f"start at the working directory, {os.getcwd()})")
     train = build_dataset(recipe.data.train, "data.train")
     ev = build_dataset(recipe.data.eval, "data.eval") if recipe.data.eval else None
     samples = {"data.train": first_records(train, "data.train", recipe.data.train.cls)}

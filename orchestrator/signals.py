@@ -83,3 +83,33 @@ def empty_signals(step: int) -> StepSignals:
     """Signals of a step that generated nothing (e.g. an SFT-only step)."""
     return StepSignals(step=step, prompts=[], reward_mean=0.0, pass_rate=0.0,
                        zero_success_frac=0.0, zero_variance_frac=0.0, unscored=0)
+
+
+def eval_rates(k: int | None, prompt_index: list[int], rewards: list[float | None],
+               buckets: list[str] | None = None, success_threshold: float = 1.0) -> dict:
+    """Held-out metrics of one eval pass, overall and per bucket (``buckets[p]`` names prompt
+    p's): greedy accuracy (``k`` None: one sample per prompt), or, for k samples per prompt,
+    avg@k — the mean over prompts of the fraction of its samples that are correct — and
+    pass@k — the fraction of prompts with at least one correct sample.
+
+    >>> eval_rates(None, [0, 1, 2], [1.0, 0.0, None])
+    {'eval/accuracy': 0.333...}
+    >>> r = eval_rates(2, [0, 0, 1, 1], [1.0, 0.0, 0.0, 0.0], ["easy", "hard"])
+    >>> r["eval/avg@2"], r["eval/pass@2"], r["eval/avg@2/easy"], r["eval/pass@2/hard"]
+    (0.25, 0.5, 0.5, 0.0)
+    """
+    per_prompt: dict[int, list[float]] = {}
+    for p, r in zip(prompt_index, rewards):
+        per_prompt.setdefault(p, []).append(1.0 if (r or 0.0) >= success_threshold else 0.0)
+    groups = {"": sorted(per_prompt)}
+    for p in sorted(per_prompt) if buckets else ():
+        groups.setdefault(f"/{buckets[p]}", []).append(p)
+    out = {}
+    for suffix, ps in sorted(groups.items()):
+        mean = sum(sum(per_prompt[p]) / len(per_prompt[p]) for p in ps) / len(ps)
+        if k is None:
+            out[f"eval/accuracy{suffix}"] = mean
+        else:
+            out[f"eval/avg@{k}{suffix}"] = mean
+            out[f"eval/pass@{k}{suffix}"] = sum(max(per_prompt[p]) for p in ps) / len(ps)
+    return out
