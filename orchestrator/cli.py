@@ -106,8 +106,9 @@ def cmd_convert_gguf(args) -> int:
     try:
         source = smollm2_gguf() if args.gguf == "smollm2" else args.gguf
         out = convert_gguf(source, args.out, args.dtype)
-    except (FileNotFoundError, RuntimeError) as err:
-        print(f"braid: convert-gguf: {err}", file=sys.stderr)
+    except (FileNotFoundError, RuntimeError, ImportError) as err:
+        hint = " (pip install gguf accelerate)" if isinstance(err, ImportError) else ""
+        print(f"braid: convert-gguf: {err}{hint}", file=sys.stderr)
         return 1
     print(f"converted {source} to {out}")
     return 0

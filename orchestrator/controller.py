@@ -205,7 +205,8 @@ class Controller:
         solved = {p for p, r in zip(gen["prompt_index"], gen["scores"].rewards)
                   if (r or 0.0) >= 1.0}
         todo = [batch[p] for p in sorted(set(gen["prompt_index"]) - solved)
-                if not self.demos.has(batch[p]["id"])][:self.recipe.teacher.max_prompts]
+                if not self.demos.has(batch[p]["id"]) and self.teacher_prompts.fits(batch[p])
+                ][:self.recipe.teacher.max_prompts]
         if not todo:
             return {"teacher/asked": 0.0, "teacher/accepted": 0.0}
         t = self.generate(todo, step, n=self.recipe.teacher.samples, group=self.teacher,
@@ -215,7 +216,7 @@ class Controller:
         for p, text, r in zip(t["prompt_index"], t["texts"], rewards):
             if r >= 1.0 and p not in accepted:
                 accepted[p] = dict(todo[p], demonstration=text.strip())
-        self.demos.add(list(accepted.values()))
+        self.demos.add(list(accepted.values()), owned=True)
         return {"teacher/asked": float(len(todo)), "teacher/accepted": float(len(accepted))}
 
     def run_probes(self, step: int, signals, batch: list[dict]):

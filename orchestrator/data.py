@@ -11,7 +11,7 @@ in shuffled passes and resumes exactly.
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,17 +42,47 @@ def field_value(row: dict, path: str):
 
 
 class Fields(BaseModel):
-    """Which column (a dotted path into nested columns) holds each field braid reads."""
+    """Which column (a dotted path into nested columns) holds each field braid reads. A field
+    left at its default is optional where braid can do without it: ``demonstration``, ``id``
+    (generated) and ``bucket`` are read when the column exists; set one to null to ignore a
+    column of that name, or to a path to require it."""
 
     model_config = ConfigDict(extra="forbid")
     prompt: str = Field("prompt", description="the question: text, or a list of chat messages "
                         "({role, content}) used as the conversation")
-    answer: str | None = Field("answer", description="the gold answer verifiers read (None: "
-                               "no answer column)")
-    demonstration: str | None = Field(None, description="a worked solution for SFT (None: none)")
-    id: str | None = Field(None, description="a unique id (None: <file stem>-<row>)")
+    answer: str | None = Field("answer", description="the gold answer verifiers read (null: "
+                               "no answer)")
+    demonstration: str | None = Field("demonstration", description="a worked solution for SFT "
+                                      "(null: none)")
+    id: str | None = Field("id", description="a unique id (null, or no such column: "
+                           "<file stem>-<row>)")
     bucket: str | None = Field(None, description="a difficulty or category column, copied to "
                                "`bucket` (eval.bucket_key: bucket reports accuracy by it)")
+
+
+RESERVED = ("id", "prompt", "answer", "demonstration", "bucket")
+OPTIONAL = ("demonstration", "id", "bucket")  # may be missing when left at their defaults
+
+
+def _jsonable(value):
+    """A column value as JSON keeps it (records go into checkpoints): dates as ISO text,
+    decimals as floats, anything else exotic as its text."""
+    if value is None or isinstance(value, (str, bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    try:
+        import decimal
+
+        if isinstance(value, decimal.Decimal):
+            return float(value)
+    except ImportError:  # pragma: no cover
+        pass
+    return str(value)
 
 
 class FileDataset:
@@ -79,6 +109,8 @@ class FileDataset:
     ...                  where={"level": 0})
     >>> len(ds), ds[1]
     (2, {'id': 'qa-2', 'prompt': '2+1?', 'answer': '3', 'level': 0})
+    >>> ds.by_id("qa-2") == ds[1]
+    True
     """
 
     class Args(BaseModel):
@@ -162,16 +194,25 @@ class FileDataset:
         if len(self.table) == 0:
             raise DataError(f"{self.source}: no records")
         columns = set(self.table.column_names)
+        self.paths: dict[str, str] = {}  # braid field -> column path, as this file has them
         for name, path in a.fields.model_dump().items():
-            if path is not None and path.split(".")[0] not in columns:
+            if path is None:
+                continue
+            if path.split(".")[0] in columns:
+                self.paths[name] = path
+            elif name not in OPTIONAL or name in a.fields.model_fields_set:
                 raise DataError(f"{self.source}: no column {path.split('.')[0]!r} for "
                                 f"fields.{name} (columns: {', '.join(sorted(columns))})")
+        # the big columns travel only under braid's names; small ones (bucket, id) under both
+        self.renamed = {self.paths[n].split(".")[0] for n in ("prompt", "answer", "demonstration")
+                        if n in self.paths}
         keep: Callable[[dict], bool] | None = resolve(a.filter, "filter") if a.filter else None
         wanted = {k: v if isinstance(v, list) else [v] for k, v in a.where.items()}
-        rows, has_demo, ids = [], 0, set()
+        rows, has_demo = [], 0
+        self.index: dict[str, int] = {}  # record id -> row (for demonstrations, by id)
         table = self.table
         if keep is None:  # read only the columns the checks need, in batches
-            need = {p.split(".")[0] for p in a.fields.model_dump().values() if p is not None}
+            need = {p.split(".")[0] for p in self.paths.values()}
             table = table.select_columns(sorted((need | set(wanted)) & columns))
         for i, row in enumerate(_rows(table)):
             rec = self._record(i, row)
@@ -181,14 +222,15 @@ class FileDataset:
                 continue
             if keep is not None and not keep(rec):
                 continue
-            if rec["id"] in ids:
+            if rec["id"] in self.index:
                 raise DataError(f"{self.source}: record {i}: id {rec['id']!r} is not unique "
-                                f"(fields.id: {a.fields.id})")
-            ids.add(rec["id"])
+                                f"(fields.id: {self.paths.get('id')})")
+            self.index[rec["id"]] = i
             rows.append(i)
             if a.limit is not None and len(rows) == a.limit:
                 break
-        if a.fields.demonstration is not None and has_demo == 0:
+        if "demonstration" in a.fields.model_fields_set and "demonstration" in self.paths and \
+                has_demo == 0:
             raise DataError(f"{self.source}: no record has a demonstration in column "
                             f"{a.fields.demonstration!r} (fields.demonstration)")
         if not rows:
@@ -200,12 +242,8 @@ class FileDataset:
         """Row ``i`` of the table as a braid record; raises DataError naming the field that a
         row lacks."""
         row = self.table[i] if row is None else row
-        f = self.args.fields
         rec: dict[str, Any] = {"id": f"{Path(self.source).stem}-{i}"}
-        for name in ("id", "prompt", "answer", "demonstration", "bucket"):
-            path = getattr(f, name)
-            if path is None:
-                continue
+        for name, path in self.paths.items():
             try:
                 value = field_value(row, path)
             except KeyError:
@@ -217,12 +255,18 @@ class FileDataset:
                                          or _is_messages(value)):
                 raise DataError(f"{self.source}: record {i}: {path!r} (fields.prompt) is "
                                 f"neither text nor a list of chat messages: {value!r:.80}")
-            rec[name] = str(value) if name == "id" else value
-        used = {p.split(".")[0] for p in f.model_dump().values() if p is not None}
+            if value is not None:
+                rec[name] = str(value) if name == "id" else _jsonable(value)
         for col, value in row.items():
-            if col not in used and col not in rec:
-                rec[col] = value
+            if col not in RESERVED and col not in self.renamed:
+                rec[col] = _jsonable(value)
         return rec
+
+    def by_id(self, pid: str) -> dict | None:
+        """The record with this id (None if there is none): demonstrations are fetched again
+        by id instead of being kept, or checkpointed, in full."""
+        row = self.index.get(pid)
+        return None if row is None else self._record(row)
 
     # --- the dataset protocol ------------------------------------------------------------
     def __len__(self) -> int:
@@ -243,7 +287,9 @@ def _rows(table, batch_size: int = 1024) -> Iterator[dict]:
 
 def _is_messages(value) -> bool:
     return isinstance(value, list) and bool(value) and all(
-        isinstance(m, dict) and "role" in m and "content" in m for m in value)
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"),
+                                                                               str)
+        for m in value)
 
 
 class Arithmetic:
@@ -351,7 +397,7 @@ class Cursor:
             for _ in range(self.offset):
                 next(self._it)
             return
-        indexable = hasattr(self.dataset, "__getitem__")
+        indexable = isinstance(self.dataset, (Sequence, FileDataset))
         records = None if indexable else list(self.dataset)
         order = list(range(n))
         random.Random(self.seed + self.epoch).shuffle(order)

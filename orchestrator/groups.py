@@ -97,7 +97,9 @@ class WorkerGroup:
         from workers.base import user_frame
 
         frame = user_frame(err)
-        return f"{frame} (roles.{self.role}.cls: {self.cfg.cls})" if frame else ""
+        ours = self.cfg.cls.partition(":")[0].split(".")[0] in ("orchestrator", "workers",
+                                                                "rewards")
+        return frame + ("" if ours or not frame else f" (roles.{self.role}.cls: {self.cfg.cls})")
 
     def dead(self, timeout_s: float = 30.0) -> list[int]:
         """Ranks whose actor is gone (a health ping fails with an actor error)."""

@@ -4,6 +4,7 @@ and a one-line-per-step console progress display."""
 from __future__ import annotations
 
 import os
+import re
 import sys
 import time
 from contextlib import contextmanager
@@ -29,6 +30,16 @@ def flatten(d: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[key] = str(v)[:500]
     return out
+
+
+def metric_name(key: str) -> str:
+    """A metric key as mlflow accepts it (letters, digits, ``_-. /:``): ``@`` becomes ``_at_``,
+    anything else odd (a bucket named "Counting & Probability") ``_``.
+
+    >>> metric_name("eval/pass@8/type_Counting & Probability")
+    'eval/pass_at_8/type_Counting _ Probability'
+    """
+    return re.sub(r"[^\w\-. /:]", "_", key.replace("@", "_at_"))
 
 
 class Timings:
@@ -78,7 +89,7 @@ class RunLogger:
 
     def log(self, step: int, metrics: dict[str, float]) -> None:
         if self.mlflow is not None:
-            clean = {k.replace("@", "_at_"): float(v) for k, v in metrics.items()
+            clean = {metric_name(k): float(v) for k, v in metrics.items()
                      if isinstance(v, (int, float))}
             self.mlflow.log_metrics(clean, step=step)
 

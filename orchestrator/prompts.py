@@ -78,9 +78,10 @@ class PromptFormatter:
                 raise PromptError(f"record {record.get('id')!r}: a prompt that is a list of "
                                   "chat messages needs a chat template (prompt.style)")
             return self._fill(record) + self.cfg.response_prefix
-        text = self.tok.apply_chat_template(
-            self.messages(record), chat_template=self.chat_template, tokenize=False,
-            add_generation_prompt=self.cfg.add_generation_prompt, **self.cfg.template_kwargs)
+        kwargs = {"add_generation_prompt": self.cfg.add_generation_prompt} | \
+            self.cfg.template_kwargs
+        text = self.tok.apply_chat_template(self.messages(record), tokenize=False,
+                                            chat_template=self.chat_template, **kwargs)
         return text + self.cfg.response_prefix
 
     def prompt_ids(self, record: dict) -> list[int]:
@@ -92,7 +93,7 @@ class PromptFormatter:
             # the tokenizer's, as the model saw in pre-training.
             ids = self.tok(text, add_special_tokens=not self.chat).input_ids
             self._cache[text] = ids
-            if len(self._cache) > 4096:
+            if len(self._cache) > 16384:
                 self._cache.popitem(last=False)
         return list(ids)
 
@@ -101,13 +102,16 @@ class PromptFormatter:
         return self.max_prompt_tokens is None or \
             len(self.prompt_ids(record)) <= self.max_prompt_tokens
 
+    def strip_prefix(self, text: str) -> str:
+        """A demonstration as the engine would have written it: without the response prefix
+        the prompt already ends with (the R1 traces of OpenR1 start with ``<think>``)."""
+        prefix = self.cfg.response_prefix
+        return text[len(prefix):] if prefix and text.startswith(prefix) else text
+
     def completion_ids(self, text: str) -> list[int]:
         """A demonstration's tokens, ending the turn as the model would (its end-of-turn
         token); a demonstration that repeats the response prefix has it removed."""
-        prefix = self.cfg.response_prefix
-        if prefix and text.startswith(prefix):
-            text = text[len(prefix):]
-        ids = self.tok(text, add_special_tokens=False).input_ids
+        ids = self.tok(self.strip_prefix(text), add_special_tokens=False).input_ids
         return ids + [self.end_of_turn]
 
     # --- helpers -------------------------------------------------------------------------

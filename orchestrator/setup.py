@@ -44,6 +44,9 @@ def build_dataset(component, where: str):
 def first_records(dataset, where: str, path: str, n: int = 8) -> list[dict]:
     """The first records of a dataset, each checked for what braid needs (``id``, ``prompt``)."""
     with user_code(where, path):
+        if iter(dataset) is dataset:
+            raise RecipeError(f"{where}: {path} gives a one-shot iterator; a dataset must be "
+                              "iterable again (each pass, each resume): a class with __iter__")
         records = list(itertools.islice(iter(dataset), n))
     if not records:
         raise RecipeError(f"{where}: {path} yields no records")
@@ -95,11 +98,15 @@ def model_folders(recipe: Recipe, roles: dict) -> dict[str, str]:
 
 def prompt_budget(recipe: Recipe, rollout_args) -> int | None:
     """prompt.max_prompt_tokens, else the engine's max_model_len less the longest generation."""
-    if recipe.prompt.max_prompt_tokens is not None:
-        return recipe.prompt.max_prompt_tokens
     max_len = getattr(rollout_args, "max_model_len", None)
+    explicit = recipe.prompt.max_prompt_tokens
     if max_len is None:
-        return None
+        return explicit
+    if explicit is not None:
+        if explicit >= max_len:
+            raise RecipeError(f"prompt.max_prompt_tokens = {explicit} does not fit the engine's "
+                              f"max_model_len = {max_len} (a prompt needs room to be answered)")
+        return explicit
     longest = max(recipe.sampling.max_tokens, recipe.eval.max_tokens or 0)
     if longest >= max_len:
         raise RecipeError(f"sampling.max_tokens (or eval.max_tokens) = {longest} leaves no room "
@@ -140,6 +147,12 @@ def resolve_recipe(recipe: Recipe, check_model: bool = True) -> Resolved:
     warnings += schedule_warnings(recipe)
     notes = [f"{where}: {dataset_size(ds) or 'a stream of'} records"
              for where, ds in (("data.train", train), ("data.eval", ev)) if ds is not None]
+    budgets = {role: prompt_budget(recipe, roles[role][1])
+               for role in ("rollout", "teacher") if role in roles}
+    if ev is not None and recipe.eval.bucket_key and \
+            all(recipe.eval.bucket_key not in r for r in samples["data.eval"]):
+        warnings.append(f"eval.bucket_key: none of the first eval records has a field "
+                        f"{recipe.eval.bucket_key!r}: every one would land in one bucket")
     if check_model:
         for where, folder in model_folders(recipe, roles).items():
             problem = model_problem(folder)
@@ -147,7 +160,10 @@ def resolve_recipe(recipe: Recipe, check_model: bool = True) -> Resolved:
                 raise RecipeError(f"{where}: {folder!r} is not a Hugging Face model folder "
                                   f"({problem}); `braid validate --skip-model` checks the rest")
         if "model.path" in model_folders(recipe, roles):
-            notes += check_prompts(recipe, roles, samples)
+            notes += check_prompts(recipe, recipe.model.path, budgets["rollout"], samples)
+        teacher = getattr(roles.get("teacher", (None, None))[1], "model", None)
+        if teacher:
+            notes += check_prompts(recipe, teacher, budgets["teacher"], samples, "teacher ")
     else:
         notes.append("model folders not checked and prompts not tokenised (--skip-model)")
     return Resolved(roles, train, ev, schedule, warnings, notes)
@@ -167,26 +183,34 @@ def schedule_warnings(recipe: Recipe) -> list[str]:
     return []
 
 
-def check_prompts(recipe: Recipe, roles: dict, samples: dict[str, list[dict]]) -> list[str]:
-    """Format the first records with the model's tokenizer: template fields and lengths."""
+def formatter(recipe: Recipe, model: str, budget: int | None, who: str = ""):
+    """The PromptFormatter of a model folder; a prompt section it cannot serve is a
+    RecipeError."""
     from orchestrator.prompts import PromptError, PromptFormatter
 
-    budget = prompt_budget(recipe, roles["rollout"][1])
     try:
-        fmt = PromptFormatter.for_model(recipe.model.path, recipe, budget)
+        return PromptFormatter.for_model(model, recipe, budget)
     except (PromptError, OSError) as err:
-        raise RecipeError(f"prompt: {err}") from None
-    notes = [f"prompt: {'chat template' if fmt.chat else 'plain text'}, stop tokens "
+        raise RecipeError(f"prompt: {who}{err}") from None
+
+
+def check_prompts(recipe: Recipe, model: str, budget: int | None,
+                  samples: dict[str, list[dict]], who: str = "") -> list[str]:
+    """Format the first records with a model's tokenizer: template fields and lengths."""
+    from orchestrator.prompts import PromptError
+
+    fmt = formatter(recipe, model, budget, who)
+    notes = [f"{who}prompt: {'chat template' if fmt.chat else 'plain text'}, stop tokens "
              f"{fmt.stop_token_ids}, at most {budget or 'any number of'} prompt tokens"]
     for where, records in samples.items():
         try:
             lengths = [len(fmt.prompt_ids(r)) for r in records]
-        except PromptError as err:
-            raise RecipeError(f"prompt: {where}: {err}") from None
+        except (PromptError, TypeError, KeyError) as err:
+            raise RecipeError(f"prompt: {who}{where}: {err}") from None
         long = sum(budget is not None and n > budget for n in lengths)
-        notes.append(f"{where}: first {len(records)} prompts are {min(lengths)}-{max(lengths)} "
-                     f"tokens" + (f"; {long} longer than {budget} would be dropped" if long
-                                  else ""))
+        notes.append(f"{who}{where}: first {len(records)} prompts are "
+                     f"{min(lengths)}-{max(lengths)} tokens"
+                     + (f"; {long} longer than {budget} would be dropped" if long else ""))
     return notes
 
 
@@ -252,21 +276,18 @@ def setup_controller(c) -> None:
     from orchestrator.demos import DemoStore
     from orchestrator.groups import WorkerGroup
     from orchestrator.metrics import RunLogger
-    from orchestrator.prompts import PromptFormatter
 
     recipe = c.recipe
     ensure_model(recipe)
     resolved = resolve_recipe(recipe)
     c.run_dir.mkdir(parents=True, exist_ok=True)
-    rollout_args = resolved.roles["rollout"][1]
-    c.prompts = PromptFormatter.for_model(recipe.model.path, recipe,
-                                          prompt_budget(recipe, rollout_args))
+    c.prompts = formatter(recipe, recipe.model.path,
+                          prompt_budget(recipe, resolved.roles["rollout"][1]))
     c.teacher_prompts = None
     if "teacher" in resolved.roles:
         t_args = resolved.roles["teacher"][1]
-        c.teacher_prompts = PromptFormatter.for_model(
-            getattr(t_args, "model", None) or recipe.model.path, recipe,
-            prompt_budget(recipe, t_args))
+        c.teacher_prompts = formatter(recipe, getattr(t_args, "model", None) or
+                                      recipe.model.path, prompt_budget(recipe, t_args), "teacher ")
     c.cursor = Cursor(resolved.train, recipe.seed, keep=c.prompts.fits)
     c.eval_records = list(resolved.eval) if resolved.eval is not None else []
     long = [r["id"] for r in c.eval_records if not c.prompts.fits(r)]
@@ -275,7 +296,8 @@ def setup_controller(c) -> None:
               f"than {c.prompts.max_prompt_tokens} tokens and left out (e.g. {long[0]})",
               flush=True)
         c.eval_records = [r for r in c.eval_records if c.prompts.fits(r)]
-    c.schedule, c.demos = resolved.schedule, DemoStore(recipe.data.demo_budget)
+    c.schedule = resolved.schedule
+    c.demos = DemoStore(recipe.data.demo_budget, getattr(resolved.train, "by_id", None))
     state = None
     if c.resume is not None:
         from orchestrator import checkpoint

@@ -47,7 +47,10 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
         prompts_here = sorted({index[i] for i in rows})
         demo_recs = c.demos.take([batch[p]["id"] for p in prompts_here])
         by_id = {batch[p]["id"]: p for p in prompts_here}
-        demo_rewards = c.score_texts(demo_recs, [r["demonstration"] for r in demo_recs])
+        # scored as the engine's samples are: after the response prefix (added back by the
+        # reward worker, as for every rollout)
+        demo_rewards = c.score_texts(demo_recs, [c.prompts.strip_prefix(r["demonstration"])
+                                                 for r in demo_recs])
         group_rewards += demo_rewards
         group_index += [by_id[r["id"]] for r in demo_recs]
     adv = grpo_advantages(group_rewards, group_index, c.recipe.algorithm.std_normalize)

@@ -99,7 +99,8 @@ _OURS = tuple(str(_BRAID / pkg) + os.sep for pkg in ("orchestrator", "workers", 
 
 
 def _is_user_file(path: str) -> bool:
-    if path.startswith("<") or "site-packages" in path or "dist-packages" in path:
+    generated = ("site-packages", "dist-packages", "huggingface/modules", "torchinductor")
+    if path.startswith("<") or any(g in path for g in generated):
         return False
     resolved = str(Path(path).resolve())
     stdlib = str(Path(os.__file__).resolve().parent) + os.sep

@@ -60,6 +60,14 @@ def _malformed(out, n: int) -> str:
     return f"returned {bad!r}, not a finite number or None"
 
 
+def responses(rollouts: Rollouts, recipe) -> list[str]:
+    """The responses rewards judge: each completion after ``prompt.response_prefix`` (the
+    engine generated after the prefix, which sits in the prompt, so the completion's text
+    lacks it — a verifier checking ``<think>...</think>`` needs it back)."""
+    prefix = recipe.prompt.response_prefix if recipe is not None else ""
+    return [prefix + t for t in rollouts.texts] if prefix else list(rollouts.texts)
+
+
 def shard_with_ids(rollout_parts, records: list[dict],
                    shard: tuple[int, int]) -> tuple[Rollouts, list[str]]:
     """This replica's slice of the step's rollouts (fetched once) and its samples' ids,
@@ -135,18 +143,19 @@ class RuleRewardWorker(RewardWorker):
     def score(self, rollout_parts, records: list[dict], shard: tuple[int, int] = (0, 1)) -> Scores:
         """Scores of the ``shard[0]``-th of ``shard[1]`` slices of the rollouts."""
         r, ids = shard_with_ids(rollout_parts, records, shard)
+        texts = responses(r, self.recipe)
         recs = [records[i] for i in r.prompt_index]
         prompts = [rec["prompt"] for rec in recs]
         keys = sorted({k for rec in recs for k in rec} - {"prompt", "id", "demonstration"})
         fields = {k: [rec.get(k) for rec in recs] for k in keys}
         scores = Scores(rewards=[0.0] * len(r))
         for spec, name in zip(self.specs, self.names):
-            out, why = self._run(spec, prompts, r.texts, fields)
+            out, why = self._run(spec, prompts, texts, fields)
             first = ""
             if out is None:  # isolate the failing samples
                 out = []
                 for i in range(len(r)):
-                    one, why_one = self._run(spec, [prompts[i]], [r.texts[i]],
+                    one, why_one = self._run(spec, [prompts[i]], [texts[i]],
                                              {k: [v[i]] for k, v in fields.items()})
                     out.append(one[0] if one is not None else None)
                     if one is None and not first:

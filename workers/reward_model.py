@@ -58,7 +58,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from workers.base import RewardWorker
-from workers.reward import shard_with_ids
+from workers.reward import responses, shard_with_ids
 from workers.types import Scores
 
 log = logging.getLogger("braid.reward")
@@ -180,7 +180,8 @@ class RewardModelWorker(RewardWorker):
     def score(self, rollout_parts, records: list[dict], shard: tuple[int, int] = (0, 1)) -> Scores:
         """Scores of the ``shard[0]``-th of ``shard[1]`` slices of the rollouts."""
         r, ids = shard_with_ids(rollout_parts, records, shard)
-        pairs = [(_hashable(records[p]["prompt"]), c) for p, c in zip(r.prompt_index, r.texts)]
+        pairs = [(_hashable(records[p]["prompt"]), c)
+                 for p, c in zip(r.prompt_index, responses(r, self.recipe))]
         unique = list(dict.fromkeys(pairs))  # GRPO groups often repeat a completion
         seqs = [self.encode(p, c) for p, c in unique]
         by_pair = dict(zip(unique, self.raw_scores(seqs)))
@@ -333,7 +334,11 @@ class JudgeRewardWorker(RewardWorker):
     def judge_prompt(self, record: dict, completion: str) -> str:
         """The judge's prompt text for one sample; KeyError/IndexError/AttributeError when the
         template names a field the record lacks."""
-        text = self.args.template.format(**{**record, "completion": completion})
+        prompt = record.get("prompt")
+        if isinstance(prompt, list):  # a conversation: the judge reads its turns as text
+            prompt = "\n\n".join(m["content"] for m in prompt if m.get("role") != "system")
+        text = self.args.template.format(**{**record, "prompt": prompt,
+                                            "completion": completion})
         if self.args.chat:
             text = self.tok.apply_chat_template([{"role": "user", "content": text}],
                                                 tokenize=False, add_generation_prompt=True)
@@ -356,7 +361,7 @@ class JudgeRewardWorker(RewardWorker):
 
         a = self.args
         r, ids = shard_with_ids(rollout_parts, records, shard)
-        keys = [(p, c) for p, c in zip(r.prompt_index, r.texts)]
+        keys = [(p, c) for p, c in zip(r.prompt_index, responses(r, self.recipe))]
         unique = list(dict.fromkeys(keys))
         grades: dict[tuple[int, str], float | None] = {}
         why: dict[tuple[int, str], tuple[str, str]] = {}  # failure kind, detail

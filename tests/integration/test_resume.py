@@ -33,12 +33,14 @@ def _recipe(make_chat_recipe, run_dir, steps, data):
 def problems(tmp_path):
     path = tmp_path / "problems.jsonl"
     with open(path, "w") as f:
-        for i in range(6):  # 4 prompts a step: step 2 ends 2 records into the second pass
+        for i in range(6):  # 4 prompts a step: step 2 ends in the second pass
             a, b = 3 * i + 1, 7 - i
             f.write(json.dumps({"question": f"Sam has {a} pens and finds {b} more. How many "
                                             "pens does he have?",
                                 "answer": str(a + b), "solution": f"{a} + {b} = {a + b}"})
                     + "\n")
+        # longer than the engine's room for a prompt: skipped in every pass, and counted
+        f.write(json.dumps({"question": "Why? " * 60, "answer": "0", "solution": "0"}) + "\n")
     return path
 
 
@@ -61,12 +63,15 @@ def test_stop_and_resume_matches_a_straight_run(ray_local, make_chat_recipe, tmp
     straight, w_a, sched_a, v_a = _run(_recipe(make_chat_recipe, tmp_path / "a", 4, problems))
     first, _, _, _ = _run(_recipe(make_chat_recipe, tmp_path / "b", 2, problems))
     ckpt = tmp_path / "b" / "checkpoints" / "step_000002" / "controller.json"
-    assert json.loads(ckpt.read_text())["cursor"] == {"epoch": 1, "offset": 2, "skipped": 0}
+    cursor = json.loads(ckpt.read_text())["cursor"]
+    assert cursor["epoch"] == 1 and 0 < cursor["offset"] < 7 and cursor["skipped"] >= 1
+    assert cursor["offset"] + 7 == 8 + cursor["skipped"]  # 8 prompts kept in 2 steps
     second, w_b, sched_b, v_b = _run(_recipe(make_chat_recipe, tmp_path / "b", 4, problems),
                                      resume="")
     assert sorted(second) == [3, 4]
     for step in (3, 4):
-        for key in ("reward/mean", "rl/loss", "relift/buffer_depth", "response/length_mean"):
+        for key in ("reward/mean", "rl/loss", "relift/buffer_depth", "response/length_mean",
+                    "data/prompts_dropped_total"):
             assert second[step][key] == pytest.approx(straight[step][key], rel=1e-6, abs=1e-9)
     assert sched_a == sched_b and sched_a["triggers"] >= 1
     assert v_a == v_b

@@ -201,3 +201,21 @@ def test_a_missing_chat_template_file_is_named_even_without_the_model(make_recip
     with pytest.raises(RecipeError, match="prompt.chat_template: no such file: "
                                           "'nowhere/template.jinja'"):
         resolve_recipe(recipe, check_model=False)
+
+
+def test_one_shot_datasets_budgets_and_bucket_keys_are_checked(recipe_file, make_recipe,
+                                                               tmp_path):
+    (tmp_path / "gen_data.py").write_text(
+        "def problems():\n"
+        "    return ({'id': str(i), 'prompt': f'{i}+1=', 'answer': str(i + 1)} "
+        "for i in range(9))\n")
+    p = recipe_file(lambda d: d["data"].update(train={"cls": "gen_data:problems"}))
+    out = _validate([str(p)], tmp_path)
+    assert out.returncode == 2 and "data.train: gen_data:problems gives a one-shot iterator" \
+        in out.stderr
+    with pytest.raises(RecipeError, match="prompt.max_prompt_tokens = 64 does not fit the "
+                                          "engine's max_model_len = 64"):
+        resolve_recipe(make_recipe(**{"prompt.max_prompt_tokens": 64}))
+    warnings = resolve_recipe(make_recipe(**{"eval.bucket_key": "level"})).warnings
+    assert any("eval.bucket_key: none of the first eval records has a field 'level'" in w
+               for w in warnings)

@@ -31,7 +31,7 @@ def test_jsonl_with_a_field_mapping(jsonl):
     ds = FileDataset(path=str(jsonl), fields=FIELDS)
     assert len(ds) == 12
     assert ds[3] == {"id": "problems-3", "prompt": "What is 3 + 2?", "answer": "5",
-                     "demonstration": "3 + 2 = 5", "bucket": 0, "source": "gen"}
+                     "demonstration": "3 + 2 = 5", "bucket": 0, "level": 0, "source": "gen"}
     assert [r["id"] for r in ds] == [f"problems-{i}" for i in range(12)]
 
 
@@ -70,9 +70,29 @@ def test_chat_messages_as_prompt_and_nested_demonstration(tmp_path):
     assert "target" not in ds[1] and "reward_model" not in ds[1]
 
 
+def test_default_fields_are_read_when_present_and_null_ignores_a_column(tmp_path):
+    import datetime
+
+    rows = [{"id": f"u{i}", "prompt": f"{i}?", "answer": i, "demonstration": f"= {i}",
+             "when": datetime.date(2026, 1, i + 1)} for i in range(3)]
+    path = tmp_path / "d.parquet"
+    import datasets
+
+    datasets.Dataset.from_list(rows).to_parquet(str(path))
+    ds = FileDataset(path=str(path))
+    assert ds[2] == {"id": "u2", "prompt": "2?", "answer": 2, "demonstration": "= 2",
+                     "when": "2026-01-03"}  # a date as JSON keeps it: records go into checkpoints
+    json.dumps(list(ds))
+    bare = FileDataset(path=str(path), fields={"demonstration": None, "id": None})
+    assert bare[0] == {"id": "d-0", "prompt": "0?", "answer": 0, "when": "2026-01-01"}
+    assert ds.by_id("u1") == ds[1] and ds.by_id("nope") is None
+
+
 def test_where_filter_and_limit(jsonl, tmp_path, monkeypatch):
     ds = FileDataset(path=str(jsonl), fields=FIELDS, where={"bucket": [0, 1]})
     assert {r["bucket"] for r in ds} == {0, 1} and len(ds) == 8
+    by_column = FileDataset(path=str(jsonl), fields=FIELDS, where={"level": [0, 1]})
+    assert [r["id"] for r in by_column] == [r["id"] for r in ds]
     (tmp_path / "my_filters.py").write_text(
         "def even(record):\n    return int(record['answer']) % 2 == 0\n")
     monkeypatch.chdir(tmp_path)

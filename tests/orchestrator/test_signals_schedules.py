@@ -65,3 +65,27 @@ def test_demo_store_budget_and_peek():
     e = DemoStore(budget=2)
     e.load_state_dict(d.state_dict())
     assert e.take(["c"]) == [] and e.metrics() == d.metrics() | {"demos/refused": 2.0}
+
+
+def test_demo_store_keeps_only_ids_of_a_datasets_demonstrations(tmp_path):
+    """With the dataset's by_id, a checkpoint holds ids, not 8k-token solutions; a teacher's
+    demonstrations (not in the dataset) are kept whole."""
+    import json
+
+    from orchestrator.data import FileDataset
+    from orchestrator.demos import DemoStore
+
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps({"id": f"q{i}", "prompt": "p", "answer": "1",
+                                        "demonstration": "long " * 1000}) + "\n"
+                            for i in range(3)))
+    ds = FileDataset(path=str(path))
+    d = DemoStore(lookup=ds.by_id)
+    d.add(list(ds))
+    d.add([{"id": "t0", "prompt": "p", "demonstration": "a teacher's"}], owned=True)
+    state = json.loads(json.dumps(d.state_dict()))
+    assert len(json.dumps(state)) < 500
+    e = DemoStore(lookup=ds.by_id)
+    e.load_state_dict(state)
+    assert e.take(["q1", "t0"]) == [ds[1], {"id": "t0", "prompt": "p",
+                                            "demonstration": "a teacher's"}]

@@ -22,6 +22,8 @@ def always(prompts, completions, **_):
     return [0.5] * len(completions)
 def short(prompts, completions, **_):
     return [1.0] * (len(completions) - 1)
+def thought(prompts, completions, **_):
+    return [1.0 if c.startswith("<think>") and "</think>" in c else 0.0 for c in completions]
 '''
 
 
@@ -84,3 +86,14 @@ def test_a_wrong_number_of_rewards_is_named(worker):
 def test_unknown_verifier_is_a_recipe_error(worker):
     with pytest.raises(RecipeError, match="roles.reward.args.verifiers.0: no module named"):
         worker(["no_such_module:fn"])
+
+
+def test_verifiers_see_the_response_prefix_the_prompt_ends_with(worker, make_recipe):
+    """The engine generates after prompt.response_prefix (it is in the prompt's ids), so the
+    completion's text lacks it; verifiers get it back in front."""
+    w = worker(["flaky_verifiers:thought"])
+    w.recipe = make_recipe(**{"prompt.response_prefix": "<think>\n"})
+    s = w.score(_rollouts(["hmm</think> 4", "4"]), [{"id": "q0", "prompt": "x"},
+                                                    {"id": "q1", "prompt": "y"}])
+    assert s.rewards == [1.0, 0.0]
+    w.shutdown()
