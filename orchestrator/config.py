@@ -20,6 +20,12 @@ class RecipeError(Exception):
     """A user error in a recipe: bad YAML, a wrong field, an import path that does not resolve."""
 
 
+class MissingInput(RecipeError):
+    """A model folder or data file the recipe names is not on this machine. ``braid run``
+    stops on it; ``braid validate`` warns (the file may live on the cluster's volume, or come
+    from another recipe) and checks the rest."""
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 

@@ -108,6 +108,7 @@ class Controller:
         if greedy:
             n, sampling = 1, self.sampling("greedy")
         group, prompts = group or self.rollout, prompts or self.prompts
+        # eval's samples draw seeds apart from the same step's training samples
         base = (self.recipe.seed * 1_000_003 + step) * 10_007 + (0 if sampling is None else 5003)
         sampling = (sampling or self.sampling()) | {"stop_token_ids": prompts.stop_token_ids}
         items = [{"prompt_ids": prompts.prompt_ids(r), "seed": base + i}

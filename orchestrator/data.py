@@ -10,6 +10,7 @@ in shuffled passes and resumes exactly.
 
 from __future__ import annotations
 
+import decimal
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -20,6 +21,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 class DataError(ValueError):
     """A data file that cannot serve as a dataset; the message names the file and the field."""
+
+
+class DataMissing(DataError):
+    """The data file or folder is not there."""
 
 
 def field_value(row: dict, path: str):
@@ -75,13 +80,8 @@ def _jsonable(value):
         return [_jsonable(v) for v in value]
     if hasattr(value, "isoformat"):
         return value.isoformat()
-    try:
-        import decimal
-
-        if isinstance(value, decimal.Decimal):
-            return float(value)
-    except ImportError:  # pragma: no cover
-        pass
+    if isinstance(value, decimal.Decimal):
+        return float(value)
     return str(value)
 
 
@@ -151,7 +151,7 @@ class FileDataset:
             return fmt
         if "/" in a.path and not path.parent.exists() and not any(c in a.path for c in "*?["):
             return "hub"  # `org/name` that is not a local path
-        raise DataError(f"{a.path}: no such file or folder (or not a .jsonl, .json, .parquet, "
+        raise DataMissing(f"{a.path}: no such file or folder (or not a .jsonl, .json, .parquet, "
                         ".csv or .arrow file; set format: to say which)")
 
     def _load(self):
@@ -177,7 +177,7 @@ class FileDataset:
         except DataError:
             raise
         except FileNotFoundError as err:
-            raise DataError(f"{a.path}: no such file or folder ({err})") from None
+            raise DataMissing(f"{a.path}: no such file or folder ({err})") from None
         except (StopIteration, datasets.exceptions.DatasetGenerationError, ValueError) as err:
             why = f": {err}" if str(err) else ""
             raise DataError(f"{a.path}: could not be read as {fmt} (empty or malformed?"

@@ -3,8 +3,8 @@
 The controller formats each prompt once — the tokenizer's chat template (system message,
 generation prompt, template arguments such as ``enable_thinking``) or a plain format string
 for base models — and hands *token ids* to the rollout engines, so nothing is re-tokenised
-differently downstream: the learner, the reference and the reward see the ids the engine
-generated from. SFT demonstrations use the same prompt ids, and their completion ends with the
+differently downstream: the learner and the reference see the ids the engine generated from.
+SFT demonstrations use the same prompt ids, and their completion ends with the
 token that ends an assistant turn (``<|im_end|>``, ``<|eot_id|>``, ... — read off the chat
 template), which is also a stop token of the engines.
 """
@@ -21,8 +21,8 @@ class PromptError(ValueError):
 
 
 class PromptFormatter:
-    """``prompt_ids(record)``, ``completion_ids(record, text)`` and the stop tokens, for one
-    tokenizer and the recipe's ``prompt`` section (``orchestrator.config.PromptConfig``)."""
+    """``prompt_ids(record)``, ``completion_ids(text)``, ``fits(record)`` and the stop tokens,
+    for one tokenizer and the recipe's ``prompt`` section (``orchestrator.config.PromptConfig``)."""
 
     def __init__(self, tokenizer, cfg, extra_stop_ids: list[int] = (), max_prompt_tokens=None,
                  generation_eos: list[int] = ()):

@@ -12,7 +12,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any
 
-from orchestrator.config import RecipeError
+from orchestrator.config import MissingInput, RecipeError
 
 
 def resolve(path: str, where: str, base: type | None = None,
@@ -58,8 +58,10 @@ def user_code(where: str, path: str):
     except RecipeError:
         raise
     except Exception as err:
-        from orchestrator.data import DataError
+        from orchestrator.data import DataError, DataMissing
 
+        if isinstance(err, DataMissing):
+            raise MissingInput(f"{where}: {err}") from None
         if isinstance(err, DataError):  # a built-in dataset: its message names file and field
             raise RecipeError(f"{where}: {err}") from None
         raise RecipeError(f"{where}: {path} raised {type(err).__name__}: {err}"

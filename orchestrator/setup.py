@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import Recipe, RecipeError, validate_model
+from orchestrator.config import MissingInput, Recipe, RecipeError, validate_model
 from orchestrator.registry import resolve, user_code
 from orchestrator.schedules import Schedule, build_schedule
 from workers.base import ROLE_BASES
@@ -30,6 +30,7 @@ class Resolved:
     schedule: Schedule
     warnings: list[str]
     notes: list[str] = field(default_factory=list)  # what was checked, for `braid validate`
+    prompts: dict[str, Any] = field(default_factory=dict)  # role -> its PromptFormatter
 
 
 def build_dataset(component, where: str):
@@ -114,10 +115,12 @@ def prompt_budget(recipe: Recipe, rollout_args) -> int | None:
     return max_len - longest
 
 
-def resolve_recipe(recipe: Recipe, check_model: bool = True) -> Resolved:
+def resolve_recipe(recipe: Recipe, check_model: bool = True, strict: bool = True) -> Resolved:
     """Everything ``braid validate`` checks: import paths, worker classes and arguments, the
     schedule, the datasets' first records (and their size against prompts_per_step), and —
-    unless ``check_model`` is False — every model folder and the prompts its tokenizer makes."""
+    unless ``check_model`` is False — every model folder and the prompts its tokenizer makes
+    (the formatters come back in ``prompts``). ``strict`` False (``braid validate``): a model
+    folder or data file that is not on this machine is a warning, and what needs it is skipped."""
     roles = {}
     warnings: list[str] = []
     for role, base in ROLE_BASES.items():
@@ -134,39 +137,56 @@ def resolve_recipe(recipe: Recipe, check_model: bool = True) -> Resolved:
     if template and not Path(template).expanduser().is_file():
         raise RecipeError(f"prompt.chat_template: no such file: {template!r} (relative paths "
                           f"start at the working directory, {os.getcwd()})")
-    train = build_dataset(recipe.data.train, "data.train")
-    ev = build_dataset(recipe.data.eval, "data.eval") if recipe.data.eval else None
-    samples = {"data.train": first_records(train, "data.train", recipe.data.train.cls)}
-    if ev is not None:
-        samples["data.eval"] = first_records(ev, "data.eval", recipe.data.eval.cls)
-    size = dataset_size(train)
+
+    def absent(err: MissingInput) -> None:
+        if strict:
+            raise err
+        warnings.append(f"{err} — not on this machine; `braid run` needs it")
+
+    datasets: dict[str, Any] = {}
+    for where, component in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
+        if component is not None:
+            try:
+                datasets[where] = build_dataset(component, where)
+            except MissingInput as err:
+                absent(err)
+    samples = {where: first_records(ds, where, getattr(recipe.data, where[5:]).cls)
+               for where, ds in datasets.items()}
+    size = dataset_size(datasets.get("data.train"))
     if size is not None and size < recipe.data.prompts_per_step:
         warnings.append(f"data.prompts_per_step = {recipe.data.prompts_per_step} is larger "
                         f"than data.train ({size} records): a step repeats prompts")
     schedule = build_schedule(recipe.schedule.policy, recipe.schedule.args)
     warnings += schedule_warnings(recipe)
     notes = [f"{where}: {dataset_size(ds) or 'a stream of'} records"
-             for where, ds in (("data.train", train), ("data.eval", ev)) if ds is not None]
+             for where, ds in datasets.items()]
     budgets = {role: prompt_budget(recipe, roles[role][1])
                for role in ("rollout", "teacher") if role in roles}
-    if ev is not None and recipe.eval.bucket_key and \
-            all(recipe.eval.bucket_key not in r for r in samples["data.eval"]):
+    key = recipe.eval.bucket_key
+    if key and "data.eval" in samples and all(key not in r for r in samples["data.eval"]):
         warnings.append(f"eval.bucket_key: none of the first eval records has a field "
-                        f"{recipe.eval.bucket_key!r}: every one would land in one bucket")
+                        f"{key!r}: every one would land in one bucket")
+    prompts = {}
     if check_model:
-        for where, folder in model_folders(recipe, roles).items():
+        models = model_folders(recipe, roles)
+        for where, folder in models.items():
             problem = model_problem(folder)
-            if problem:
+            if problem == "no such folder":
+                absent(MissingInput(f"{where}: no model folder at {folder!r}"))
+            elif problem:
                 raise RecipeError(f"{where}: {folder!r} is not a Hugging Face model folder "
                                   f"({problem}); `braid validate --skip-model` checks the rest")
-        if "model.path" in model_folders(recipe, roles):
-            notes += check_prompts(recipe, recipe.model.path, budgets["rollout"], samples)
-        teacher = getattr(roles.get("teacher", (None, None))[1], "model", None)
-        if teacher:
-            notes += check_prompts(recipe, teacher, budgets["teacher"], samples, "teacher ")
+        tokenizers = {"rollout": models.get("model.path"),
+                      "teacher": models.get("roles.teacher.args.model", models.get("model.path"))}
+        for role, folder in tokenizers.items():
+            if role in roles and folder and model_problem(folder) is None:
+                who = "teacher " if role == "teacher" else ""
+                prompts[role] = formatter(recipe, folder, budgets[role], who)
+                notes += check_prompts(prompts[role], samples, who)
     else:
         notes.append("model folders not checked and prompts not tokenised (--skip-model)")
-    return Resolved(roles, train, ev, schedule, warnings, notes)
+    return Resolved(roles, datasets.get("data.train"), datasets.get("data.eval"), schedule,
+                    warnings, notes, prompts)
 
 
 def schedule_warnings(recipe: Recipe) -> list[str]:
@@ -194,12 +214,11 @@ def formatter(recipe: Recipe, model: str, budget: int | None, who: str = ""):
         raise RecipeError(f"prompt: {who}{err}") from None
 
 
-def check_prompts(recipe: Recipe, model: str, budget: int | None,
-                  samples: dict[str, list[dict]], who: str = "") -> list[str]:
-    """Format the first records with a model's tokenizer: template fields and lengths."""
+def check_prompts(fmt, samples: dict[str, list[dict]], who: str = "") -> list[str]:
+    """Format the first records with a model's formatter: template fields and lengths."""
     from orchestrator.prompts import PromptError
 
-    fmt = formatter(recipe, model, budget, who)
+    budget = fmt.max_prompt_tokens
     notes = [f"{who}prompt: {'chat template' if fmt.chat else 'plain text'}, stop tokens "
              f"{fmt.stop_token_ids}, at most {budget or 'any number of'} prompt tokens"]
     for where, records in samples.items():
@@ -281,21 +300,14 @@ def setup_controller(c) -> None:
     ensure_model(recipe)
     resolved = resolve_recipe(recipe)
     c.run_dir.mkdir(parents=True, exist_ok=True)
-    c.prompts = formatter(recipe, recipe.model.path,
-                          prompt_budget(recipe, resolved.roles["rollout"][1]))
-    c.teacher_prompts = None
-    if "teacher" in resolved.roles:
-        t_args = resolved.roles["teacher"][1]
-        c.teacher_prompts = formatter(recipe, getattr(t_args, "model", None) or
-                                      recipe.model.path, prompt_budget(recipe, t_args), "teacher ")
+    c.prompts, c.teacher_prompts = resolved.prompts["rollout"], resolved.prompts.get("teacher")
     c.cursor = Cursor(resolved.train, recipe.seed, keep=c.prompts.fits)
-    c.eval_records = list(resolved.eval) if resolved.eval is not None else []
-    long = [r["id"] for r in c.eval_records if not c.prompts.fits(r)]
-    if long:
-        print(f"braid: note: data.eval: {len(long)} of {len(c.eval_records)} prompts are longer "
-              f"than {c.prompts.max_prompt_tokens} tokens and left out (e.g. {long[0]})",
+    records = list(resolved.eval) if resolved.eval is not None else []
+    c.eval_records = [r for r in records if c.prompts.fits(r)]
+    if len(c.eval_records) < len(records):
+        print(f"braid: note: data.eval: {len(records) - len(c.eval_records)} of {len(records)} "
+              f"prompts are longer than {c.prompts.max_prompt_tokens} tokens and left out",
               flush=True)
-        c.eval_records = [r for r in c.eval_records if c.prompts.fits(r)]
     c.schedule = resolved.schedule
     c.demos = DemoStore(recipe.data.demo_budget, getattr(resolved.train, "by_id", None))
     state = None

@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from rewards import as_rewards
+from rewards import check_rewards
 from workers.base import RewardWorker, user_frame
 from workers.types import Rollouts, Scores
 
@@ -47,17 +47,6 @@ def _call_verifier(spec: dict, prompts, completions, fields):
             _BUILT[key] = resolve(spec["fn"], "verifier")(**spec["args"])
         fn = _BUILT[key]
     return fn(prompts, completions, **fields)
-
-
-def _malformed(out, n: int) -> str:
-    if not isinstance(out, (list, tuple)):
-        return f"returned a {type(out).__name__}, not a list of {n} rewards"
-    if len(out) != n:
-        return f"returned {len(out)} rewards for {n} completions"
-    bad = next(v for v in out if not (v is None or isinstance(v, (int, float))) or
-               isinstance(v, bool) or (isinstance(v, float) and v != v) or
-               v in (float("inf"), float("-inf")))
-    return f"returned {bad!r}, not a finite number or None"
 
 
 def responses(rollouts: Rollouts, recipe) -> list[str]:
@@ -135,10 +124,7 @@ class RuleRewardWorker(RewardWorker):
             return None, f"timed out after {self.args.timeout_s:g}s"
         except Exception as err:
             return None, f"{type(err).__name__}: {err}{user_frame(err)}"
-        rewards = as_rewards(out, len(completions))
-        if rewards is None:
-            return None, _malformed(out, len(completions))
-        return rewards, ""
+        return check_rewards(out, len(completions))
 
     def score(self, rollout_parts, records: list[dict], shard: tuple[int, int] = (0, 1)) -> Scores:
         """Scores of the ``shard[0]``-th of ``shard[1]`` slices of the rollouts."""
@@ -151,17 +137,15 @@ class RuleRewardWorker(RewardWorker):
         scores = Scores(rewards=[0.0] * len(r))
         for spec, name in zip(self.specs, self.names):
             out, why = self._run(spec, prompts, texts, fields)
-            first = ""
+            first = ""  # the first failure, for the console and the run log
             if out is None:  # isolate the failing samples
                 out = []
                 for i in range(len(r)):
                     one, why_one = self._run(spec, [prompts[i]], [texts[i]],
                                              {k: [v[i]] for k, v in fields.items()})
-                    out.append(one[0] if one is not None else None)
+                    out.append(None if one is None else one[0])
                     if one is None and not first:
                         first = f"{why_one} (sample {ids[i]})"
-                    elif one is not None and one[0] is None and not first:
-                        first = f"returned None (sample {ids[i]})"
                 first = first or f"{why} (on the whole batch)"
             failed = [ids[i] for i, v in enumerate(out) if v is None]
             if failed:

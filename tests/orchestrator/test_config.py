@@ -25,14 +25,14 @@ def recipe_file(tiny_model, tmp_path):
     return write
 
 
-# recipes/paper/ reads its data from a cluster volume: tests/orchestrator/test_paper_recipes.py
-# validates those recipes on sample files instead
-@pytest.mark.parametrize("path", [p for p in RECIPES if "paper" not in p.relative_to(ROOT).parts],
-                         ids=lambda p: p.name)
-def test_every_shipped_recipe_validates(path):
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "recipes")))
+def test_every_shipped_recipe_validates(path, monkeypatch):
+    monkeypatch.chdir(ROOT)  # recipes name their data relative to the repository
     recipe = load_recipe(path)
-    # models come from a cluster volume, another recipe or `make smollm2`: not looked at here
-    resolved = resolve_recipe(recipe, check_model=False)
+    # as `braid validate` does: models and data that live on a cluster volume, come from
+    # another recipe or from `make smollm2` are warnings here (tests/orchestrator/
+    # test_paper_recipes.py checks the paper recipes on sample files)
+    resolved = resolve_recipe(recipe, strict=False)
     assert {"rollout", "learner", "reward"} <= set(resolved.roles)
     assert path.read_text().startswith("#"), "a recipe opens with its purpose and launch line"
 
@@ -219,3 +219,17 @@ def test_one_shot_datasets_budgets_and_bucket_keys_are_checked(recipe_file, make
     warnings = resolve_recipe(make_recipe(**{"eval.bucket_key": "level"})).warnings
     assert any("eval.bucket_key: none of the first eval records has a field 'level'" in w
                for w in warnings)
+
+
+def test_models_and_data_not_on_this_machine_warn_in_validate_and_stop_a_run(make_recipe):
+    from orchestrator.config import MissingInput
+
+    recipe = make_recipe(**{"model.path": "/nowhere/model", "data.eval": {
+        "cls": "orchestrator.data:FileDataset", "args": {"path": "/nowhere/test.jsonl"}}})
+    warnings = resolve_recipe(recipe, strict=False).warnings
+    assert "model.path: no model folder at '/nowhere/model' — not on this machine; `braid run` " \
+           "needs it" in warnings
+    assert any(w.startswith("data.eval: /nowhere/test.jsonl: no such file or folder") for w in
+               warnings)
+    with pytest.raises(MissingInput, match="data.eval: /nowhere/test.jsonl: no such file"):
+        resolve_recipe(recipe)
