@@ -130,7 +130,18 @@ class AlgorithmConfig(_Strict):
     sft_lr: float | None = Field(None, gt=0, description="learning rate of SFT steps (default lr)")
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, gt=0)
-    micro_batch_size: int = Field(16, gt=0, description="sequences per forward/backward per rank")
+    micro_batch_size: int | None = Field(16, gt=0, description="most rows (prompt + completion) "
+                                         "per forward/backward per rank; null: no cap")
+    max_tokens_per_micro_batch: int | None = Field(
+        None, gt=0, description="most tokens per forward/backward per rank (rows are packed "
+        "without padding; a longer row goes alone); null: no budget")
+
+    @model_validator(mode="after")
+    def _bounded_micro_batches(self) -> AlgorithmConfig:
+        if self.micro_batch_size is None and self.max_tokens_per_micro_batch is None:
+            raise ValueError("micro_batch_size and max_tokens_per_micro_batch are both null: "
+                             "set at least one, or a whole step's batch is one forward pass")
+        return self
 
 
 class ScheduleConfig(_Strict):

@@ -14,18 +14,27 @@ from workers.types import Rollouts
 class HFReference(ReferenceWorker):
     class Args(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        micro_batch_size: int = Field(32, gt=0)
+        micro_batch_size: int | None = Field(32, gt=0, description="most rows per forward")
+        max_tokens_per_micro_batch: int | None = Field(
+            16384, gt=0, description="most tokens per forward (rows packed without padding)")
+        logprob_chunk_tokens: int | None = Field(
+            1024, gt=0, description="tokens per pass through the vocabulary projection")
+        attn_implementation: str | None = None
         threads: int | None = None
 
     def setup(self, **_) -> None:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        from workers.learner.policy import TokenLogprobs, attn_implementation
+
         self.set_threads(self.args.threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         model_cfg = self.recipe.model
-        self.model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.path, dtype=getattr(torch, model_cfg.dtype)).to(self.device).eval()
+        lm = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path, dtype=getattr(torch, model_cfg.dtype),
+            attn_implementation=attn_implementation(self.args.attn_implementation))
+        self.model = TokenLogprobs(lm, self.args.logprob_chunk_tokens).to(self.device).eval()
         tok = AutoTokenizer.from_pretrained(model_cfg.path)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
 
@@ -34,25 +43,22 @@ class HFReference(ReferenceWorker):
         """Per completion token, aligned with ``completion_ids`` of the ``shard[0]``-th of
         ``shard[1]`` slices of the rollouts (a Rollouts, or refs to its parts). Every replica
         takes a slice of the step's samples; the learner ranks concatenate the slices. Micro-
-        batches are formed by length, so short samples are not padded to long ones."""
+        batches are packed by length under a token budget, without padding."""
         import torch
 
-        from workers.learner.losses import pack, token_logprobs
+        from workers.learner.packing import micro_batches, pack, unpack
 
         r, _ = Rollouts.gather(rollouts).shard(*shard)
         t = temperature or self.recipe.sampling.temperature or 1.0
-        order = sorted(range(len(r)), key=lambda i: len(r.prompt_ids[i]) + len(r.completion_ids[i]))
-        out: list[list[float]] = [[] for _ in order]
-        mb = self.args.micro_batch_size
+        lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]
+        out: list[list[float]] = [[] for _ in lengths]
+        args = self.args
         with torch.no_grad():
-            for s in range(0, len(order), mb):
-                rows = order[s:s + mb]
-                p = [r.prompt_ids[i] for i in rows]
-                c = [r.completion_ids[i] for i in rows]
-                b = pack(p, c, self.pad_id)
-                logits = self.model(input_ids=b.input_ids.to(self.device),
-                                    attention_mask=b.attention_mask.to(self.device)).logits
-                logp, _ = token_logprobs(logits, b.input_ids.to(self.device), t)
-                for k, (i, pi, ci) in enumerate(zip(rows, p, c)):
-                    out[i] = logp[k, len(pi) - 1:len(pi) - 1 + len(ci)].tolist()
+            for rows in micro_batches(list(range(len(r))), lengths,
+                                      args.max_tokens_per_micro_batch, args.micro_batch_size):
+                b = pack([r.prompt_ids[i] for i in rows], [r.completion_ids[i] for i in rows],
+                         self.pad_id)
+                logp, _ = self.model(b.to(self.device), t)
+                for i, lp in zip(rows, unpack(logp, b, len(rows))):
+                    out[i] = lp
         return out

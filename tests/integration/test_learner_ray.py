@@ -33,9 +33,13 @@ def _rollouts(seed: int, n: int = 12) -> tuple[Rollouts, list[float]]:
     return r, adv
 
 
-def _train(make_recipe, replicas: int, micro: int):
+def _train(make_recipe, replicas: int, micro: int | None, max_tokens: int | None = None,
+           **learner_args):
     recipe = make_recipe(**{"roles.learner.replicas": replicas,
-                            "algorithm.micro_batch_size": micro, "algorithm.grad_clip": 1e6})
+                            "roles.learner.args": learner_args,
+                            "algorithm.micro_batch_size": micro,
+                            "algorithm.max_tokens_per_micro_batch": max_tokens,
+                            "algorithm.grad_clip": 1e6})
     cls, args = resolve_recipe(recipe).roles["learner"]
     group = WorkerGroup("learner", recipe.roles.learner, recipe, cls, args, {})
     try:
@@ -58,11 +62,15 @@ def test_micro_batches_and_ranks_give_the_same_update(ray_local, make_recipe):
     base_m, base_w = _train(make_recipe, replicas=1, micro=64)   # one big batch
     acc_m, acc_w = _train(make_recipe, replicas=2, micro=2)      # 2 ranks x 3 micro-batches
     odd_m, odd_w = _train(make_recipe, replicas=2, micro=4)      # uneven: 6 rows per rank
-    for m in (acc_m, odd_m):
+    # packed under a 20-token budget (rows are 4-12 tokens), checkpointed layers, 3-token
+    # chunks through the vocabulary projection
+    tok_m, tok_w = _train(make_recipe, replicas=2, micro=None, max_tokens=20,
+                          gradient_checkpointing=True, logprob_chunk_tokens=3)
+    for m in (acc_m, odd_m, tok_m):
         assert m[0]["rl/grad_norm"] == pytest.approx(base_m[0]["rl/grad_norm"], rel=1e-4)
         assert m[0]["rl/loss"] == pytest.approx(base_m[0]["rl/loss"], rel=1e-4, abs=1e-6)
         assert m[0]["rl/tokens"] == base_m[0]["rl/tokens"]
-    for w in (acc_w, odd_w):
+    for w in (acc_w, odd_w, tok_w):
         assert w.keys() == base_w.keys()
         for name in base_w:
             # Adam divides by sqrt(v): float-summation noise in tiny gradients shows up at

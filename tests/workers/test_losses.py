@@ -1,36 +1,130 @@
+import pytest
 import torch
+import torch.nn.functional as F
 
 from workers.learner import losses
+from workers.learner.packing import balance, micro_batches, pack, plan, unpack
 
 
-def test_pack_aligns_completion_tokens():
-    b = losses.pack([[1, 5, 6], [1, 7]], [[8, 2], [9, 10, 2]], pad_id=0,
-                    advantages=[0.5, -1.0], old_logprobs=[[-0.1, -0.2], [-0.3, -0.4, -0.5]])
-    assert b.input_ids.tolist() == [[1, 5, 6, 8, 2], [1, 7, 9, 10, 2]]
-    # logits at t predict token t+1: completion of row 0 starts at token 3 -> position 2
-    assert b.loss_mask.tolist() == [[0, 0, 1, 1], [0, 1, 1, 1]]
-    assert torch.allclose(b.old_logprobs[0], torch.tensor([0, 0, -0.1, -0.2]))
-    assert torch.allclose(b.old_logprobs[1], torch.tensor([0, -0.3, -0.4, -0.5]))
+class Head(torch.nn.Module):
+    """The identity as a vocabulary projection: the 'hidden states' are the logits."""
+
+    def forward(self, h):
+        return h
+
+
+def _logits_logprobs(logits, b, temperature=1.0):
+    return losses.token_logprobs(logits[0].index_select(0, b.positions), b.targets, Head(),
+                                 temperature)[0]
+
+
+def test_pack_concatenates_rows_and_restarts_positions():
+    b = pack([[1, 5, 6], [1, 7]], [[8, 2], [9, 10, 2]], pad_id=0,
+             advantages=[0.5, -1.0], old_logprobs=[[-0.1, -0.2], []])
+    assert b.input_ids.tolist() == [[1, 5, 6, 8, 2, 1, 7, 9, 10, 2]]
+    assert b.position_ids.tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]]
+    # logits at t predict token t+1: row 0's completion starts at token 3 -> position 2
+    assert b.positions.tolist() == [2, 3, 6, 7, 8]
+    assert b.targets.tolist() == [8, 2, 9, 10, 2]
+    assert b.advantages.tolist() == [0.5, 0.5, -1.0, -1.0, -1.0]
+    assert b.seq_len.tolist() == [2, 2, 3, 3, 3] and b.row.tolist() == [0, 0, 1, 1, 1]
+    assert torch.allclose(b.old_logprobs[:2], torch.tensor([-0.1, -0.2]))
+    assert torch.isnan(b.old_logprobs[2:]).all()  # no behaviour log-probs: on-policy
+    assert unpack(b.targets, b, 2) == [[8, 2], [9, 10, 2]]
 
 
 def test_empty_pack_is_a_zero_weight_row():
-    b = losses.pack([], [], pad_id=0)
-    assert b.loss_mask.sum() == 0 and b.seq_weight.tolist() == [0.0]
+    b = pack([], [], pad_id=0)
+    assert b.weight.tolist() == [0.0] and b.n_tokens == 0
+
+
+def test_balance_deals_rows_by_tokens_and_micro_batches_respect_the_budget():
+    lengths = [100, 10, 90, 20, 30, 80, 5, 5]
+    ranks = balance(lengths, 2)
+    loads = [sum(lengths[i] for i in r) for r in ranks]
+    assert sorted(i for r in ranks for i in r) == list(range(8))
+    assert abs(loads[0] - loads[1]) <= 10, loads  # round-robin: 225 vs 115
+    mbs = micro_batches(list(range(8)), lengths, max_tokens=100, max_rows=3)
+    assert sorted(i for mb in mbs for i in mb) == list(range(8))
+    assert all(sum(lengths[i] for i in mb) <= 100 and len(mb) <= 3 for mb in mbs)
+    assert micro_batches([0, 1], [300, 10], max_tokens=100, max_rows=None) == [[0], [1]]
+    p = plan(lengths, 3, max_tokens=60, max_rows=None)
+    assert len({len(r) for r in p}) == 1  # every rank runs the same number of micro-batches
+
+
+def test_chunked_logprobs_and_entropy_equal_one_pass_values_and_gradients():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    weights = torch.randn(37)
+    results = []
+    # n_chunks: extra empty passes (what a ZeRO-3 rank with fewer tokens runs) change nothing
+    for chunk, n_chunks in ((None, None), (8, None), (64, None), (8, 9)):
+        head.zero_grad()
+        hidden.grad = None
+        logp, ent = losses.token_logprobs(hidden, targets, head, 0.7, True, chunk, softcap=5.0,
+                                          n_chunks=n_chunks)
+        ((logp * weights).sum() + ent.sum()).backward()
+        results.append((logp.detach(), ent.detach(), hidden.grad.clone(),
+                        head.weight.grad.clone()))
+    for other in results[1:]:
+        for a, b in zip(results[0], other):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    # against the formula: log softmax(softcap * tanh(z / softcap) / T)
+    z = 5.0 * torch.tanh(head(hidden).detach() / 5.0) / 0.7
+    torch.testing.assert_close(results[0][0], F.log_softmax(z, -1)[torch.arange(37), targets])
+
+
+def test_packed_rows_equal_padded_rows_in_logprobs_loss_and_gradients(tiny_model):
+    """Packing (one sequence, positions restarting per row) gives the same per-token log-probs,
+    loss and gradients as right-padded rows with an attention mask — transformers' sdpa path."""
+    from transformers import AutoModelForCausalLM
+
+    from workers.learner.policy import TokenLogprobs
+
+    prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13]]
+    completions = [[14, 15, 2], [16, 17, 18, 19, 2], [20, 2]]
+    adv = [1.0, -0.5, 2.0]
+    lm = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32,
+                                              attn_implementation="sdpa")
+    # padded reference, computed independently of braid's packing
+    L = max(len(p) + len(c) for p, c in zip(prompts, completions))
+    ids = torch.zeros(3, L, dtype=torch.long)
+    attn = torch.zeros(3, L, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, :len(p + c)] = torch.tensor(p + c)
+        attn[i, :len(p + c)] = 1
+    logp_all = F.log_softmax(lm(input_ids=ids, attention_mask=attn).logits.float(), -1)
+    padded = [logp_all[i, len(p) - 1:len(p) + len(c) - 1].gather(-1, torch.tensor(c)[:, None])
+              .squeeze(-1) for i, (p, c) in enumerate(zip(prompts, completions))]
+    n_tok = sum(len(c) for c in completions)
+    (-sum(a * lp.sum() for a, lp in zip(adv, padded)) / n_tok).backward()
+    ref_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
+    lm.zero_grad()
+
+    model = TokenLogprobs(lm, chunk_tokens=4)
+    assert [n for n, _ in model.named_parameters()] == [n for n, _ in lm.named_parameters()]
+    b = pack(prompts, completions, 0, advantages=adv)
+    logp, _ = model(b)
+    for got, want in zip(unpack(logp.detach(), b, 3), padded):
+        torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-5, atol=1e-5)
+    per_token, _ = losses.grpo_loss(logp, b, 0.2, 0.2)  # on-policy: -A * ratio, ratio = 1
+    losses.aggregate(per_token, b, "token_mean", n_tok, 3).backward()
+    for n, p in lm.named_parameters():
+        torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6)
 
 
 def test_on_policy_grpo_gradient_is_minus_advantage_times_grad_logp():
     torch.manual_seed(0)
-    logits = torch.randn(2, 4, 11, requires_grad=True)
-    b = losses.pack([[1, 2], [1, 3]], [[4, 5], [6, 7]], pad_id=0, advantages=[1.0, -2.0])
-    logp, _ = losses.token_logprobs(logits, b.input_ids)
-    b.old_logprobs = logp.detach() * b.loss_mask
+    logits = torch.randn(1, 8, 11, requires_grad=True)
+    b = pack([[1, 2], [1, 3]], [[4, 5], [6, 7]], pad_id=0, advantages=[1.0, -2.0])
+    logp = _logits_logprobs(logits, b)
     per_token, diag = losses.grpo_loss(logp, b, 0.2, 0.2)
-    loss = losses.aggregate(per_token, b.loss_mask, "token_mean", 4, 2)
-    loss.backward()
+    losses.aggregate(per_token, b, "token_mean", 4, 2).backward()
     g1 = logits.grad.clone()
     logits.grad = None
-    logp2, _ = losses.token_logprobs(logits, b.input_ids)
-    ref = -(b.advantages[:, None] * logp2 * b.loss_mask).sum() / 4
+    ref = -(b.advantages * _logits_logprobs(logits, b)).sum() / 4
     ref.backward()
     assert torch.allclose(g1, logits.grad, atol=1e-6)
     assert diag["clipfrac"].sum() == 0
@@ -38,28 +132,31 @@ def test_on_policy_grpo_gradient_is_minus_advantage_times_grad_logp():
 
 def test_clip_stops_gradient_beyond_the_trust_region():
     logits = torch.zeros(1, 3, 5, requires_grad=True)
-    b = losses.pack([[1]], [[2, 3]], pad_id=0, advantages=[1.0],
-                    old_logprobs=[[-3.0, -3.0]])  # ratio = exp(-log5 + 3) ~ 4 > 1.2
-    logp, _ = losses.token_logprobs(logits, b.input_ids)
+    b = pack([[1]], [[2, 3]], pad_id=0, advantages=[1.0],
+             old_logprobs=[[-3.0, -3.0]])  # ratio = exp(-log5 + 3) ~ 4 > 1.2
+    logp = _logits_logprobs(logits, b)
     per_token, diag = losses.grpo_loss(logp, b, 0.2, 0.2)
-    (per_token * b.loss_mask).sum().backward()
+    per_token.sum().backward()
     assert float(logits.grad.abs().sum()) == 0.0
-    assert diag["clipfrac"][0, :2].tolist() == [1.0, 1.0]
+    assert diag["clipfrac"].tolist() == [1.0, 1.0]
 
 
 def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
-    logp = torch.tensor([[-1.0, -2.0]])
-    b = losses.pack([[1]], [[2, 3]], pad_id=0, advantages=[0.0], old_logprobs=[[-1.0, -2.0]],
-                    ref_logprobs=[[-1.0, -2.0]])
+    logp = torch.tensor([-1.0, -2.0])
+    b = pack([[1]], [[2, 3]], pad_id=0, advantages=[0.0], old_logprobs=[[-1.0, -2.0]],
+             ref_logprobs=[[-1.0, -2.0]])
     _, d = losses.grpo_loss(logp, b, 0.2, 0.2, kl_coef=1.0)
-    assert torch.allclose(d["kl"], torch.zeros(1, 2))
-    b.ref_logprobs = torch.tensor([[-1.5, -1.0]])
+    assert torch.allclose(d["kl"], torch.zeros(2))
+    b.ref_logprobs = torch.tensor([-1.5, -1.0])
     _, d = losses.grpo_loss(logp, b, 0.2, 0.2, kl_coef=1.0)
-    assert (d["kl"] > 0).all()
+    # k3 = exp(d) - d - 1 with d = ref - logp: d = -0.5 and 1.0
+    torch.testing.assert_close(d["kl"], torch.tensor([0.1065306597, 0.7182818285]))
 
 
 def test_aggregation_modes():
-    per_token = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]])
-    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 0.0, 0.0]])
-    assert float(losses.aggregate(per_token, mask, "token_mean", 4, 2)) == 7 / 4
-    assert float(losses.aggregate(per_token, mask, "seq_mean_token_mean", 4, 2)) == (1 + 4) / 2
+    b = pack([[1], [1]], [[2, 3, 4], [5]], pad_id=0)
+    per_token = torch.tensor([1.0, 1.0, 1.0, 4.0])
+    assert float(losses.aggregate(per_token, b, "token_mean", 4, 2)) == 7 / 4
+    assert float(losses.aggregate(per_token, b, "seq_mean_token_mean", 4, 2)) == (1 + 4) / 2
+    with pytest.raises(ValueError, match="unknown loss aggregation"):
+        losses.aggregate(per_token, b, "sum", 4, 2)

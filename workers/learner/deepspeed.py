@@ -1,17 +1,19 @@
 """Learner rank: DeepSpeed ZeRO-3 data parallel over its own torch.distributed world.
 
 NCCL on GPUs, gloo with ``DS_ACCELERATOR=cpu`` here — the same class. Each rank receives the
-whole step batch (Ray object-store refs, zero-copy on a node), takes every world_size-th row and
-splits them into micro-batches. The loss of every micro-batch is normalised by the *global*
-token (or sequence) count and scaled by world_size, because ZeRO averages gradients across
-ranks; so any micro-batch size and any world size give the same update as one large batch
-(tests/integration/test_learner_ray.py checks it). All ranks run the same number of forward passes —
-ZeRO-3 gathers parameters collectively inside each one — padding with zero-weight rows.
+whole step batch (Ray object-store refs, zero-copy on a node), takes its share of rows
+(balanced by token count, ``packing.balance``) and splits them into micro-batches under a row
+cap and a token budget; each micro-batch is one padding-free packed sequence, and the
+vocabulary projection runs chunk by chunk on completion tokens only (``policy.TokenLogprobs``).
+The loss of every micro-batch is normalised by the *global* token (or sequence) count and
+scaled by world_size, because ZeRO averages gradients across ranks; so any micro-batch split,
+row assignment and world size give the same update as one large batch
+(tests/integration/test_learner_ray.py checks it). All ranks run the same number of forward
+passes — ZeRO-3 gathers parameters collectively inside each one — filling with zero-weight rows.
 """
 
 from __future__ import annotations
 
-import math
 import os
 from collections import defaultdict
 
@@ -27,6 +29,15 @@ class DeepSpeedLearner(LearnerWorker):
         zero_stage: int = Field(3, ge=0, le=3)
         backend: str = Field("auto", description="auto: nccl with CUDA, else gloo")
         threads: int | None = Field(None, description="torch threads (default: role num_cpus)")
+        gradient_checkpointing: bool | None = Field(
+            None, description="recompute each layer's activations in backward; None: on with "
+                              "CUDA, off on CPU (small models, where compute is scarcer)")
+        logprob_chunk_tokens: int | None = Field(
+            1024, gt=0, description="tokens per pass through the vocabulary projection and "
+                                    "fp32 log-softmax (null: all at once)")
+        attn_implementation: str | None = Field(
+            None, description="transformers attention; None: flash_attention_2 on CUDA when "
+                              "flash-attn is installed, else sdpa")
 
     # --- lifecycle -------------------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
@@ -42,6 +53,8 @@ class DeepSpeedLearner(LearnerWorker):
         os.environ.update(MASTER_ADDR=master_addr, MASTER_PORT=str(master_port),
                           RANK=str(self.ctx.rank), WORLD_SIZE=str(self.ctx.world_size),
                           LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+        if cuda:  # Ray sets CUDA_VISIBLE_DEVICES to this actor's GPU: it is device 0 here
+            torch.cuda.set_device(0)
         self.set_threads(self.args.threads)
         # Import order matters: zero.Init patches tensor constructors, and building a model
         # inside it fails with "Signature mismatch ... new_tensor" unless these come first.
@@ -49,6 +62,8 @@ class DeepSpeedLearner(LearnerWorker):
         import torch._dynamo  # noqa: F401
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations import HfDeepSpeedConfig
+
+        from workers.learner.policy import TokenLogprobs, attn_implementation
 
         backend = self.args.backend if self.args.backend != "auto" else ("nccl" if cuda else "gloo")
         deepspeed.init_distributed(dist_backend=backend)
@@ -69,8 +84,15 @@ class DeepSpeedLearner(LearnerWorker):
         # Kept alive so from_pretrained builds the model partitioned (zero.Init).
         self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.args.zero_stage == 3 else None
         dtype = getattr(torch, model_cfg.dtype)
-        model = AutoModelForCausalLM.from_pretrained(model_cfg.path, dtype=dtype)
-        model.config.use_cache = False
+        lm = AutoModelForCausalLM.from_pretrained(
+            model_cfg.path, dtype=dtype,
+            attn_implementation=attn_implementation(self.args.attn_implementation))
+        lm.config.use_cache = False
+        ckpt = self.args.gradient_checkpointing
+        if ckpt or (ckpt is None and cuda):
+            lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        self.lm = lm
+        model = TokenLogprobs(lm, self.args.logprob_chunk_tokens)
         optimizer = torch.optim.AdamW(model.parameters(), lr=algo.lr,
                                       weight_decay=algo.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
@@ -186,47 +208,40 @@ class DeepSpeedLearner(LearnerWorker):
                 pick(ref), len(idx))
 
     def _backward_term(self, term: dict) -> dict:
-
         from workers.learner import losses
+        from workers.learner.packing import pack, plan
 
         algo = self.recipe.algorithm
         kind, coef = term["kind"], float(term.get("coef", 1.0))
         prompts, completions, adv, old, ref, n = self._rows(term)
         if n == 0:
             raise ValueError(f"learner {kind} term got no rows")
-        world, rank, device = self.ctx.world_size, self.ctx.rank, self.engine.device
+        world, device = self.ctx.world_size, self.engine.device
         total_tokens = float(sum(len(c) for c in completions))
-        mine = list(range(rank, n, world))
-        mb = algo.micro_batch_size
-        n_micro = max(1, math.ceil(math.ceil(n / world) / mb))  # equal on every rank
+        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+        plans = plan(lengths, world, algo.max_tokens_per_micro_batch, algo.micro_batch_size)
+        # ZeRO-3 gathers the head's weight in each pass through it: all ranks run as many
+        n_chunks = [max(self.engine.module.chunks_for(sum(len(completions[i]) for i in mbs[m]))
+                        for mbs in plans) for m in range(len(plans[0]))]
         name = {"pg": "rl", "pg_off": "off", "nll": "sft"}[kind]
         temperature = (self.recipe.sampling.temperature or 1.0) if kind == "pg" else 1.0
         entropy_coef = algo.entropy if kind == "pg" else float(term.get("entropy", 0.0))
         sums = dict.fromkeys(("loss", "tokens", "clipfrac", "kl", "entropy", "logprob_diff"), 0.0)
-        for m in range(n_micro):
-            rows = mine[m * mb:(m + 1) * mb]
-
+        for rows, chunks in zip(plans[self.ctx.rank], n_chunks):
             def pick(xs, rows=rows):
                 return [xs[i] for i in rows] if xs is not None else None
 
-            batch = losses.pack(pick(prompts), pick(completions), self.pad_id,
-                                advantages=pick(adv), old_logprobs=pick(old),
-                                ref_logprobs=pick(ref)).to(device)
-            out = self.engine(input_ids=batch.input_ids, attention_mask=batch.attention_mask)
-            logp, ent = losses.token_logprobs(out.logits, batch.input_ids, temperature,
-                                              with_entropy=entropy_coef != 0)
-            mask = batch.loss_mask
+            batch = pack(pick(prompts), pick(completions), self.pad_id, advantages=pick(adv),
+                         old_logprobs=pick(old), ref_logprobs=pick(ref)).to(device)
+            logp, ent = self.engine(batch, temperature, entropy_coef != 0, chunks)
+            w = batch.weight
             if kind == "pg":
-                if old is None or not any(old):  # no behaviour log-probs: on-policy ratio 1
-                    batch.old_logprobs = logp.detach() * mask
                 clip_high = algo.clip_high if algo.clip_high is not None else algo.clip
                 per_token, diag = losses.grpo_loss(logp, batch, algo.clip, clip_high, algo.kl,
                                                    ent, entropy_coef)
-                sums["clipfrac"] += float((diag["clipfrac"] * mask).sum())
-                if "kl" in diag:
-                    sums["kl"] += float((diag["kl"] * mask).sum())
-                sums["logprob_diff"] += float(((logp.detach() - batch.old_logprobs).abs()
-                                               * mask).sum())
+                for k in ("clipfrac", "kl", "logprob_diff"):
+                    if k in diag:
+                        sums[k] += float((diag[k] * w).sum())
                 agg = algo.loss_agg
             else:
                 if kind == "pg_off":
@@ -237,12 +252,12 @@ class DeepSpeedLearner(LearnerWorker):
                 if ent is not None and entropy_coef:
                     per_token = per_token - entropy_coef * ent
                 agg = "token_mean"
-            loss = coef * losses.aggregate(per_token, mask, agg, total_tokens, float(n)) * world
+            loss = coef * losses.aggregate(per_token, batch, agg, total_tokens, float(n)) * world
             self.engine.backward(loss, scale_wrt_gas=False)
             sums["loss"] += float(loss.detach()) / world
-            sums["tokens"] += float(mask.sum())
+            sums["tokens"] += batch.n_tokens
             if ent is not None:
-                sums["entropy"] += float((ent.detach() * mask).sum())
+                sums["entropy"] += float((ent.detach() * w).sum())
         keep = {"loss", "tokens"} | ({"clipfrac", "kl", "logprob_diff"} if kind == "pg" else
                                      set()) | ({"entropy"} if entropy_coef else set())
         return {f"{name}/{k}": v for k, v in sums.items() if k in keep}
@@ -319,7 +334,7 @@ class DeepSpeedLearner(LearnerWorker):
             return None
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        model = AutoModelForCausalLM.from_config(self.engine.module.config)
+        model = AutoModelForCausalLM.from_config(self.lm.config)
         result = model.load_state_dict(state, strict=False)
         tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
         if result.unexpected_keys or set(result.missing_keys) - tied:

@@ -1,4 +1,5 @@
-"""Loss functions over padded token batches. Pure torch, unit-tested without Ray.
+"""Per-token log-probs and loss functions over flat completion-token vectors (see
+``packing.PackedBatch``). Pure torch, unit-tested without Ray.
 
 All losses return a *sum* over their tokens (or sequences) divided by a normaliser that the
 caller computes over the whole global batch — every micro-batch on every data-parallel rank —
@@ -7,99 +8,89 @@ so that gradient accumulation and data parallelism give the same update as one l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
 
-@dataclass
-class PackedBatch:
-    input_ids: torch.Tensor      # [B, L] right-padded prompt+completion
-    attention_mask: torch.Tensor  # [B, L]
-    loss_mask: torch.Tensor      # [B, L-1] 1 where position t predicts a completion token
-    advantages: torch.Tensor     # [B]
-    old_logprobs: torch.Tensor   # [B, L-1] behaviour log-probs aligned with loss_mask
-    ref_logprobs: torch.Tensor   # [B, L-1] (zeros when unused)
-    seq_weight: torch.Tensor     # [B] 0 for padding rows of an empty micro-batch
-
-    def to(self, device) -> PackedBatch:
-        return PackedBatch(*(getattr(self, f).to(device) for f in self.__dataclass_fields__))
-
-
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-         advantages=None, old_logprobs=None, ref_logprobs=None) -> PackedBatch:
-    """Right-pad prompt+completion rows; per-token side inputs land at the completion positions."""
-    if not prompts:  # an empty micro-batch still runs a forward pass (ZeRO-3 lock-step)
-        prompts, completions, weight = [[pad_id]], [[pad_id]], [0.0]
-        advantages = old_logprobs = ref_logprobs = None
-    else:
-        weight = [1.0] * len(prompts)
-    B = len(prompts)
-    L = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    ids = torch.full((B, L), pad_id, dtype=torch.long)
-    attn = torch.zeros((B, L), dtype=torch.long)
-    mask = torch.zeros((B, L - 1))
-    old = torch.zeros((B, L - 1))
-    ref = torch.zeros((B, L - 1))
-    for b, (p, c) in enumerate(zip(prompts, completions)):
-        n = len(p) + len(c)
-        ids[b, :n] = torch.tensor(p + c)
-        attn[b, :n] = 1
-        s, e = len(p) - 1, n - 1  # logits at t predict token t+1
-        mask[b, s:e] = 1
-        if old_logprobs is not None and old_logprobs[b]:
-            old[b, s:e] = torch.tensor(old_logprobs[b])
-        if ref_logprobs is not None:
-            ref[b, s:e] = torch.tensor(ref_logprobs[b])
-    adv = torch.tensor(advantages if advantages is not None else [0.0] * B, dtype=torch.float32)
-    return PackedBatch(ids, attn, mask * torch.tensor(weight)[:, None], adv, old, ref,
-                       torch.tensor(weight))
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0,
-                   with_entropy: bool = False):
-    """Log-prob of each next token [B, L-1] and, optionally, the entropy of each position."""
-    logits = logits[:, :-1].float()
+def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperature: float,
+                    with_entropy: bool, softcap: float | None):
+    logits = head(hidden).float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
     if temperature != 1.0:
         logits = logits / temperature
     logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-    entropy = -(logp_all.exp() * logp_all).sum(-1) if with_entropy else None
-    return logp, entropy
+    logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
+    if not with_entropy:
+        return logp, None
+    return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
-def aggregate(per_token: torch.Tensor, mask: torch.Tensor, mode: str,
-              total_tokens: float, total_seqs: float) -> torch.Tensor:
+def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperature: float = 1.0,
+                   with_entropy: bool = False, chunk_tokens: int | None = None,
+                   softcap: float | None = None, n_chunks: int | None = None):
+    """Log-prob of each target token [N] and, optionally, the entropy of each position [N],
+    from hidden states [N, H] and the vocabulary projection ``head``.
+
+    With ``chunk_tokens``, ``chunk_tokens`` positions at a time go through the head and the
+    fp32 log-softmax, each chunk under activation checkpointing: no more than one chunk's
+    vocabulary-wide logits exist at once, in the forward pass or the backward. Without it,
+    one pass over all positions (the reference the chunked path is tested against).
+    ``n_chunks`` (at least the chunks needed) runs that many passes, the last ones empty: under
+    ZeRO-3 each pass gathers the head's weight collectively, so every rank must run as many.
+    """
+    if not chunk_tokens:
+        return _chunk_logprobs(hidden, targets, head, temperature, with_entropy, softcap)
+    from torch.utils.checkpoint import checkpoint
+
+    logps, ents = [], []
+    needed = max(1, -(-hidden.shape[0] // chunk_tokens))
+    if n_chunks is not None and n_chunks < needed:
+        raise ValueError(f"{hidden.shape[0]} tokens need {needed} chunks, not {n_chunks}")
+    for s in range(0, (n_chunks or needed) * chunk_tokens, chunk_tokens):
+        args = (hidden[s:s + chunk_tokens], targets[s:s + chunk_tokens], head, temperature,
+                with_entropy, softcap)
+        logp, ent = (checkpoint(_chunk_logprobs, *args, use_reentrant=False)
+                     if torch.is_grad_enabled() else _chunk_logprobs(*args))
+        logps.append(logp)
+        ents.append(ent)
+    return torch.cat(logps), (torch.cat(ents) if with_entropy else None)
+
+
+def aggregate(per_token: torch.Tensor, batch, mode: str, total_tokens: float,
+              total_seqs: float) -> torch.Tensor:
     """Sum this micro-batch's share of a loss whose mean is taken over the *global* batch.
 
     token_mean: every completion token of the global batch weighs the same.
     seq_mean_token_mean: each sequence's token mean, averaged over the global sequences.
     """
     if mode == "token_mean":
-        return (per_token * mask).sum() / max(total_tokens, 1.0)
+        return (per_token * batch.weight).sum() / max(total_tokens, 1.0)
     if mode == "seq_mean_token_mean":
-        lens = mask.sum(-1).clamp(min=1.0)
-        return ((per_token * mask).sum(-1) / lens).sum() / max(total_seqs, 1.0)
+        return (per_token * batch.weight / batch.seq_len.clamp(min=1.0)).sum() / max(total_seqs,
+                                                                                     1.0)
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-def grpo_loss(logp: torch.Tensor, batch: PackedBatch, clip_low: float, clip_high: float,
+def grpo_loss(logp: torch.Tensor, batch, clip_low: float, clip_high: float,
               kl_coef: float = 0.0, entropy: torch.Tensor | None = None,
               entropy_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token PPO-clip policy-gradient loss with optional k3 KL and entropy bonus.
 
-    Returns the per-token loss [B, L-1] and per-token diagnostics (masked by the caller).
+    Returns the per-token loss [N] and per-token diagnostics (weighted by the caller).
+    Tokens without a behaviour log-prob (NaN) are on-policy: their ratio is 1.
     """
-    adv = batch.advantages[:, None]
-    log_ratio = (logp - batch.old_logprobs) * batch.loss_mask
+    adv = batch.advantages
+    old = torch.where(torch.isnan(batch.old_logprobs), logp.detach(), batch.old_logprobs)
+    log_ratio = logp - old
     ratio = torch.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(pg1, pg2)
-    diag = {"clipfrac": (pg2 > pg1).float(), "ratio": ratio.detach()}
+    diag = {"clipfrac": (pg2 > pg1).float(), "ratio": ratio.detach(),
+            "logprob_diff": (logp.detach() - old).abs()}
     if kl_coef:
-        d = (batch.ref_logprobs - logp) * batch.loss_mask
+        d = batch.ref_logprobs - logp
         kl = torch.exp(d) - d - 1.0  # k3 estimator, >= 0
         per_token = per_token + kl_coef * kl
         diag["kl"] = kl.detach()
@@ -109,7 +100,7 @@ def grpo_loss(logp: torch.Tensor, batch: PackedBatch, clip_low: float, clip_high
 
 
 def sft_loss(logp: torch.Tensor, token_weight: str = "none") -> torch.Tensor:
-    """Token negative log-likelihood of the demonstration tokens (masked by the caller).
+    """Token negative log-likelihood of the demonstration tokens (weighted by the caller).
 
     ``token_weight="p(1-p)"`` is CHORD-phi: each token's NLL is weighted by sg(p(1-p)), which
     fades tokens the policy is already sure of and tokens far off its distribution.
@@ -130,4 +121,4 @@ def off_policy_pg_loss(logp: torch.Tensor, advantages: torch.Tensor,
     policy finds unlikely: d f / d log p = gamma * p / (p + gamma)^2.
     """
     p = logp.exp()
-    return -advantages[:, None] * (p / (p + gamma))
+    return -advantages * (p / (p + gamma))
