@@ -1,4 +1,4 @@
-# braid — make demo | make demo-real | make test | make setup | make smollm2 | make lint
+# braid — make demo | make demo-real | make test | make setup | make smollm2 | make gpu-check | make lint
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.braid-setup
 SMOLLM2 := models/SmolLM2-135M-Instruct
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: setup demo demo-real smollm2 test repro lint clean
+.PHONY: setup demo demo-real smollm2 test repro gpu-check gpu-wheels lint clean
 
 setup: $(STAMP)
 
@@ -36,7 +36,25 @@ demo-real: setup smollm2
 
 test: setup
 	$(BIN)/python -m pytest tests rewards orchestrator/data.py orchestrator/signals.py \
-		orchestrator/metrics.py
+		orchestrator/metrics.py workers/learner/schedule.py
+
+# the learner at Qwen2.5-1.5B's shape on a CUDA GPU (a toy size on CPU); see docs/gpu.md
+gpu-check: setup
+	$(BIN)/python benchmarks/gpu_check.py
+
+# wheels the lent GPU machine lacks (it has torch, transformers, accelerate; no registry):
+# DeepSpeed built here (pure Python, ops compiled on first use), pydantic and small deps, for
+# the machine's Python (GPU_PY, e.g. 3.12). See docs/gpu.md.
+GPU_PY ?= 3.12
+gpu-wheels: setup
+	rm -rf dist/gpu-wheels && mkdir -p dist/gpu-wheels
+	DS_BUILD_OPS=0 $(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist/gpu-wheels \
+		deepspeed==$$($(BIN)/python -c "import importlib.metadata as m; print(m.version('deepspeed'))")
+	$(BIN)/pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PY) \
+		--platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 -d dist/gpu-wheels \
+		pydantic pydantic-core annotated-types typing-inspection typing-extensions hjson \
+		py-cpuinfo msgpack ninja einops
+	du -sh dist/gpu-wheels
 
 repro: setup
 	$(BIN)/python benchmarks/hybrid_repro.py

@@ -109,13 +109,29 @@ class PromptConfig(_Strict):
 class SamplingConfig(_Strict):
     n: int = Field(8, ge=1, description="samples per prompt (the GRPO group size)")
     temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
+    top_p: float = Field(1.0, gt=0, le=1, description="must be 1 for training (see below); "
+                         "eval.top_p may differ")
     max_tokens: int = Field(16, gt=0)
+    min_tokens: int = Field(0, ge=0, description="no end-of-sequence or stop token before this "
+                            "many tokens (vLLM's min_tokens)")
     stop: list[str] = Field(default_factory=list, description="stop strings (kept in the "
                             "completion's tokens, cut from its text)")
     stop_token_ids: list[int] = Field(
         default_factory=list, description="more stop tokens, besides the tokenizer's EOS, the "
         "generation config's and the chat template's end-of-turn token")
+
+    @model_validator(mode="after")
+    def _trainable(self) -> SamplingConfig:
+        if self.top_p < 1:
+            raise ValueError(
+                f"top_p = {self.top_p} < 1: vLLM reports the log-probs of the top-p-truncated "
+                "distribution it sampled from, the learner recomputes them over the whole "
+                "vocabulary (temperature only), so the PPO ratio would not start at 1 and the "
+                "clip would act on a mismatch rather than on policy change. Sample with top_p 1 "
+                "(eval.top_p may differ)")
+        if self.min_tokens > self.max_tokens:
+            raise ValueError(f"min_tokens {self.min_tokens} > max_tokens {self.max_tokens}")
+        return self
 
 
 class AlgorithmConfig(_Strict):
@@ -132,6 +148,15 @@ class AlgorithmConfig(_Strict):
     grad_clip: float = Field(1.0, gt=0)
     micro_batch_size: int | None = Field(16, gt=0, description="most rows (prompt + completion) "
                                          "per forward/backward per rank; null: no cap")
+    ppo_mini_batches: int = Field(1, ge=1, description="optimizer steps per pass over a step's "
+                                  "rows (each on a 1/k part, reshuffled every pass)")
+    ppo_epochs: int = Field(1, ge=1, description="passes over a step's rows; after the first "
+                            "optimizer step the ratio to vLLM's behaviour log-probs departs "
+                            "from 1 and the clip acts")
+    lr_warmup_steps: int = Field(0, ge=0, description="linear warm-up over this many run steps")
+    lr_schedule: Literal["constant", "linear", "cosine"] = Field(
+        "constant", description="after warm-up: decay to lr_min_ratio * lr at the last step")
+    lr_min_ratio: float = Field(0.0, ge=0, le=1)
     max_tokens_per_micro_batch: int | None = Field(
         None, gt=0, description="most tokens per forward/backward per rank (rows are packed "
         "without padding; a longer row goes alone); null: no budget")

@@ -92,6 +92,8 @@ class Controller:
                "stop": list(s.stop)}
         if kind != "train":
             out["max_tokens"] = ev.max_tokens or s.max_tokens
+        elif s.min_tokens:
+            out["min_tokens"] = s.min_tokens
         if kind == "greedy":
             out |= {"temperature": 0.0, "top_p": 1.0}
         elif kind == "eval":
@@ -184,8 +186,8 @@ class Controller:
             if not terms:
                 return {"update/skipped": 1.0}
             with timer("learn"):
-                out = self.learner.call(self.learner.fanout("update", terms, op.optimizer),
-                                        "update")[0]
+                out = self.learner.call(self.learner.fanout("update", terms, op.optimizer,
+                                                             step=step), "update")[0]
             self.stale = True
             return out
         if isinstance(op, Sync):

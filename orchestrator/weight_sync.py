@@ -110,11 +110,20 @@ def node_ip() -> str:
 
 
 class SyncGroup:
-    """A process group of its own: rank 0 is the sender, every other rank receives."""
+    """A process group of its own: rank 0 is the sender, every other rank receives.
+
+    Every broadcast ends within ``timeout_s`` or raises. gloo enforces the timeout itself.
+    NCCL's wait on the GPU stream has none: here the CPU waits on each broadcast with the
+    timeout, and on expiry (a peer died mid-sync) aborts the communicator — non-blocking, so
+    the abort can interrupt a kernel stuck on a dead peer — and raises, as gloo does. NCCL's
+    own watchdog is set later (twice the timeout) so that it does not tear the process down
+    first.
+    """
 
     def __init__(self, host: str, port: int, world_size: int, rank: int,
                  backend: str = "gloo", timeout_s: float = 600.0):
         timeout = datetime.timedelta(seconds=timeout_s)
+        self.timeout = timeout
         self.rank, self.world_size, self.backend = rank, world_size, backend
         self.store = dist.TCPStore(host, port, world_size, is_master=(rank == 0),
                                    timeout=timeout, wait_for_workers=False)
@@ -122,13 +131,36 @@ class SyncGroup:
             self.pg = dist.ProcessGroupGloo(self.store, rank, world_size, timeout)
             self.device = torch.device("cpu")
         elif backend == "nccl":
-            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size)
+            opts = dist.ProcessGroupNCCL.Options()
+            opts._timeout = 2 * timeout
+            opts.config.blocking = 0
+            self.pg = dist.ProcessGroupNCCL(self.store, rank, world_size, opts)
             self.device = torch.device("cuda", torch.cuda.current_device())
         else:
             raise ValueError(f"weight_sync backend must be 'gloo' or 'nccl', got {backend!r}")
 
     def broadcast(self, tensor: torch.Tensor) -> None:
-        self.pg.broadcast(tensor, 0).wait()
+        work = self.pg.broadcast(tensor, 0)
+        if self.backend != "nccl":
+            work.wait()
+            return
+        try:
+            if not work.wait(self.timeout):  # blocks the CPU, raises or returns False on expiry
+                raise TimeoutError(f"NCCL broadcast did not finish in "
+                                   f"{self.timeout.total_seconds():.0f} s")
+        except Exception as err:
+            self.abort()
+            raise RuntimeError(f"weight sync broadcast failed (communicator aborted): "
+                               f"{err}") from err
+
+    def abort(self) -> None:
+        """Release the communicator after a failure (NCCL); the group is unusable after."""
+        abort = getattr(self.pg, "abort", None)
+        if abort is not None:
+            try:
+                abort()
+            except Exception:  # already torn down by the watchdog
+                pass
 
 
 def _buffers(manifest: Manifest, device) -> list[torch.Tensor]:

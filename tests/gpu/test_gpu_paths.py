@@ -46,6 +46,41 @@ def test_nccl_bucketed_sync_between_two_gpus():
         assert torch.equal(got[n], t.cpu())
 
 
+def _nccl_dying_receiver(port, manifest):
+    from orchestrator.weight_sync import Manifest, SyncGroup, _header
+
+    torch.cuda.set_device(1)
+    m = Manifest.from_dict(manifest)
+    group = SyncGroup("127.0.0.1", port, 2, 1, "nccl", 10)
+    group.broadcast(_header(-1, m, group.device))  # takes the header, then dies mid-sync
+    torch.cuda.synchronize()
+    os._exit(1)
+
+
+@needs_two
+def test_nccl_sync_to_a_dead_engine_fails_within_the_timeout():
+    """An engine that dies mid-sync ends the sender's broadcast within weight_sync.timeout_s
+    with an error (the same recovery as gloo), not a hang."""
+    import time
+
+    from orchestrator.weight_sync import SyncGroup, WeightSender, free_port, plan_buckets
+
+    state = {f"w{i}": torch.randn(1024, 1024, device="cuda:0") for i in range(4)}
+    manifest = plan_buckets([(n, tuple(t.shape), t.dtype) for n, t in state.items()], 1 << 22)
+    port, ctx = free_port(), mp.get_context("spawn")
+    p = ctx.Process(target=_nccl_dying_receiver, args=(port, manifest.to_dict()))
+    p.start()
+    torch.cuda.set_device(0)
+    sender = WeightSender(manifest, SyncGroup("127.0.0.1", port, 2, 0, "nccl", 10))
+    t0 = time.monotonic()
+    with pytest.raises(RuntimeError, match="weight sync broadcast failed"):
+        for _ in range(20):  # NCCL may buffer a send or two before the peer is missed
+            sender.send(8, state)
+            torch.cuda.synchronize()
+    assert time.monotonic() - t0 < 60
+    p.join(timeout=60)
+
+
 @needs_cuda
 def test_deepspeed_learner_on_cuda_world_one(make_recipe):
     from orchestrator.weight_sync import free_port

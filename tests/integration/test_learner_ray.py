@@ -110,3 +110,41 @@ def test_probe_leaves_no_trace_and_named_optimizers_keep_their_own_moments(ray_l
         assert m3["optimizer/sft_steps"] == 2.0
     finally:
         group.shutdown()
+
+
+def test_ppo_mini_batches_and_epochs_take_several_steps_and_the_clip_acts(ray_local,
+                                                                         make_recipe):
+    """With behaviour log-probs from the initial weights, one step is on-policy (ratio 1); 2
+    mini-batches x 2 epochs take 4 optimizer steps and the later ones see a ratio away from 1,
+    which the clip acts on."""
+    import ray
+
+    from workers.base import WorkerContext
+    from workers.reference import HFReference
+
+    r, adv = _rollouts(5)
+    base = make_recipe()
+    ref = HFReference(WorkerContext("reference", 0, 1, base, HFReference.check_args(
+        {}, "roles.reference.args")))
+    ref.setup()
+    r.logprobs = ref.logprobs(r)  # the initial policy's: vLLM's behaviour log-probs, in effect
+    results = {}
+    for mini, epochs in ((1, 1), (2, 2)):
+        recipe = make_recipe(**{"algorithm.lr": 5e-2, "algorithm.clip": 0.05,
+                                "algorithm.ppo_mini_batches": mini,
+                                "algorithm.ppo_epochs": epochs})
+        cls, args = resolve_recipe(recipe).roles["learner"]
+        group = WorkerGroup("learner", recipe.roles.learner, recipe, cls, args, {})
+        try:
+            addr, port = ray.get(group.actors[0].master_address.remote())
+            group.call(group.fanout("setup", master_addr=addr, master_port=port), "setup")
+            term = {"kind": "pg", "rollouts": r, "advantages": adv}
+            results[mini, epochs] = group.call(group.fanout("update", [term], step=1))[0]
+        finally:
+            group.shutdown()
+    one, ppo = results[1, 1], results[2, 2]
+    assert one["optimizer/main_steps"] == 1.0 and "rl/optimizer_steps" not in one
+    assert one["rl/logprob_diff"] < 1e-5 and one["rl/clipfrac"] == 0.0
+    assert ppo["optimizer/main_steps"] == 4.0 and ppo["rl/optimizer_steps"] == 4.0
+    assert ppo["rl/tokens"] == one["rl/tokens"]  # tokens of one pass
+    assert ppo["rl/logprob_diff"] > 1e-3 and ppo["rl/clipfrac"] > 0.0

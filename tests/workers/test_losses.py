@@ -76,12 +76,14 @@ def test_chunked_logprobs_and_entropy_equal_one_pass_values_and_gradients():
     torch.testing.assert_close(results[0][0], F.log_softmax(z, -1)[torch.arange(37), targets])
 
 
-def test_packed_rows_equal_padded_rows_in_logprobs_loss_and_gradients(tiny_model):
+@pytest.mark.parametrize("kernel", ["braid_varlen_sdpa", "sdpa"])
+def test_packed_rows_equal_padded_rows_in_logprobs_loss_and_gradients(tiny_model, kernel):
     """Packing (one sequence, positions restarting per row) gives the same per-token log-probs,
-    loss and gradients as right-padded rows with an attention mask — transformers' sdpa path."""
+    loss and gradients as right-padded rows with an attention mask: with braid's row-by-row
+    attention (the CPU default) and with transformers' sdpa and its block-diagonal mask."""
     from transformers import AutoModelForCausalLM
 
-    from workers.learner.policy import TokenLogprobs
+    from workers.learner.policy import TokenLogprobs, attn_implementation
 
     prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13]]
     completions = [[14, 15, 2], [16, 17, 18, 19, 2], [20, 2]]
@@ -103,6 +105,8 @@ def test_packed_rows_equal_padded_rows_in_logprobs_loss_and_gradients(tiny_model
     ref_grads = {n: p.grad.clone() for n, p in lm.named_parameters()}
     lm.zero_grad()
 
+    lm.set_attn_implementation(attn_implementation(kernel))
+    assert lm.config._attn_implementation == kernel
     model = TokenLogprobs(lm, chunk_tokens=4)
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in lm.named_parameters()]
     b = pack(prompts, completions, 0, advantages=adv)

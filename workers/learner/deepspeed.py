@@ -20,6 +20,7 @@ from collections import defaultdict
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers.base import LearnerWorker
+from workers.learner.schedule import lr_factor, mini_batches
 from workers.types import resolve_refs
 
 
@@ -123,7 +124,10 @@ class DeepSpeedLearner(LearnerWorker):
     # of the terms without changing weights or any named state (SASR's signal).
 
     def update(self, terms: list[dict], optimizer: str = "main", lr: float | None = None,
-               probe: bool = False) -> dict:
+               probe: bool = False, step: int | None = None) -> dict:
+        """One update over the terms: ``algorithm.ppo_epochs`` passes over their rows, each in
+        ``algorithm.ppo_mini_batches`` optimizer steps (one step with the defaults); the
+        learning rate follows ``algorithm.lr_schedule`` at the run's ``step``."""
         import torch
         import torch.distributed as dist
 
@@ -131,6 +135,11 @@ class DeepSpeedLearner(LearnerWorker):
         if lr is None:
             only_sft = all(t["kind"] == "nll" for t in terms)
             lr = (algo.sft_lr or algo.lr) if only_sft else algo.lr
+            lr *= lr_factor(algo, step if step is not None else self.steps + 1,
+                            self.recipe.steps)
+        steps = [terms] if probe else mini_batches(terms, algo.ppo_mini_batches,
+                                                   algo.ppo_epochs,
+                                                   (self.recipe.seed, self.steps))
         inner = self._torch_optimizer()
         # A probe steps with lr 0 and no weight decay on scratch moments: it leaves no trace.
         inner.state = defaultdict(dict) if probe else \
@@ -139,16 +148,19 @@ class DeepSpeedLearner(LearnerWorker):
             group["lr"] = 0.0 if probe else lr
             group["weight_decay"] = 0.0 if probe else algo.weight_decay
         self.engine.train()
-        metrics: dict[str, float] = {}
+        metrics: dict[str, float] = defaultdict(float)
+        norms = []
         try:
-            for term in terms:
-                metrics |= self._backward_term(term)
-            self.engine.step()
+            for step_terms in steps:
+                for term in step_terms:
+                    for k, v in self._backward_term(term).items():
+                        metrics[k] += v
+                self.engine.step()
+                norms.append(float(self.engine.get_global_grad_norm() or 0.0))
         finally:
             inner.state = self._opt_states["main"]  # what DeepSpeed sees between updates
-        grad_norm = float(self.engine.get_global_grad_norm() or 0.0)
         if probe:
-            return {"probe/grad_norm": grad_norm}
+            return {"probe/grad_norm": norms[0]}
         self.steps += 1
         keys = sorted(metrics)
         vals = torch.tensor([metrics[k] for k in keys], dtype=torch.float64,
@@ -160,9 +172,13 @@ class DeepSpeedLearner(LearnerWorker):
             for k in ("clipfrac", "kl", "entropy", "logprob_diff"):
                 if f"{prefix}/{k}" in out:
                     out[f"{prefix}/{k}"] /= tokens
+            out[f"{prefix}/loss"] /= len(steps)  # the mean over optimizer steps
+            out[f"{prefix}/tokens"] /= algo.ppo_epochs
         kind = "sft" if all(t["kind"] == "nll" for t in terms) else "rl"
-        out |= {f"{kind}/grad_norm": grad_norm, f"{kind}/lr": lr,
-                f"optimizer/{optimizer}_steps": float(self._opt_steps(optimizer))}
+        out |= {f"{kind}/grad_norm": sum(norms) / len(norms), f"{kind}/lr": lr,
+                f"optimizer/{optimizer}_steps": float(self._opt_steps(optimizer, len(steps)))}
+        if len(steps) > 1:
+            out[f"{kind}/optimizer_steps"] = float(len(steps))
         return out
 
     def _state_keys(self) -> list:
@@ -182,8 +198,8 @@ class DeepSpeedLearner(LearnerWorker):
             opt = opt.optimizer
         return opt
 
-    def _opt_steps(self, name: str) -> int:
-        self._step_counts[name] = self._step_counts.get(name, 0) + 1
+    def _opt_steps(self, name: str, n: int = 1) -> int:
+        self._step_counts[name] = self._step_counts.get(name, 0) + n
         return self._step_counts[name]
 
     def _rows(self, term: dict):

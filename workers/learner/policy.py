@@ -48,9 +48,43 @@ class TokenLogprobs(torch.nn.Module):
         return max(1, -(-tokens // self.chunk_tokens)) if self.chunk_tokens else 1
 
 
+VARLEN = "braid_varlen_sdpa"
+
+
+def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
+                scaling: float | None = None, **kwargs):
+    """Causal attention within each packed row, row by row with PyTorch's sdpa: what
+    flash-attn's variable-length kernel computes, on any device. A row's span starts where
+    its position id is 0; no mask is built, so memory and compute grow with the sum of the
+    squared row lengths, not with the square of the packed length (sdpa with transformers'
+    block-diagonal mask does the latter)."""
+    if getattr(module, "sliding_window", None):
+        raise ValueError(f"{VARLEN} has no sliding-window attention; set the learner's "
+                         "attn_implementation")
+    if attention_mask is not None and attention_mask.dim() == 2 and not bool(attention_mask.all()):
+        raise ValueError(f"{VARLEN} takes packed rows without padding")
+    pos = kwargs["position_ids"][0]
+    starts = (pos == 0).nonzero().flatten().tolist() + [pos.shape[0]]
+    gqa = query.shape[1] != key.shape[1]
+    out = [torch.nn.functional.scaled_dot_product_attention(
+        query[:, :, s:e], key[:, :, s:e], value[:, :, s:e], is_causal=True, scale=scaling,
+        dropout_p=dropout if module.training else 0.0, enable_gqa=gqa)
+        for s, e in zip(starts[:-1], starts[1:])]
+    return torch.cat(out, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _register_varlen() -> None:
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface
+
+    AttentionInterface.register(VARLEN, varlen_sdpa)
+    AttentionMaskInterface.register(VARLEN, lambda *args, **kwargs: None)
+
+
 def attn_implementation(choice: str | None) -> str:
-    """The attention kernel: flash-attn's variable-length kernel on GPU when installed (packed
-    rows without padding), else PyTorch's sdpa with a block-diagonal mask."""
+    """The attention kernel for packed rows: flash-attn's variable-length kernel on GPU when
+    installed, else ``varlen_sdpa`` (registered with transformers here)."""
+    _register_varlen()
     if choice:
         return choice
     if torch.cuda.is_available():
@@ -60,4 +94,4 @@ def attn_implementation(choice: str | None) -> str:
             return "flash_attention_2"
         except ImportError:
             pass
-    return "sdpa"
+    return VARLEN

