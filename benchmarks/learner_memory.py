@@ -1,7 +1,7 @@
 """Peak learner memory per token, long completions on CPU, A/B in one run.
 
-    .venv/bin/python benchmarks/learner_memory.py [--rows 16] [--seq 2048] [--rounds 2]
-        [--baseline-code DIR]
+    .venv/bin/python benchmarks/learner_memory.py [--rows 16] [--seq 2048] [--prompt 128]
+        [--rounds 1] [--baseline-code DIR] [--model-dir DIR]
 
 One learner rank (``DeepSpeedLearner``, ZeRO-3 on gloo, driven without Ray) takes one RL step
 on ``--rows`` rows of ``--seq`` tokens (prompt seq/16, the rest completion) of a small Qwen2
@@ -14,6 +14,7 @@ long completions expensive). Each configuration runs in a fresh process, alterna
 - ``bounded``: a 4,096-token budget per micro-batch, gradient checkpointing, the vocabulary
                projection 1,024 tokens at a time.
 
+``--model-dir DIR`` uses a model folder instead (e.g. the base model a recipe built).
 ``--baseline-code DIR`` adds ``before``: the same step on another checkout of braid (e.g. a
 ``git worktree`` of the commit before the packed learner), with 16 rows per micro-batch.
 Memory does not depend on the machine's load, so one round is usually enough; time is
@@ -52,7 +53,7 @@ def rss_gib() -> float:
     return kb / 2**20
 
 
-def child(config: str, model: Path, rows: int, seq: int, port: int) -> None:
+def child(config: str, model: Path, rows: int, seq: int, prompt: int, port: int) -> None:
     """One step in this process; prints a JSON line."""
     from orchestrator.config import Recipe
     from workers.base import WorkerContext
@@ -78,10 +79,9 @@ def child(config: str, model: Path, rows: int, seq: int, port: int) -> None:
     w = DeepSpeedLearner(WorkerContext("learner", 0, 1, recipe, args))
     w.setup(master_addr="127.0.0.1", master_port=port)
     rng = random.Random(0)
-    prompt = seq // 16
-    p = [[rng.randrange(3, MODEL["vocab_size"]) for _ in range(prompt)] for _ in range(rows)]
-    c = [[rng.randrange(3, MODEL["vocab_size"]) for _ in range(seq - prompt)]
-         for _ in range(rows)]
+    vocab = json.loads((model / "config.json").read_text())["vocab_size"]
+    p = [[rng.randrange(3, vocab) for _ in range(prompt)] for _ in range(rows)]
+    c = [[rng.randrange(3, vocab) for _ in range(seq - prompt)] for _ in range(rows)]
     r = Rollouts([i // 4 for i in range(rows)], p, c, [[] for _ in p], [""] * rows,
                  ["length"] * rows)
     adv = [rng.uniform(-1, 1) for _ in p]
@@ -90,7 +90,7 @@ def child(config: str, model: Path, rows: int, seq: int, port: int) -> None:
     m = w.update([{"kind": "pg", "rollouts": r, "advantages": adv}])
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    tokens = rows * (seq - prompt)
+    tokens = rows * (seq - prompt)  # completion tokens
     print(json.dumps({"config": config, "peak_gib": round(peak, 3),
                       "step_gib": round(peak - before, 3),
                       "step_mib_per_completion_token": round((peak - before) * 1024 / tokens, 4),
@@ -100,7 +100,9 @@ def child(config: str, model: Path, rows: int, seq: int, port: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=16)
-    parser.add_argument("--seq", type=int, default=2048)
+    parser.add_argument("--seq", type=int, default=2048, help="tokens per row")
+    parser.add_argument("--prompt", type=int, default=128, help="prompt tokens per row")
+    parser.add_argument("--model-dir", type=Path)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--baseline-code", type=Path)
     parser.add_argument("--child", help=argparse.SUPPRESS)
@@ -108,7 +110,7 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=29541, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.model, args.rows, args.seq, args.port)
+        child(args.child, args.model, args.rows, args.seq, args.prompt, args.port)
         return
 
     sys.path.insert(0, str(ROOT))
@@ -120,17 +122,20 @@ def main() -> None:
     configs = ["rows16", "bounded"] + (["before"] if args.baseline_code else [])
     results: dict[str, list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="braid-learner-mem-") as tmp:
-        model = Path(tmp) / "model"
-        torch.manual_seed(0)
-        Qwen2ForCausalLM(Qwen2Config(**MODEL, use_cache=False)).save_pretrained(model)
-        build_char_tokenizer(model)
+        model = args.model_dir.resolve() if args.model_dir else Path(tmp) / "model"
+        if not args.model_dir:
+            torch.manual_seed(0)
+            Qwen2ForCausalLM(Qwen2Config(**MODEL, use_cache=False)).save_pretrained(model)
+            build_char_tokenizer(model)
+        vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         for rnd in range(args.rounds):
             for config in configs if rnd % 2 == 0 else configs[::-1]:
                 code = args.baseline_code if config == "before" else ROOT
                 env = dict(os.environ, DS_ACCELERATOR="cpu", PYTHONPATH=str(code))
                 cmd = [sys.executable, str(Path(__file__).resolve()), "--child", config,
                        "--model", str(model), "--rows", str(args.rows), "--seq",
-                       str(args.seq), "--port", str(args.port + rnd)]
+                       str(args.seq), "--prompt", str(args.prompt), "--port",
+                       str(args.port + rnd * len(configs) + configs.index(config))]
                 proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=code)
                 lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
                 if proc.returncode or not lines:
@@ -140,7 +145,7 @@ def main() -> None:
                 else:
                     results[config].append(json.loads(lines[-1]))
                 print(json.dumps(results[config][-1]), flush=True)
-    print(f"\n{args.rows} rows x {args.seq} tokens, vocabulary {MODEL['vocab_size']}:")
+    print(f"\n{args.rows} rows x {args.seq} tokens ({args.prompt} prompt), vocabulary {vocab}:")
     for config, runs in results.items():
         ok = [r for r in runs if "failed" not in r]
         if not ok:

@@ -158,7 +158,7 @@ class AlgorithmConfig(_Strict):
         "constant", description="after warm-up: decay to lr_min_ratio * lr at the last step")
     lr_min_ratio: float = Field(0.0, ge=0, le=1)
     max_tokens_per_micro_batch: int | None = Field(
-        None, gt=0, description="most tokens per forward/backward per rank (rows are packed "
+        16384, gt=0, description="most tokens per forward/backward per rank (rows are packed "
         "without padding; a longer row goes alone); null: no budget")
 
     @model_validator(mode="after")

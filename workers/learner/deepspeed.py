@@ -24,6 +24,17 @@ from workers.learner.schedule import lr_factor, mini_batches
 from workers.types import resolve_refs
 
 
+def peak_memory_gib() -> float:
+    """This rank's peak memory so far: the CUDA allocator's on GPU, the process's RSS on CPU."""
+    import resource
+
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
 class DeepSpeedLearner(LearnerWorker):
     class Args(BaseModel):
         model_config = ConfigDict(extra="forbid")
@@ -174,8 +185,11 @@ class DeepSpeedLearner(LearnerWorker):
                     out[f"{prefix}/{k}"] /= tokens
             out[f"{prefix}/loss"] /= len(steps)  # the mean over optimizer steps
             out[f"{prefix}/tokens"] /= algo.ppo_epochs
+        peak = torch.tensor([peak_memory_gib()], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         kind = "sft" if all(t["kind"] == "nll" for t in terms) else "rl"
         out |= {f"{kind}/grad_norm": sum(norms) / len(norms), f"{kind}/lr": lr,
+                "learner/peak_mem_gib": float(peak),
                 f"optimizer/{optimizer}_steps": float(self._opt_steps(optimizer, len(steps)))}
         if len(steps) > 1:
             out[f"{kind}/optimizer_steps"] = float(len(steps))
