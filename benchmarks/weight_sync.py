@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from orchestrator.weight_sync import (  # noqa: E402
+from core.weight_sync import (  # noqa: E402
     SyncGroup,
     WeightReceiver,
     WeightSender,

@@ -20,6 +20,8 @@ import os
 import shutil
 from pathlib import Path
 
+from core.errors import RecipeError
+
 
 def save(c, step: int) -> Path:
     root = c.run_dir.resolve() / "checkpoints"
@@ -55,8 +57,6 @@ def save(c, step: int) -> Path:
 def find(run_dir: Path, where: str | None) -> Path:
     """A checkpoint folder from --resume's argument: a checkpoint, a run directory, or None
     (this recipe's run directory)."""
-    from orchestrator.config import RecipeError
-
     path = Path(where) if where else run_dir
     if (path / "controller.json").is_file():
         return path

@@ -16,6 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
+from core.errors import RecipeError
+
 
 def _load(args):
     from orchestrator.config import load_recipe
@@ -115,8 +117,6 @@ def cmd_convert_gguf(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from orchestrator.config import RecipeError
-
     parser = argparse.ArgumentParser(prog="braid", description="braid SFT and RL in one run")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, fn, help_ in (("validate", cmd_validate, "check a recipe without starting Ray"),

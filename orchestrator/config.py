@@ -11,19 +11,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from core.errors import RecipeError, validate_model
 from workers.models import TinyModelSpec
-
-
-class RecipeError(Exception):
-    """A user error in a recipe: bad YAML, a wrong field, an import path that does not resolve."""
-
-
-class MissingInput(RecipeError):
-    """A model folder or data file the recipe names is not on this machine. ``braid run``
-    stops on it; ``braid validate`` warns (the file may live on the cluster's volume, or come
-    from another recipe) and checks the rest."""
 
 
 class _Strict(BaseModel):
@@ -263,30 +254,6 @@ class Recipe(_Strict):
         if self.algorithm.kl > 0 and self.roles.reference is None:
             raise ValueError("algorithm.kl > 0 needs roles.reference")
         return self
-
-
-def _format_error(err: ValidationError, prefix: str = "") -> str:
-    lines = []
-    for e in err.errors():
-        path = ".".join(str(p) for p in (prefix.split(".") if prefix else []) + list(e["loc"]))
-        if e["type"] == "extra_forbidden":
-            msg = "unknown field"
-        elif e["type"] == "missing":
-            msg = "required field is missing"
-        else:
-            msg = e["msg"]
-            if "input" in e and not isinstance(e["input"], dict | list):
-                msg += f" (got {e['input']!r})"
-        lines.append(f"{path or '<recipe>'}: {msg}")
-    return "; ".join(lines)
-
-
-def validate_model(model: type[BaseModel], data: Any, where: str) -> BaseModel:
-    """Validate `data` into `model`, raising RecipeError with field paths under `where`."""
-    try:
-        return model.model_validate(data)
-    except ValidationError as err:
-        raise RecipeError(_format_error(err, where)) from None
 
 
 def _replace_components(base, child) -> None:

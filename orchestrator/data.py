@@ -18,13 +18,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-
-class DataError(ValueError):
-    """A data file that cannot serve as a dataset; the message names the file and the field."""
-
-
-class DataMissing(DataError):
-    """The data file or folder is not there."""
+from core.errors import DataError, DataMissing
+from core.registry import resolve
 
 
 def field_value(row: dict, path: str):
@@ -188,8 +183,6 @@ class FileDataset:
 
     def _select(self) -> list[int]:
         """Indices of the rows that pass the filters, every record checked on the way."""
-        from orchestrator.registry import resolve
-
         a = self.args
         if len(self.table) == 0:
             raise DataError(f"{self.source}: no records")

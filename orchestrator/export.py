@@ -13,8 +13,8 @@ import os
 import shutil
 from pathlib import Path
 
+from core.errors import RecipeError
 from orchestrator import checkpoint
-from orchestrator.config import RecipeError
 
 
 def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Path:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from core.errors import user_frame
 from workers.base import WorkerContext
 
 
@@ -94,8 +95,6 @@ class WorkerGroup:
     def _where(self, err: BaseException) -> str:
         """The user's frame in the remote traceback, and the class, when the class is not
         braid's own: a worker of the user's that raised is named, not braid's internals."""
-        from workers.base import user_frame
-
         frame = user_frame(err)
         ours = self.cfg.cls.partition(":")[0].split(".")[0] in ("orchestrator", "workers",
                                                                 "rewards")

@@ -17,6 +17,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.errors import RecipeError, validate_model
+from core.registry import resolve, user_code
 from orchestrator.signals import StepSignals
 
 
@@ -194,9 +196,6 @@ BUILTINS = {"rl": "orchestrator.schedules:RL", "sft": "orchestrator.schedules:SF
 
 
 def build_schedule(policy: str, args: dict, where: str = "schedule") -> Schedule:
-    from orchestrator.config import RecipeError, validate_model
-    from orchestrator.registry import resolve, user_code
-
     cls = resolve(policy, f"{where}.policy", aliases=BUILTINS)
     for method in ("decide", "wants_rollouts", "probes", "metrics", "state_dict",
                    "load_state_dict"):

@@ -16,8 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from orchestrator.config import MissingInput, Recipe, RecipeError, validate_model
-from orchestrator.registry import resolve, user_code
+from core.errors import MissingInput, RecipeError, validate_model
+from core.registry import resolve, user_code
+from orchestrator.config import Recipe
 from orchestrator.schedules import Schedule, build_schedule
 from workers.base import ROLE_BASES
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+from core.registry import resolve
 from rewards import as_rewards
 
 
@@ -29,8 +30,6 @@ class Weighted:
     """
 
     def __init__(self, terms: list[dict | str], on_failure: Literal["none", "zero"] = "none"):
-        from orchestrator.registry import resolve
-
         if on_failure not in ("none", "zero"):
             raise ValueError(f"on_failure must be 'none' or 'zero', got {on_failure!r}")
         if not terms:

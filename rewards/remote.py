@@ -83,6 +83,8 @@ from concurrent.futures import ThreadPoolExecutor
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
+from core.errors import RecipeError
+from core.registry import resolve
 from rewards import as_rewards
 
 log = logging.getLogger("braid.reward.remote")
@@ -613,9 +615,6 @@ def add_cli_arguments(p: argparse.ArgumentParser) -> None:
 
 def build_verifiers(specs: list[str], named: list[str], factory_args: list[str]) -> dict:
     """Resolve the command line's verifiers to ``{name: callable}``; RecipeError if bad."""
-    from orchestrator.config import RecipeError
-    from orchestrator.registry import resolve
-
     paths: dict[str, str] = {}
 
     def add(name: str, path: str, where: str):
@@ -664,8 +663,6 @@ def build_verifiers(specs: list[str], named: list[str], factory_args: list[str])
 
 def cmd_serve_reward(args: argparse.Namespace) -> int:
     """``braid serve-reward``: serve until SIGTERM or SIGINT, then exit 0."""
-    from orchestrator.config import RecipeError
-
     verifiers = build_verifiers(args.verifiers, args.name, args.args)
     token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
     if not logging.getLogger().handlers:
@@ -709,8 +706,6 @@ def cmd_serve_reward(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m rewards.remote ...``: the same as ``braid serve-reward ...``."""
-    from orchestrator.config import RecipeError
-
     parser = argparse.ArgumentParser(prog="python -m rewards.remote",
                                      description="serve verifiers over HTTP")
     add_cli_arguments(parser)

@@ -12,12 +12,12 @@ validate`` checks them without building anything.
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
+
+from core.errors import validate_model
 
 
 class NoArgs(BaseModel):
@@ -44,8 +44,6 @@ class Worker:
     @classmethod
     def check_args(cls, args: dict, where: str) -> BaseModel:
         """Validate recipe args; subclasses also resolve import paths they hold."""
-        from orchestrator.config import validate_model
-
         return validate_model(cls.Args, args, where)
 
     def setup(self, **kwargs) -> None:
@@ -91,42 +89,3 @@ ROLE_BASES: dict[str, type[Worker]] = {
     "rollout": RolloutWorker, "learner": LearnerWorker,
     "reference": ReferenceWorker, "reward": RewardWorker, "teacher": RolloutWorker,
 }
-
-
-_FRAME = re.compile(r'File "([^"]+)", line (\d+), in (\S+)')
-_BRAID = Path(__file__).resolve().parents[1]
-_OURS = tuple(str(_BRAID / pkg) + os.sep for pkg in ("orchestrator", "workers", "rewards"))
-
-
-def _is_user_file(path: str) -> bool:
-    generated = ("site-packages", "dist-packages", "huggingface/modules", "torchinductor")
-    if path.startswith("<") or any(g in path for g in generated):
-        return False
-    resolved = str(Path(path).resolve())
-    stdlib = str(Path(os.__file__).resolve().parent) + os.sep
-    return not resolved.startswith(_OURS) and not resolved.startswith(stdlib)
-
-
-def user_frame(err: BaseException) -> str:
-    """`` (at my_module.py:12 in load)``: the innermost frame of an exception that is the
-    user's own code (not braid, not an installed package, not the standard library), or "".
-
-    Reads a live traceback, the text of a traceback re-raised from a process pool
-    (``multiprocessing``'s RemoteTraceback), or one embedded in the message (Ray's task errors).
-    """
-    import traceback
-
-    remote = getattr(err.__cause__, "tb", None)
-    frames = _FRAME.findall(remote if isinstance(remote, str) else str(err))
-    if not frames and err.__traceback__ is not None:
-        frames = [(f.filename, f.lineno, f.name) for f in traceback.extract_tb(err.__traceback__)]
-    mine = [f for f in frames if _is_user_file(f[0])]
-    if not mine:
-        return ""
-    path, line, fn = mine[-1]
-    try:
-        shown = os.path.relpath(path)
-    except ValueError:
-        shown = path
-    shown = shown if not shown.startswith("..") else path
-    return f" (at {shown}:{line} in {fn})"

@@ -15,8 +15,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.errors import RecipeError, user_frame
+from core.registry import resolve
 from rewards import check_rewards
-from workers.base import RewardWorker, user_frame
+from workers.base import RewardWorker
 from workers.types import Rollouts, Scores
 
 log = logging.getLogger("braid.reward")
@@ -36,8 +38,6 @@ _BUILT: dict[str, Any] = {}  # in the verifier process: factory verifiers, built
 
 def _call_verifier(spec: dict, prompts, completions, fields):
     import json
-
-    from orchestrator.registry import resolve
 
     if spec.get("args") is None:
         fn = resolve(spec["fn"], "verifier")
@@ -80,9 +80,6 @@ class RuleRewardWorker(RewardWorker):
     @classmethod
     def check_args(cls, args: dict, where: str):
         import inspect
-
-        from orchestrator.config import RecipeError
-        from orchestrator.registry import resolve
 
         parsed = super().check_args(args, where)
         for i, v in enumerate(parsed.verifiers):

@@ -18,7 +18,7 @@ needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CU
 
 
 def _nccl_receiver(port, manifest, q):
-    from orchestrator.weight_sync import Manifest, SyncGroup, WeightReceiver
+    from core.weight_sync import Manifest, SyncGroup, WeightReceiver
 
     torch.cuda.set_device(1)
     recv = WeightReceiver(Manifest.from_dict(manifest),
@@ -29,7 +29,7 @@ def _nccl_receiver(port, manifest, q):
 
 @needs_two
 def test_nccl_bucketed_sync_between_two_gpus():
-    from orchestrator.weight_sync import SyncGroup, WeightSender, free_port, plan_buckets
+    from core.weight_sync import SyncGroup, WeightSender, free_port, plan_buckets
 
     state = {f"w{i}": torch.randn(256, 64 * (i + 1), device="cuda:0") for i in range(5)}
     manifest = plan_buckets([(n, tuple(t.shape), t.dtype) for n, t in state.items()], 1 << 18)
@@ -47,7 +47,7 @@ def test_nccl_bucketed_sync_between_two_gpus():
 
 
 def _nccl_dying_receiver(port, manifest):
-    from orchestrator.weight_sync import Manifest, SyncGroup, _header
+    from core.weight_sync import Manifest, SyncGroup, _header
 
     torch.cuda.set_device(1)
     m = Manifest.from_dict(manifest)
@@ -63,7 +63,7 @@ def test_nccl_sync_to_a_dead_engine_fails_within_the_timeout():
     with an error (the same recovery as gloo), not a hang."""
     import time
 
-    from orchestrator.weight_sync import SyncGroup, WeightSender, free_port, plan_buckets
+    from core.weight_sync import SyncGroup, WeightSender, free_port, plan_buckets
 
     state = {f"w{i}": torch.randn(1024, 1024, device="cuda:0") for i in range(4)}
     manifest = plan_buckets([(n, tuple(t.shape), t.dtype) for n, t in state.items()], 1 << 22)
@@ -83,7 +83,7 @@ def test_nccl_sync_to_a_dead_engine_fails_within_the_timeout():
 
 @needs_cuda
 def test_deepspeed_learner_on_cuda_world_one(make_recipe):
-    from orchestrator.weight_sync import free_port
+    from core.weight_sync import free_port
     from workers.base import WorkerContext
     from workers.learner.deepspeed import DeepSpeedLearner
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.weight_sync import free_port
+from core.weight_sync import free_port
 from tests.conftest import recipe_dict
 
 pytestmark = pytest.mark.slow

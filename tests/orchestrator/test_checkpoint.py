@@ -7,8 +7,8 @@ import random
 import numpy as np
 import pytest
 
+from core.errors import RecipeError
 from orchestrator import checkpoint
-from orchestrator.config import RecipeError
 
 
 def _ckpt(root, name):

@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from orchestrator.config import RecipeError, load_recipe
+from core.errors import RecipeError
+from orchestrator.config import load_recipe
 from orchestrator.setup import resolve_recipe
 from tests.conftest import ROOT, recipe_dict
 
@@ -222,7 +223,7 @@ def test_one_shot_datasets_budgets_and_bucket_keys_are_checked(recipe_file, make
 
 
 def test_models_and_data_not_on_this_machine_warn_in_validate_and_stop_a_run(make_recipe):
-    from orchestrator.config import MissingInput
+    from core.errors import MissingInput
 
     recipe = make_recipe(**{"model.path": "/nowhere/model", "data.eval": {
         "cls": "orchestrator.data:FileDataset", "args": {"path": "/nowhere/test.jsonl"}}})

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from orchestrator.data import Arithmetic, Cursor, DataError, FileDataset
+from core.errors import DataError
+from orchestrator.data import Arithmetic, Cursor, FileDataset
 
 ROWS = [{"question": f"What is {i} + 2?", "solution": {"steps": f"{i} + 2 = {i + 2}",
                                                        "final": str(i + 2)},

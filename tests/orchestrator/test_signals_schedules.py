@@ -1,6 +1,6 @@
 import pytest
 
-from orchestrator.config import RecipeError
+from core.errors import RecipeError
 from orchestrator.schedules import RL, SFT, Eval, Phases, RLUpdate, SFTUpdate, Sync, build_schedule
 from orchestrator.signals import grpo_advantages, step_signals
 

@@ -2,7 +2,7 @@ import multiprocessing as mp
 
 import torch
 
-from orchestrator.weight_sync import (
+from core.weight_sync import (
     Manifest,
     SyncGroup,
     WeightReceiver,

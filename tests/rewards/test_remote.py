@@ -363,7 +363,7 @@ class Threshold:
 
 
 def test_cli_verifier_specs(tmp_path, monkeypatch):
-    from orchestrator.config import RecipeError
+    from core.errors import RecipeError
     from rewards.remote import build_verifiers
 
     (tmp_path / "team_verifiers.py").write_text(FACTORY)

@@ -199,7 +199,7 @@ def test_weighted_failing_term(tmp_path, monkeypatch):
 
 
 def test_weighted_bad_spec():
-    from orchestrator.config import RecipeError
+    from core.errors import RecipeError
 
     with pytest.raises(RecipeError, match="Weighted.terms.0: no module named"):
         Weighted([{"fn": "no_such_module:fn"}])

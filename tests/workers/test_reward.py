@@ -3,7 +3,7 @@ garbage score None for exactly the samples they fail on, are counted, and the wo
 
 import pytest
 
-from orchestrator.config import RecipeError
+from core.errors import RecipeError
 from workers.base import WorkerContext
 from workers.reward import RuleRewardWorker
 from workers.types import Rollouts

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import workers.reward_model as reward_model
-from orchestrator.config import Recipe, RecipeError
+from core.errors import RecipeError
+from orchestrator.config import Recipe
 from tests.conftest import recipe_dict
 from workers.base import WorkerContext
 from workers.reward_model import JudgeRewardWorker, RewardModelWorker, parse_grade

@@ -53,7 +53,7 @@ class DeepSpeedLearner(LearnerWorker):
 
     # --- lifecycle -------------------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
-        from orchestrator.weight_sync import free_port, node_ip
+        from core.weight_sync import free_port, node_ip
 
         return node_ip(), free_port()
 
@@ -297,7 +297,7 @@ class DeepSpeedLearner(LearnerWorker):
         return tuple(getattr(p, "ds_shape", p.shape))
 
     def weight_manifest(self, bucket_bytes: int) -> dict:
-        from orchestrator.weight_sync import plan_buckets
+        from core.weight_sync import plan_buckets
 
         return plan_buckets([(n, self._full_shape(p), p.dtype) for n, p in self.named.items()],
                             bucket_bytes).to_dict()
@@ -313,7 +313,7 @@ class DeepSpeedLearner(LearnerWorker):
 
     def init_weight_sync(self, host: str, port: int, world_size: int, manifest: dict,
                          backend: str) -> None:
-        from orchestrator.weight_sync import Manifest, SyncGroup, WeightSender
+        from core.weight_sync import Manifest, SyncGroup, WeightSender
 
         self.manifest = Manifest.from_dict(manifest)
         if self.ctx.rank == 0:

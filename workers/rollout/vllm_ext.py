@@ -28,7 +28,7 @@ class BraidWeightSyncExtension:
                         manifest: dict, backend: str, timeout_s: float = 300.0) -> None:
         import logging
 
-        from orchestrator.weight_sync import Manifest, SyncGroup, WeightReceiver
+        from core.weight_sync import Manifest, SyncGroup, WeightReceiver
 
         # Each reload warns that rotary caches and a tied head "failed to load"; they hold no
         # checkpoint weights, and the tie is restored below.

@@ -12,7 +12,7 @@ import sys
 from contextlib import contextmanager
 from typing import Any
 
-from orchestrator.config import MissingInput, RecipeError
+from core.errors import DataError, DataMissing, MissingInput, RecipeError, user_frame
 
 
 def resolve(path: str, where: str, base: type | None = None,
@@ -51,15 +51,11 @@ def user_code(where: str, path: str):
     """Run a user's component (a dataset, a schedule, a verifier factory): an exception it
     raises becomes one RecipeError line naming the recipe field, the import path, the
     exception and the user's own frame — not a traceback through braid's set-up."""
-    from workers.base import user_frame
-
     try:
         yield
     except RecipeError:
         raise
     except Exception as err:
-        from orchestrator.data import DataError, DataMissing
-
         if isinstance(err, DataMissing):
             raise MissingInput(f"{where}: {err}") from None
         if isinstance(err, DataError):  # a built-in dataset: its message names file and field
