@@ -6,12 +6,15 @@ Two processes (sender = learner rank 0, receiver = one rollout engine) on braid'
 group. For a state dict of a given shape it times, medians over repeats:
 
 - floor:      one broadcast of all the bytes from one pre-allocated flat buffer into another;
-- braid:      WeightSender / WeightReceiver — copy each tensor into a persistent bucket buffer,
-              broadcast bucket by bucket (plus the header), hand out views on the receiver;
+- braid:      WeightSender / WeightReceiver — copy each bucket's tensors into one of a pair
+              of bucket-sized buffers and broadcast it while the next is copied (a bucket of
+              one tensor goes as it is); the receiver posts the next bucket's broadcast, then
+              hands out a copy of each tensor (what vLLM's layer-by-layer reload needs);
 - per-tensor: one broadcast per tensor, in place (the shape of OpenRLHF's per-parameter sync,
               without its RPC per parameter).
 
-It prints each time and its ratio to the floor. DeepSpeed's ZeRO-3 gather and vLLM's
+It prints each time and its ratio to the floor, and the memory the sync holds on each side
+between syncs (the pair of buffers) against the state's size. DeepSpeed's ZeRO-3 gather and vLLM's
 reload are not part of this measurement (they cost the same under either transport).
 """
 
@@ -72,8 +75,8 @@ def run(role: int, port: int, shapes: str, bucket_mb: float, repeats: int, q):
         if sender:
             sender.send(r + 1, state)
         else:
-            receiver.receive(expected_version=r + 1)
-            sum(v.numel() for _, v in receiver.named_tensors())
+            receiver.begin(expected_version=r + 1)
+            sum(v.numel() for _, v in receiver.tensors())
         t_braid = time.perf_counter() - t0
 
         group.broadcast(torch.zeros(1))
@@ -87,7 +90,8 @@ def run(role: int, port: int, shapes: str, bucket_mb: float, repeats: int, q):
             times["per-tensor"].append(t_each)
     if role == 1:
         q.put({k: statistics.median(v) for k, v in times.items()}
-              | {"bytes": total * 4, "tensors": len(state), "buckets": len(manifest.buckets)})
+              | {"bytes": total * 4, "tensors": len(state), "buckets": len(manifest.buckets),
+                 "buffer_bytes": receiver.buffers.nbytes})
 
 
 def main() -> None:
@@ -110,6 +114,8 @@ def main() -> None:
           f"{res['buckets']} buckets of <= {a.bucket_mb:g} MiB, gloo, median of {a.repeats}")
     for k in ("floor", "braid", "per-tensor"):
         print(f"  {k:<11} {res[k]:8.3f} s   {res[k] / floor:5.2f}x floor")
+    print(f"  sync buffers held per side: {res['buffer_bytes'] / 2**20:.1f} MiB "
+          f"({res['buffer_bytes'] / res['bytes']:.2f}x the state; before: 1.00x)")
 
 
 if __name__ == "__main__":

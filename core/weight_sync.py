@@ -2,10 +2,12 @@
 
 The group is learner rank 0 (rank 0 here) plus every rollout engine's worker process, formed on
 a dedicated TCP store — never the learner's world, never vLLM's. Backend gloo on CPU, NCCL on
-GPUs; the code is the same. Weights travel in buckets: each bucket is a persistent flat buffer
-of one dtype on both sides (allocated once, reused every sync), so a sync costs one copy into the
-buffer plus one broadcast per bucket. A small header tensor (version, bucket count, numel) goes
-first so a receiver that disagrees about the manifest fails loudly instead of loading garbage.
+GPUs; the code is the same. Weights travel in buckets of one dtype and at most ``bucket_mb``.
+Each side holds a *pair* of bucket-sized buffers, whatever the model's size: the sender copies
+bucket i+1 into one while bucket i's broadcast from the other is in flight (a bucket of one
+tensor goes out as it is), and the receiver hands each bucket's tensors to the engine's loader
+as it arrives. A small header tensor (version, bucket count, numel) goes first so a receiver
+that disagrees about the manifest fails loudly instead of loading garbage.
 
 Used by `workers.learner` (send) and `workers.rollout.vllm_ext` (receive). Only torch is needed.
 """
@@ -139,8 +141,15 @@ class SyncGroup:
         else:
             raise ValueError(f"weight_sync backend must be 'gloo' or 'nccl', got {backend!r}")
 
-    def broadcast(self, tensor: torch.Tensor) -> None:
+    def broadcast(self, tensor: torch.Tensor, wait: bool = True):
+        """Broadcast from rank 0; with ``wait=False`` returns the pending work for ``wait``."""
         work = self.pg.broadcast(tensor, 0)
+        if not wait:
+            return work
+        self.wait(work)
+        return None
+
+    def wait(self, work) -> None:
         if self.backend != "nccl":
             work.wait()
             return
@@ -163,8 +172,33 @@ class SyncGroup:
                 pass
 
 
-def _buffers(manifest: Manifest, device) -> list[torch.Tensor]:
-    return [torch.empty(b.numel, dtype=_DTYPES[b.dtype], device=device) for b in manifest.buckets]
+class _BufferPair:
+    """Two byte buffers the size of the largest bucket, used alternately; each remembers the
+    broadcast still reading or writing it, waited for before the buffer is reused."""
+
+    def __init__(self, manifest: Manifest, group: SyncGroup):
+        nbytes = max((b.numel * _DTYPES[b.dtype].itemsize for b in manifest.buckets), default=0)
+        self.group = group
+        self.bytes = [torch.empty(nbytes, dtype=torch.uint8, device=group.device)
+                      for _ in range(2)]
+        self.pending: list = [None, None]
+
+    def take(self, i: int, bucket: Bucket) -> torch.Tensor:
+        """Buffer i % 2 as bucket i's flat tensor, once its previous broadcast is done."""
+        k = i % 2
+        self.settle(k)
+        dtype = _DTYPES[bucket.dtype]
+        return self.bytes[k][:bucket.numel * dtype.itemsize].view(dtype)
+
+    def settle(self, k: int | None = None) -> None:
+        for j in (k,) if k is not None else (0, 1):
+            if self.pending[j] is not None:
+                work, self.pending[j] = self.pending[j], None
+                self.group.wait(work)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(b.numel() for b in self.bytes)
 
 
 def _header(version: int, manifest: Manifest, device) -> torch.Tensor:
@@ -173,35 +207,41 @@ def _header(version: int, manifest: Manifest, device) -> torch.Tensor:
 
 
 class WeightSender:
-    """Rank 0's side: ``begin(version)``, then ``send_bucket(i, tensors)`` for each bucket —
-    the caller interleaves it with whatever gathers the weights (ZeRO-3 gathers bucket by
-    bucket)."""
+    """Rank 0's side: ``begin(version)``, then ``send_bucket(i, tensors)`` for each bucket in
+    order — the caller interleaves it with whatever gathers the weights (ZeRO-3 gathers bucket
+    by bucket) — then ``finish()``."""
 
     def __init__(self, manifest: Manifest, group: SyncGroup):
         self.manifest, self.group = manifest, group
-        self.buffers = _buffers(manifest, group.device)
+        self.buffers = _BufferPair(manifest, group)
 
     def begin(self, version: int) -> None:
         self.group.broadcast(_header(version, self.manifest, self.group.device))
 
     def send_bucket(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
         """Broadcast bucket i from full tensors. A bucket of one contiguous tensor (one larger
-        than the bucket size) goes out as it is; others are packed into their persistent
-        buffer first — on CPU the copy, not the broadcast, is what costs."""
+        than the bucket size) goes out as it is, and is waited for: the caller may free the
+        tensor after (a ZeRO-3 gather). Others are copied into a buffer of the pair and left
+        in flight while the caller gathers the next bucket."""
         bucket = self.manifest.buckets[i]
         if len(bucket.tensors) == 1:
             t = tensors[bucket.tensors[0].name].detach()
-            if t.is_contiguous() and t.device == self.buffers[i].device:
+            if t.is_contiguous() and t.device == self.group.device:
                 self.group.broadcast(t.view(-1))
                 return
-        copy_into(bucket, self.buffers[i], tensors)
-        self.group.broadcast(self.buffers[i])
+        buf = self.buffers.take(i, bucket)
+        copy_into(bucket, buf, tensors)
+        self.buffers.pending[i % 2] = self.group.broadcast(buf, wait=False)
+
+    def finish(self) -> None:
+        self.buffers.settle()
 
     def send(self, version: int, tensors: dict[str, torch.Tensor]) -> None:
         """All buckets from full tensors at hand (no gathering needed)."""
         self.begin(version)
         for i in range(len(self.manifest.buckets)):
             self.send_bucket(i, tensors)
+        self.finish()
 
 
 def copy_into(bucket: Bucket, buf: torch.Tensor, tensors: dict[str, torch.Tensor]) -> None:
@@ -211,14 +251,17 @@ def copy_into(bucket: Bucket, buf: torch.Tensor, tensors: dict[str, torch.Tensor
 
 
 class WeightReceiver:
-    """A rollout engine's side: receive every bucket into persistent buffers, then hand out
-    (name, view) pairs for the engine's weight loader — no copies beyond the broadcast itself."""
+    """A rollout engine's side: ``begin(version)`` takes the header, then ``tensors()`` yields
+    every (name, tensor) bucket by bucket as it arrives, for the engine's weight loader. The
+    next bucket's broadcast is posted into the other buffer of the pair before the current
+    one's tensors are handed out. The loader must take every tensor (the stream is the sync)."""
 
     def __init__(self, manifest: Manifest, group: SyncGroup):
         self.manifest, self.group = manifest, group
-        self.buffers = _buffers(manifest, group.device)
+        self.buffers = _BufferPair(manifest, group)
+        self.done = True
 
-    def receive(self, expected_version: int | None = None) -> int:
+    def begin(self, expected_version: int | None = None) -> int:
         header = _header(-1, self.manifest, self.group.device)
         self.group.broadcast(header)
         version, nb, total = (int(x) for x in header.tolist())
@@ -228,11 +271,31 @@ class WeightReceiver:
                                f"elements, receiver {mine[1]}/{mine[2]}")
         if expected_version is not None and version != expected_version:
             raise RuntimeError(f"weight sync: expected version {expected_version}, got {version}")
-        for buf in self.buffers:
-            self.group.broadcast(buf)
+        self.done = False
         return version
 
-    def named_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
-        for bucket, buf in zip(self.manifest.buckets, self.buffers):
+    def _post(self, i: int) -> torch.Tensor:
+        buf = self.buffers.take(i, self.manifest.buckets[i])
+        self.buffers.pending[i % 2] = self.group.broadcast(buf, wait=False)
+        return buf
+
+    def tensors(self, copy: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+        """(name, tensor) of every synced tensor, in manifest order. ``copy=False`` yields views
+        into the buffer, valid only until the next bucket after it arrives: for a consumer that
+        copies each tensor before asking for the next (vLLM's layer-by-layer reload keeps a
+        layer's tensors until the layer is complete, so it needs copies)."""
+        buckets = self.manifest.buckets
+        nxt = self._post(0) if buckets else None
+        for i, bucket in enumerate(buckets):
+            buf = nxt
+            self.buffers.settle(i % 2)
+            nxt = self._post(i + 1) if i + 1 < len(buckets) else None
             for t in bucket.tensors:
-                yield t.name, buf[t.offset:t.offset + t.numel].view(t.shape)
+                view = buf[t.offset:t.offset + t.numel].view(t.shape)
+                yield t.name, view.clone() if copy else view
+        self.done = True
+
+    def receive(self, expected_version: int | None = None) -> tuple[int, dict]:
+        """The whole state at once (tests, tools): version and {name: tensor}."""
+        version = self.begin(expected_version)
+        return version, dict(self.tensors())

@@ -15,6 +15,7 @@ pytestmark = pytest.mark.gpu
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 needs_two = pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+needs_three = pytest.mark.skipif(torch.cuda.device_count() < 3, reason="needs 3 CUDA GPUs")
 
 
 def _nccl_receiver(port, manifest, q):
@@ -23,8 +24,8 @@ def _nccl_receiver(port, manifest, q):
     torch.cuda.set_device(1)
     recv = WeightReceiver(Manifest.from_dict(manifest),
                           SyncGroup("127.0.0.1", port, 2, 1, "nccl", 120))
-    v = recv.receive(expected_version=7)
-    q.put((v, {n: t.cpu() for n, t in recv.named_tensors()}))
+    v, state = recv.receive(expected_version=7)
+    q.put((v, {n: t.cpu() for n, t in state.items()}))
 
 
 @needs_two
@@ -97,3 +98,21 @@ def test_deepspeed_learner_on_cuda_world_one(make_recipe):
     assert m["sft/loss"] > 0 and m["sft/grad_norm"] > 0
     state = w.full_state_dict()
     assert all(t.is_cuda for t in state.values())
+
+
+@needs_three
+def test_tensor_parallel_engine_takes_synced_weights(ray_local, make_chat_recipe):
+    """A vLLM engine with tensor_parallel_size 2 inside its rollout actor (vLLM's
+    multiprocessing executor on the actor's 2 GPUs) joins the NCCL sync group with both
+    workers; after an SFT step and a sync its greedy output is the learner's (the CPU test's
+    check, on GPUs, with bf16 log-prob tolerance left to the CPU test)."""
+    pytest.importorskip("vllm")
+    from tests.integration.test_weight_sync_vllm import check_sync
+
+    recipe = make_chat_recipe(**{
+        "roles.rollout.resources": {"num_cpus": 1, "num_gpus": 2},
+        "roles.rollout.args.tensor_parallel_size": 2,
+        "roles.rollout.args.gpu_memory_utilization": 0.3,
+        "roles.learner.replicas": 1, "roles.learner.resources": {"num_cpus": 1, "num_gpus": 1},
+        "algorithm.lr": 5e-2, "algorithm.sft_lr": 5e-2, "weight_sync.bucket_mb": 0.05})
+    check_sync(recipe, big_batch=False)

@@ -20,7 +20,9 @@ from collections import defaultdict
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers.base import LearnerWorker
+from workers.learner.checkpoint import LearnerCheckpoint
 from workers.learner.schedule import lr_factor, mini_batches
+from workers.learner.weights import LearnerWeights
 from workers.types import resolve_refs
 
 
@@ -35,7 +37,7 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-class DeepSpeedLearner(LearnerWorker):
+class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
     class Args(BaseModel):
         model_config = ConfigDict(extra="forbid")
         zero_stage: int = Field(3, ge=0, le=3)
@@ -291,119 +293,3 @@ class DeepSpeedLearner(LearnerWorker):
         keep = {"loss", "tokens"} | ({"clipfrac", "kl", "logprob_diff"} if kind == "pg" else
                                      set()) | ({"entropy"} if entropy_coef else set())
         return {f"{name}/{k}": v for k, v in sums.items() if k in keep}
-
-    # --- weights ---------------------------------------------------------------------------
-    def _full_shape(self, p):
-        return tuple(getattr(p, "ds_shape", p.shape))
-
-    def weight_manifest(self, bucket_bytes: int) -> dict:
-        from core.weight_sync import plan_buckets
-
-        return plan_buckets([(n, self._full_shape(p), p.dtype) for n, p in self.named.items()],
-                            bucket_bytes).to_dict()
-
-    def _gathered(self, params):
-        import contextlib
-
-        import deepspeed
-
-        if self.args.zero_stage == 3:
-            return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
-        return contextlib.nullcontext()
-
-    def init_weight_sync(self, host: str, port: int, world_size: int, manifest: dict,
-                         backend: str) -> None:
-        from core.weight_sync import Manifest, SyncGroup, WeightSender
-
-        self.manifest = Manifest.from_dict(manifest)
-        if self.ctx.rank == 0:
-            group = SyncGroup(host, port, world_size, 0, backend,
-                              self.recipe.weight_sync.timeout_s)
-            self.sender = WeightSender(self.manifest, group)
-
-    def push_weights(self, version: int) -> dict:
-        """Gather ZeRO-3 shards bucket by bucket (a collective on every learner rank); rank 0
-        copies each bucket into its persistent buffer and broadcasts it to the engines."""
-        import time
-
-        t0 = time.perf_counter()
-        failed = None
-        try:
-            if self.sender is not None:
-                self.sender.begin(version)
-        except Exception as err:
-            failed = err
-        for i, bucket in enumerate(self.manifest.buckets):
-            params = [self.named[t.name] for t in bucket.tensors]
-            # Every rank gathers every bucket even after a failed send (an engine died):
-            # the gathers are collectives, and a rank that skipped them would hang the others.
-            with self._gathered(params):
-                if self.sender is not None and failed is None:
-                    try:
-                        self.sender.send_bucket(i, self.named)
-                    except Exception as err:
-                        failed = err
-        if failed is not None:
-            self.sender = None  # drop the broken group; the controller forms a new one
-            raise RuntimeError(f"weight sync to the engines failed: {failed}") from failed
-        return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": self.manifest.nbytes}
-
-    def full_state_dict(self) -> dict | None:
-        """Full (gathered) weights on rank 0, None elsewhere; every rank must call it."""
-        out = {}
-        for name, p in self.named.items():
-            with self._gathered([p]):
-                if self.ctx.rank == 0:
-                    out[name] = p.detach().clone()
-        return out if self.ctx.rank == 0 else None
-
-    def save_hf(self, path: str) -> str | None:
-        """Write a Hugging Face folder of the current policy (rank 0 writes)."""
-        state = self.full_state_dict()
-        if self.ctx.rank != 0:
-            return None
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        model = AutoModelForCausalLM.from_config(self.lm.config)
-        result = model.load_state_dict(state, strict=False)
-        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
-        if result.unexpected_keys or set(result.missing_keys) - tied:
-            raise RuntimeError(f"save_hf: state does not match the model: missing "
-                               f"{result.missing_keys}, unexpected {result.unexpected_keys}")
-        model.save_pretrained(path)
-        AutoTokenizer.from_pretrained(self.recipe.model.path).save_pretrained(path)
-        return path
-
-    # --- checkpoints -----------------------------------------------------------------------
-    def save_state(self, path: str) -> None:
-        """DeepSpeed checkpoint (model, main optimizer, per-rank ZeRO partitions) plus every
-        other named optimizer state, one file per rank. Every rank must call it."""
-        import torch
-
-        self.engine.save_checkpoint(path, tag="learner")
-        keys = self._state_keys()
-        extra = {name: [state.get(k) for k in keys]
-                 for name, state in self._opt_states.items() if name != "main"}
-        rng = {"torch": torch.get_rng_state(),
-               "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
-        torch.save({"states": extra, "counts": self._step_counts, "steps": self.steps,
-                    "rng": rng}, f"{path}/learner/named_optimizers_rank{self.ctx.rank}.pt")
-
-    def load_state(self, path: str) -> None:
-        import torch
-
-        self.engine.load_checkpoint(path, tag="learner", load_module_strict=True,
-                                    load_optimizer_states=True, load_lr_scheduler_states=True)
-        saved = torch.load(f"{path}/learner/named_optimizers_rank{self.ctx.rank}.pt",
-                           weights_only=False)
-        keys = self._state_keys()
-        self._opt_states = {"main": self._torch_optimizer().state}
-        for name, values in saved["states"].items():
-            self._opt_states[name] = defaultdict(
-                dict, {k: v for k, v in zip(keys, values, strict=True) if v is not None})
-        self._step_counts, self.steps = dict(saved["counts"]), int(saved["steps"])
-        rng = saved.get("rng") or {}
-        if rng.get("torch") is not None:
-            torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])

@@ -2,7 +2,9 @@
 
 They run inside the vLLM worker process — the one that holds the model — and are called with
 ``llm.collective_rpc("braid_...")``. Weights arrive over braid's own sync group (not pickled
-through the RPC) and load through ``model_runner.reload_weights``.
+through the RPC) and stream bucket by bucket into ``model_runner.reload_weights``: beyond the
+model itself, an engine holds two bucket-sized buffers and the copies of the tensors of the
+layers being loaded (vLLM's layer-by-layer reload keeps a layer's tensors until it is complete).
 """
 
 from __future__ import annotations
@@ -44,8 +46,10 @@ class BraidWeightSyncExtension:
 
     def braid_receive_weights(self, version: int) -> int:
         recv = self._braid_receiver
-        self._braid_version = recv.receive(expected_version=version)
-        self.model_runner.reload_weights(weights_iterator=recv.named_tensors())
+        self._braid_version = recv.begin(expected_version=version)
+        self.model_runner.reload_weights(weights_iterator=recv.tensors())
+        if not recv.done:
+            raise RuntimeError("vLLM's weight loader stopped before the last synced tensor")
         for mod, name, owner, owner_name in self._braid_aliases:
             setattr(mod, name, getattr(owner, owner_name))
             quant_method = getattr(mod, "quant_method", None)
