@@ -173,14 +173,15 @@ class SyncGroup:
 
 
 class _BufferPair:
-    """Two byte buffers the size of the largest bucket, used alternately; each remembers the
-    broadcast still reading or writing it, waited for before the buffer is reused."""
+    """Two byte buffers used alternately, bucket i in buffer i % 2, each the size of the
+    largest bucket it takes; each remembers the broadcast still reading or writing it, waited
+    for before the buffer is reused."""
 
     def __init__(self, manifest: Manifest, group: SyncGroup):
-        nbytes = max((b.numel * _DTYPES[b.dtype].itemsize for b in manifest.buckets), default=0)
+        sizes = [b.numel * _DTYPES[b.dtype].itemsize for b in manifest.buckets]
         self.group = group
-        self.bytes = [torch.empty(nbytes, dtype=torch.uint8, device=group.device)
-                      for _ in range(2)]
+        self.bytes = [torch.empty(max(sizes[k::2], default=0), dtype=torch.uint8,
+                                  device=group.device) for k in range(2)]
         self.pending: list = [None, None]
 
     def take(self, i: int, bucket: Bucket) -> torch.Tensor:
