@@ -67,3 +67,14 @@ def check_sync(recipe, big_batch: bool = True) -> None:
             assert len(big) == 160 and sum(map(len, big.prompt_ids)) > 4096
     finally:
         c.shutdown()
+
+
+def test_tensor_parallel_engine_takes_synced_weights(ray_local, make_chat_recipe):
+    """tensor_parallel_size 2: vLLM's multiprocessing executor inside the rollout actor, both
+    workers in the sync group, each loading the full weights it receives; the engine's greedy
+    output and log-probs are then the learner's, as with one worker."""
+    check_sync(make_chat_recipe(**{
+        "roles.rollout.args.tensor_parallel_size": 2,
+        "roles.rollout.resources": {"num_cpus": 2},
+        "algorithm.lr": 5e-2, "algorithm.sft_lr": 5e-2, "weight_sync.bucket_mb": 0.05}),
+        big_batch=False)

@@ -46,6 +46,10 @@ class VLLMRollout(RolloutWorker):
         import torch
 
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.args.cpu_kv_cache_gb))))
+        if self.args.tensor_parallel_size > 1 and not torch.cuda.is_available():
+            # vllm-cpu binds each tensor-parallel worker's threads to a NUMA node of its own
+            # and refuses when there are fewer nodes than workers (one, here)
+            os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
         self.set_threads(self.args.threads)
         from vllm import LLM
 
