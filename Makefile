@@ -60,7 +60,7 @@ repro: setup
 	$(BIN)/python benchmarks/hybrid_repro.py
 
 lint: setup
-	$(BIN)/ruff check orchestrator workers rewards tests benchmarks
+	$(BIN)/ruff check core orchestrator workers rewards tests benchmarks
 
 clean:
 	rm -rf $(VENV) runs models

@@ -131,7 +131,7 @@ def check_logprobs(model_dir: Path, dtype: str, args, mem: Memory) -> bool:
     device = "cuda" if mem.cuda else "cpu"
     lm = AutoModelForCausalLM.from_pretrained(
         model_dir, dtype=getattr(torch, dtype),
-        attn_implementation=attn_implementation(None)).to(device).eval()
+        attn_implementation=attn_implementation(None, getattr(torch, dtype))).to(device).eval()
     p, c = rows(2, args.seq, args.prompt, lm.config.vocab_size, seed=1)
     batch = pack(p, c, 0).to(device)
     out, peaks = {}, {}

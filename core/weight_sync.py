@@ -177,8 +177,9 @@ class _BufferPair:
     largest bucket it takes; each remembers the broadcast still reading or writing it, waited
     for before the buffer is reused."""
 
-    def __init__(self, manifest: Manifest, group: SyncGroup):
-        sizes = [b.numel * _DTYPES[b.dtype].itemsize for b in manifest.buckets]
+    def __init__(self, manifest: Manifest, group: SyncGroup, copied=lambda bucket: True):
+        sizes = [b.numel * _DTYPES[b.dtype].itemsize if copied(b) else 0
+                 for b in manifest.buckets]
         self.group = group
         self.bytes = [torch.empty(max(sizes[k::2], default=0), dtype=torch.uint8,
                                   device=group.device) for k in range(2)]
@@ -214,22 +215,22 @@ class WeightSender:
 
     def __init__(self, manifest: Manifest, group: SyncGroup):
         self.manifest, self.group = manifest, group
-        self.buffers = _BufferPair(manifest, group)
+        # a bucket of one tensor is broadcast from the tensor itself: no buffer for it
+        self.buffers = _BufferPair(manifest, group, lambda b: len(b.tensors) > 1)
 
     def begin(self, version: int) -> None:
         self.group.broadcast(_header(version, self.manifest, self.group.device))
 
     def send_bucket(self, i: int, tensors: dict[str, torch.Tensor]) -> None:
-        """Broadcast bucket i from full tensors. A bucket of one contiguous tensor (one larger
-        than the bucket size) goes out as it is, and is waited for: the caller may free the
-        tensor after (a ZeRO-3 gather). Others are copied into a buffer of the pair and left
-        in flight while the caller gathers the next bucket."""
+        """Broadcast bucket i from full tensors. A bucket of one tensor (one larger than the
+        bucket size) goes out as it is (a contiguous copy if it is not), and is waited for: the
+        caller may free the tensor after (a ZeRO-3 gather). Others are copied into a buffer of
+        the pair and left in flight while the caller gathers the next bucket."""
         bucket = self.manifest.buckets[i]
         if len(bucket.tensors) == 1:
             t = tensors[bucket.tensors[0].name].detach()
-            if t.is_contiguous() and t.device == self.group.device:
-                self.group.broadcast(t.view(-1))
-                return
+            self.group.broadcast(t.to(self.group.device).contiguous().view(-1))
+            return
         buf = self.buffers.take(i, bucket)
         copy_into(bucket, buf, tensors)
         self.buffers.pending[i % 2] = self.group.broadcast(buf, wait=False)

@@ -104,7 +104,8 @@ class SamplingConfig(_Strict):
                          "eval.top_p may differ")
     max_tokens: int = Field(16, gt=0)
     min_tokens: int = Field(0, ge=0, description="no end-of-sequence or stop token before this "
-                            "many tokens (vLLM's min_tokens)")
+                            "many tokens (vLLM's min_tokens; its log-probs are then not used: "
+                            "the learner's own are the old ones)")
     stop: list[str] = Field(default_factory=list, description="stop strings (kept in the "
                             "completion's tokens, cut from its text)")
     stop_token_ids: list[int] = Field(
@@ -253,6 +254,11 @@ class Recipe(_Strict):
             self.run_dir = str(Path("runs") / self.name)
         if self.algorithm.kl > 0 and self.roles.reference is None:
             raise ValueError("algorithm.kl > 0 needs roles.reference")
+        a, smp = self.algorithm, self.sampling
+        if a.ppo_mini_batches * a.ppo_epochs > 1 and (smp.temperature == 0 or smp.min_tokens):
+            raise ValueError("algorithm.ppo_mini_batches x ppo_epochs > 1 needs the engine's "
+                             "log-probs of the sampled tokens, which greedy sampling and "
+                             "sampling.min_tokens do not give")
         return self
 
 

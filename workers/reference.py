@@ -31,9 +31,10 @@ class HFReference(ReferenceWorker):
         self.set_threads(self.args.threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         model_cfg = self.recipe.model
+        dtype = getattr(torch, model_cfg.dtype)
         lm = AutoModelForCausalLM.from_pretrained(
-            model_cfg.path, dtype=getattr(torch, model_cfg.dtype),
-            attn_implementation=attn_implementation(self.args.attn_implementation))
+            model_cfg.path, dtype=dtype,
+            attn_implementation=attn_implementation(self.args.attn_implementation, dtype))
         self.model = TokenLogprobs(lm, self.args.logprob_chunk_tokens).to(self.device).eval()
         tok = AutoTokenizer.from_pretrained(model_cfg.path)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id

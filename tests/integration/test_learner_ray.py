@@ -11,7 +11,7 @@ import random
 import pytest
 import torch
 
-from orchestrator.groups import WorkerGroup
+from orchestrator.groups import WorkerError, WorkerGroup
 from orchestrator.setup import resolve_recipe
 from workers.types import Rollouts
 
@@ -140,6 +140,16 @@ def test_ppo_mini_batches_and_epochs_take_several_steps_and_the_clip_acts(ray_lo
             group.call(group.fanout("setup", master_addr=addr, master_port=port), "setup")
             term = {"kind": "pg", "rollouts": r, "advantages": adv}
             results[mini, epochs] = group.call(group.fanout("update", [term], step=1))[0]
+            if mini > 1:
+                # an SFT-only update is one optimizer step whatever the PPO settings
+                sft = {"kind": "nll", "prompts": [[1, 5, 6]] * 4, "completions": [[8, 2]] * 4}
+                m = group.call(group.fanout("update", [sft], "sft"))[0]
+                assert m["optimizer/sft_steps"] == 1.0 and "sft/optimizer_steps" not in m
+                # rows without behaviour log-probs would never be clipped: refused
+                bare, _ = _rollouts(6)
+                with pytest.raises(WorkerError, match="log-probs of every sampled token"):
+                    group.call(group.fanout("update", [{"kind": "pg", "rollouts": bare,
+                                                        "advantages": adv}]))
         finally:
             group.shutdown()
     one, ppo = results[1, 1], results[2, 2]

@@ -234,3 +234,16 @@ def test_models_and_data_not_on_this_machine_warn_in_validate_and_stop_a_run(mak
                warnings)
     with pytest.raises(MissingInput, match="data.eval: /nowhere/test.jsonl: no such file"):
         resolve_recipe(recipe)
+
+
+def test_training_sampling_that_hides_behaviour_log_probs_is_refused(tmp_path):
+    from core.errors import validate_model
+    from orchestrator.config import Recipe
+
+    base = recipe_dict(tmp_path / "m", tmp_path / "run")
+    with pytest.raises(RecipeError, match="top_p"):
+        validate_model(Recipe, base | {"sampling": {"top_p": 0.9}}, "")
+    ppo = base | {"algorithm": {"ppo_mini_batches": 2}}
+    validate_model(Recipe, ppo, "")
+    with pytest.raises(RecipeError, match="min_tokens"):
+        validate_model(Recipe, ppo | {"sampling": {"min_tokens": 4}}, "")

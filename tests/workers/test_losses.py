@@ -164,3 +164,13 @@ def test_aggregation_modes():
     assert float(losses.aggregate(per_token, b, "seq_mean_token_mean", 4, 2)) == (1 + 4) / 2
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         losses.aggregate(per_token, b, "sum", 4, 2)
+
+
+def test_empty_prompt_is_refused_and_a_filler_token_cannot_poison_the_loss():
+    with pytest.raises(ValueError, match="empty prompt"):
+        pack([[]], [[3, 4]], pad_id=0)
+    b = pack([], [], pad_id=0)  # the zero-weight filler row
+    per_token = torch.tensor([float("inf")], requires_grad=True)  # e.g. its k3 KL overflowed
+    loss = losses.aggregate(per_token, b, "token_mean", 4, 1)
+    loss.backward()
+    assert float(loss) == 0.0 and float(per_token.grad) == 0.0

@@ -26,8 +26,22 @@ from workers.learner.weights import LearnerWeights
 from workers.types import resolve_refs
 
 
+def _check_rows(prompts, completions, old, ref) -> None:
+    """Every row has a prompt, and per-token side inputs as long as its completion."""
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        if not p:
+            raise ValueError(f"learner row {i} has an empty prompt")
+        if old is not None and old[i] and len(old[i]) != len(c):
+            raise ValueError(f"learner row {i}: {len(old[i])} behaviour log-probs for "
+                             f"{len(c)} completion tokens")
+        if ref is not None and len(ref[i]) != len(c):
+            raise ValueError(f"learner row {i}: {len(ref[i])} reference log-probs for "
+                             f"{len(c)} completion tokens")
+
+
 def peak_memory_gib() -> float:
-    """This rank's peak memory so far: the CUDA allocator's on GPU, the process's RSS on CPU."""
+    """This rank's peak memory since it started (set-up included): the CUDA allocator's on GPU,
+    the process's RSS on CPU."""
     import resource
 
     import torch
@@ -50,8 +64,8 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
             1024, gt=0, description="tokens per pass through the vocabulary projection and "
                                     "fp32 log-softmax (null: all at once)")
         attn_implementation: str | None = Field(
-            None, description="transformers attention; None: flash_attention_2 on CUDA when "
-                              "flash-attn is installed, else sdpa")
+            None, description="transformers attention; None: flash_attention_2 on CUDA in "
+                              "bf16/fp16 when flash-attn is installed, else braid_varlen_sdpa")
 
     # --- lifecycle -------------------------------------------------------------------------
     def master_address(self) -> tuple[str, int]:
@@ -100,7 +114,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         dtype = getattr(torch, model_cfg.dtype)
         lm = AutoModelForCausalLM.from_pretrained(
             model_cfg.path, dtype=dtype,
-            attn_implementation=attn_implementation(self.args.attn_implementation))
+            attn_implementation=attn_implementation(self.args.attn_implementation, dtype))
         lm.config.use_cache = False
         ckpt = self.args.gradient_checkpointing
         if ckpt or (ckpt is None and cuda):
@@ -150,9 +164,12 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
             lr = (algo.sft_lr or algo.lr) if only_sft else algo.lr
             lr *= lr_factor(algo, step if step is not None else self.steps + 1,
                             self.recipe.steps)
-        steps = [terms] if probe else mini_batches(terms, algo.ppo_mini_batches,
-                                                   algo.ppo_epochs,
-                                                   (self.recipe.seed, self.steps))
+        terms = [self._resolved(t) for t in terms]  # refs fetched once, not per mini-batch
+        ppo = not probe and any(t["kind"] == "pg" for t in terms)
+        steps = mini_batches(terms, algo.ppo_mini_batches, algo.ppo_epochs,
+                             (self.recipe.seed, self.steps)) if ppo else [terms]
+        if len(steps) > 1:
+            self._check_behaviour_logprobs(terms)
         inner = self._torch_optimizer()
         # A probe steps with lr 0 and no weight decay on scratch moments: it leaves no trace.
         inner.state = defaultdict(dict) if probe else \
@@ -162,12 +179,14 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
             group["weight_decay"] = 0.0 if probe else algo.weight_decay
         self.engine.train()
         metrics: dict[str, float] = defaultdict(float)
+        calls: dict[str, int] = defaultdict(int)  # optimizer steps each term took part in
         norms = []
         try:
             for step_terms in steps:
                 for term in step_terms:
                     for k, v in self._backward_term(term).items():
                         metrics[k] += v
+                        calls[k.split("/")[0]] += k.endswith("/loss")
                 self.engine.step()
                 norms.append(float(self.engine.get_global_grad_norm() or 0.0))
         finally:
@@ -185,8 +204,9 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
             for k in ("clipfrac", "kl", "entropy", "logprob_diff"):
                 if f"{prefix}/{k}" in out:
                     out[f"{prefix}/{k}"] /= tokens
-            out[f"{prefix}/loss"] /= len(steps)  # the mean over optimizer steps
-            out[f"{prefix}/tokens"] /= algo.ppo_epochs
+            out[f"{prefix}/loss"] /= max(calls[prefix], 1)  # mean over its optimizer steps
+            if len(steps) > 1:
+                out[f"{prefix}/tokens"] /= algo.ppo_epochs
         peak = torch.tensor([peak_memory_gib()], dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         kind = "sft" if all(t["kind"] == "nll" for t in terms) else "rl"
@@ -218,17 +238,39 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         self._step_counts[name] = self._step_counts.get(name, 0) + n
         return self._step_counts[name]
 
-    def _rows(self, term: dict):
-        """prompts, completions and per-row side inputs of a term, on every rank."""
+    @staticmethod
+    def _resolved(term: dict) -> dict:
+        """The term with its rollouts and reference log-probs fetched (Ray refs resolved)."""
         if term["kind"] != "pg":
-            n = len(term["prompts"])
-            return term["prompts"], term["completions"], term.get("advantages"), None, None, n
+            return term
         from workers.types import Rollouts
 
-        r = Rollouts.gather(term["rollouts"])
-        ref = None
+        out = term | {"rollouts": Rollouts.gather(term["rollouts"]), "ref_rows": None}
         if term.get("ref") is not None:
-            ref = [lp for part in resolve_refs(term["ref"]) for lp in part]
+            out["ref_rows"] = [lp for part in resolve_refs(term["ref"]) for lp in part]
+        return out
+
+    def _check_behaviour_logprobs(self, terms: list[dict]) -> None:
+        """Several optimizer steps need the behaviour log-probs of every sampled token: a row
+        without them would count as on-policy (ratio 1, never clipped) at every step."""
+        for term in terms:
+            if term["kind"] == "pg":
+                _, completions, _, old, _, _ = self._rows(term)
+                missing = sum(1 for c, lp in zip(completions, old) if c and not lp)
+                if missing:
+                    raise ValueError(
+                        f"ppo_mini_batches x ppo_epochs > 1 needs the engine's log-probs of "
+                        f"every sampled token; {missing} rows have none (greedy sampling, "
+                        f"min_tokens, or rollouts built without log-probs)")
+
+    def _rows(self, term: dict):
+        """prompts, completions and per-row side inputs of a term (resolved), on every rank.
+        Checked here, identically on every rank: a bad row raises before any collective."""
+        if term["kind"] != "pg":
+            n = len(term["prompts"])
+            _check_rows(term["prompts"], term["completions"], None, None)
+            return term["prompts"], term["completions"], term.get("advantages"), None, None, n
+        r, ref = term["rollouts"], term["ref_rows"]
         sel = term.get("select")
         idx = list(range(len(r))) if sel is None else list(sel)
         adv = term["advantages"]
@@ -236,8 +278,10 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         def pick(xs):
             return [xs[i] for i in idx] if xs is not None else None
 
-        return (pick(r.prompt_ids), pick(r.completion_ids), pick(adv), pick(r.logprobs),
-                pick(ref), len(idx))
+        out = (pick(r.prompt_ids), pick(r.completion_ids), pick(adv), pick(r.logprobs),
+               pick(ref), len(idx))
+        _check_rows(out[0], out[1], out[3], out[4])
+        return out
 
     def _backward_term(self, term: dict) -> dict:
         from workers.learner import losses

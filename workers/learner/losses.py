@@ -64,11 +64,13 @@ def aggregate(per_token: torch.Tensor, batch, mode: str, total_tokens: float,
     token_mean: every completion token of the global batch weighs the same.
     seq_mean_token_mean: each sequence's token mean, averaged over the global sequences.
     """
+    # where, not a product: a zero-weight filler token's loss may be inf (its KL), and inf * 0
+    # is NaN; its gradient through where is 0
+    per_token = torch.where(batch.weight > 0, per_token * batch.weight, 0.0)
     if mode == "token_mean":
-        return (per_token * batch.weight).sum() / max(total_tokens, 1.0)
+        return per_token.sum() / max(total_tokens, 1.0)
     if mode == "seq_mean_token_mean":
-        return (per_token * batch.weight / batch.seq_len.clamp(min=1.0)).sum() / max(total_seqs,
-                                                                                     1.0)
+        return (per_token / batch.seq_len.clamp(min=1.0)).sum() / max(total_seqs, 1.0)
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 

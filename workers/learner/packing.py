@@ -10,8 +10,9 @@ cost is its token count. The learner
    micro-batches (ZeRO-3 gathers parameters collectively in each forward), the short ones
    filled with a zero-weight row;
 3. concatenates a micro-batch's rows into one sequence (``pack``) whose position ids restart at
-   0 for every row: transformers then masks attention block-diagonally (sdpa/eager on CPU) or
-   runs flash-attn's variable-length kernel on GPU, and no token is padding.
+   0 for every row: attention then stays within each row — flash-attn's variable-length kernel
+   on GPU, ``policy.varlen_sdpa`` (sdpa row by row) otherwise, or transformers' block-diagonal
+   mask with plain sdpa/eager — and no token is padding.
 
 Only the positions whose logits predict a completion token are kept (``positions``), so the
 vocabulary projection runs on completion tokens alone, and every per-token input (advantage,
@@ -105,6 +106,8 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
     seq_len: list[int] = []
     row: list[int] = []
     for b, (p, c) in enumerate(zip(prompts, completions)):
+        if not p:
+            raise ValueError(f"row {b} has an empty prompt: no position predicts its first token")
         start = len(ids)
         ids += p + c
         pos += range(len(p) + len(c))

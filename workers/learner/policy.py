@@ -81,13 +81,13 @@ def _register_varlen() -> None:
     AttentionMaskInterface.register(VARLEN, lambda *args, **kwargs: None)
 
 
-def attn_implementation(choice: str | None) -> str:
-    """The attention kernel for packed rows: flash-attn's variable-length kernel on GPU when
-    installed, else ``varlen_sdpa`` (registered with transformers here)."""
+def attn_implementation(choice: str | None, dtype=None) -> str:
+    """The attention kernel for packed rows: flash-attn's variable-length kernel on GPU in
+    bf16/fp16 when installed, else ``varlen_sdpa`` (registered with transformers here)."""
     _register_varlen()
     if choice:
         return choice
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and dtype in (torch.bfloat16, torch.float16):
         try:
             import flash_attn  # noqa: F401
 

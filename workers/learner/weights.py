@@ -44,6 +44,8 @@ class LearnerWeights:
 
         t0 = time.perf_counter()
         failed = None
+        if self.ctx.rank == 0 and self.sender is None:  # a failed sync dropped it
+            failed = RuntimeError("no weight-sync group (form it again with init_weight_sync)")
         try:
             if self.sender is not None:
                 self.sender.begin(version)

@@ -92,8 +92,12 @@ class VLLMRollout(RolloutWorker):
         controller fetches only the summary and passes the rollouts on by ref)."""
         from vllm import SamplingParams
 
-        params = [SamplingParams(n=n, seed=it["seed"] if self.seeded else None, logprobs=0,
-                                 **sampling) for it in items]
+        # Behaviour log-probs for the learner's ratio: none at temperature 0, and none under
+        # min_tokens, whose processed log-probs are renormalised without the end tokens (the
+        # learner's are not): those rows count as on-policy
+        want = sampling.get("temperature", 1.0) > 0 and not sampling.get("min_tokens")
+        params = [SamplingParams(n=n, seed=it["seed"] if self.seeded else None,
+                                 logprobs=0 if want else None, **sampling) for it in items]
         prompts = [{"prompt_token_ids": it["prompt_ids"]} if "prompt_ids" in it else it["prompt"]
                    for it in items]
         outs = self.llm.generate(prompts, params, use_tqdm=False)
@@ -105,7 +109,7 @@ class VLLMRollout(RolloutWorker):
                 r.prompt_ids.append(list(out.prompt_token_ids))
                 r.completion_ids.append(ids)
                 r.logprobs.append([lp[t].logprob for t, lp in zip(ids, c.logprobs or [])]
-                                  if sampling.get("temperature", 1.0) > 0 else [])
+                                  if want else [])
                 r.texts.append(c.text)
                 r.finish_reasons.append(str(c.finish_reason))
         summary = {"prompt_index": r.prompt_index,
