@@ -37,6 +37,12 @@ SIZES = {
                          num_hidden_layers=28, num_attention_heads=12, num_key_value_heads=2,
                          max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6,
                          tie_word_embeddings=True),
+    # small, with SmolLM2's vocabulary: what makes long completions expensive on CPU
+    # (benchmarks/learner_memory.py)
+    "small-49k": dict(vocab_size=49152, hidden_size=128, intermediate_size=512,
+                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=8192, rope_theta=1e5, rms_norm_eps=1e-5,
+                      tie_word_embeddings=True),
     "toy": dict(vocab_size=4096, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
                 rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True),
@@ -103,18 +109,18 @@ class Memory:
             torch.cuda.reset_peak_memory_stats()
 
     def peak_gib(self) -> float:
-        import resource
-
         import torch
+
+        from workers.learner.deepspeed import peak_memory_gib
 
         if self.cuda:
             torch.cuda.synchronize()
-            return torch.cuda.max_memory_allocated() / 2**30
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+        return peak_memory_gib()
 
 
-def rows(n: int, seq: int, prompt: int, vocab: int, seed: int = 0):
-    rng = random.Random(seed)
+def rows(n: int, seq: int, prompt: int, vocab: int, seed: int = 0, rng=None):
+    """n random rows of ``seq`` tokens, the first ``prompt`` of them the prompt."""
+    rng = rng or random.Random(seed)
     prompts = [[rng.randrange(3, vocab) for _ in range(prompt)] for _ in range(n)]
     completions = [[rng.randrange(3, vocab) for _ in range(seq - prompt)] for _ in range(n)]
     return prompts, completions
@@ -205,7 +211,7 @@ def check_learner(model_dir: Path, work: Path, dtype: str, args, mem: Memory) ->
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size", choices=["auto", *SIZES], default="auto",
+    parser.add_argument("--size", choices=["auto", "qwen2.5-1.5b", "toy"], default="auto",
                         help="auto: qwen2.5-1.5b with CUDA, toy without")
     parser.add_argument("--seq", type=int, help="tokens per row (default 4096; toy 256)")
     parser.add_argument("--prompt", type=int, help="prompt tokens per row (default seq/16)")

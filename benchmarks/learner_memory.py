@@ -35,9 +35,6 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-MODEL = dict(vocab_size=49152, hidden_size=128, intermediate_size=512, num_hidden_layers=2,
-             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=8192,
-             rope_theta=1e5, rms_norm_eps=1e-5, tie_word_embeddings=True)
 CONFIGS = {
     "rows16": {"micro_batch_size": 16, "learner": {"logprob_chunk_tokens": None,
                                                    "gradient_checkpointing": False}},
@@ -78,10 +75,11 @@ def child(config: str, model: Path, rows: int, seq: int, prompt: int, port: int)
     args = DeepSpeedLearner.check_args(learner, "roles.learner.args")
     w = DeepSpeedLearner(WorkerContext("learner", 0, 1, recipe, args))
     w.setup(master_addr="127.0.0.1", master_port=port)
+    from gpu_check import rows as random_rows  # this script's folder: benchmarks/
+
     rng = random.Random(0)
     vocab = json.loads((model / "config.json").read_text())["vocab_size"]
-    p = [[rng.randrange(3, vocab) for _ in range(prompt)] for _ in range(rows)]
-    c = [[rng.randrange(3, vocab) for _ in range(seq - prompt)] for _ in range(rows)]
+    p, c = random_rows(rows, seq, prompt, vocab, rng=rng)
     r = Rollouts([i // 4 for i in range(rows)], p, c, [[] for _ in p], [""] * rows,
                  ["length"] * rows)
     adv = [rng.uniform(-1, 1) for _ in p]
@@ -114,19 +112,14 @@ def main() -> None:
         return
 
     sys.path.insert(0, str(ROOT))
-    import torch
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    from workers.models import build_char_tokenizer
+    from gpu_check import build_model
 
     configs = ["rows16", "bounded"] + (["before"] if args.baseline_code else [])
     results: dict[str, list[dict]] = {c: [] for c in configs}
     with tempfile.TemporaryDirectory(prefix="braid-learner-mem-") as tmp:
         model = args.model_dir.resolve() if args.model_dir else Path(tmp) / "model"
         if not args.model_dir:
-            torch.manual_seed(0)
-            Qwen2ForCausalLM(Qwen2Config(**MODEL, use_cache=False)).save_pretrained(model)
-            build_char_tokenizer(model)
+            build_model("small-49k", model, "float32")
         vocab = json.loads((model / "config.json").read_text())["vocab_size"]
         for rnd in range(args.rounds):
             for config in configs if rnd % 2 == 0 else configs[::-1]:
