@@ -6,6 +6,8 @@
         controller.json             step, weight version, data cursor, schedule state,
                                     demonstration store, eval/reward history, mlflow run id,
                                     the controller's RNG states, the base model's path
+        inflight.pkl                steps whose rollouts were generated ahead of the learner
+                                    (rollout.max_staleness > 0): prompts, rollouts, scores
     <run_dir>/checkpoints/latest    name of the newest complete checkpoint
 
 A checkpoint is written to ``step_N.tmp`` and renamed when complete; ``latest`` is replaced
@@ -30,6 +32,7 @@ def save(c, step: int) -> Path:
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     c.learner.call(c.learner.fanout("save_state", str(tmp)), "save_state")
+    c.rollouts.save(tmp)  # steps in flight (rollout.max_staleness > 0)
     c.saved_step = step
     state = {"step": step, "weight_version": c.version, "cursor": c.cursor.state(),
              "schedule": c.schedule.state_dict(), "demos": c.demos.state_dict(),
@@ -82,6 +85,7 @@ def load(c, path: Path, state: dict) -> int:
     c.cursor.load_state(state["cursor"])
     c.schedule.load_state_dict(state["schedule"])
     c.demos.load_state_dict(state["demos"])
+    c.rollouts.load(path)
     c.history = state["history"]
     if "rng" in state:  # checkpoints from before RNG states were saved have none
         set_rng_state(state["rng"])

@@ -126,6 +126,13 @@ class SamplingConfig(_Strict):
         return self
 
 
+class RolloutConfig(_Strict):
+    max_staleness: int = Field(
+        0, ge=0, description="k: the engines generate steps t+1..t+k while the learner trains "
+        "on step t, so a step trains on rollouts of weights at most k versions old (older ones "
+        "are regenerated, and counted); 0: lockstep, every step on the newest weights")
+
+
 class AlgorithmConfig(_Strict):
     name: Literal["grpo"] = "grpo"
     std_normalize: bool = Field(True, description="divide group advantages by their std")
@@ -149,6 +156,11 @@ class AlgorithmConfig(_Strict):
     lr_schedule: Literal["constant", "linear", "cosine"] = Field(
         "constant", description="after warm-up: decay to lr_min_ratio * lr at the last step")
     lr_min_ratio: float = Field(0.0, ge=0, le=1)
+    tis_cap: float | None = Field(
+        None, gt=0, description="truncated importance sampling: the ratio is taken to the "
+        "learner's own (proximal) log-probs and each token's loss weighted by min(pi_prox / "
+        "pi_behaviour, tis_cap) — the correction for stale rollouts (max_staleness > 0) and "
+        "engine/learner mismatch; null: the ratio is to vLLM's behaviour log-probs, clipped")
     max_tokens_per_micro_batch: int | None = Field(
         16384, gt=0, description="most tokens per forward/backward per rank (rows are packed "
         "without padding; a longer row goes alone); null: no budget")
@@ -158,6 +170,10 @@ class AlgorithmConfig(_Strict):
         if self.micro_batch_size is None and self.max_tokens_per_micro_batch is None:
             raise ValueError("micro_batch_size and max_tokens_per_micro_batch are both null: "
                              "set at least one, or a whole step's batch is one forward pass")
+        if self.tis_cap is not None and self.ppo_mini_batches * self.ppo_epochs > 1:
+            raise ValueError("tis_cap with ppo_mini_batches x ppo_epochs > 1 needs the "
+                             "learner's log-probs from before the update for every row, which "
+                             "braid does not compute yet: use one optimizer step per update")
         return self
 
 
@@ -237,6 +253,7 @@ class Recipe(_Strict):
     roles: Roles
     prompt: PromptConfig = Field(default_factory=PromptConfig)
     sampling: SamplingConfig = Field(default_factory=SamplingConfig)
+    rollout: RolloutConfig = Field(default_factory=RolloutConfig)
     algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     schedule: ScheduleConfig = Field(default_factory=ScheduleConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)

@@ -51,14 +51,11 @@ class Controller:
 
     def train_step(self, step: int) -> dict:
         timer = Timings()
-        batch, metrics = self.next_batch(step)
+        batch, metrics, gen = self.rollouts.take(step, timer)  # generated now or ahead
+        self.rollouts.submit_ahead(step)  # rollout.max_staleness > 0: the next steps' rollouts
         self.demos.add(batch)
-        gen, signals = None, empty_signals(step)
-        if self.schedule.wants_rollouts(step):
-            with timer("generate"):
-                gen = self.generate(batch, step)
-            with timer("reward"):
-                gen["scores"] = self.score(gen, batch, step)
+        signals = empty_signals(step)
+        if gen is not None:
             self.check_unscored(step, gen["scores"])
             if self.teacher is not None:
                 with timer("teacher"):
@@ -107,6 +104,13 @@ class Controller:
         """n samples per record (default: sampling.n with the training sampling; ``greedy``:
         one greedy sample) from the rollout engines, or from ``group`` (the teacher) with its
         ``prompts`` formatter. Sampling seeds derive from the run's seed and the step."""
+        return self.collect_generation(self.submit_generation(
+            records, step, greedy, n, sampling, group, prompts), group)
+
+    def submit_generation(self, records: list[dict], step: int, greedy: bool = False,
+                          n: int | None = None, sampling: dict | None = None, group=None,
+                          prompts=None) -> list:
+        """Start ``generate`` (arguments as there); (summary ref, rollouts ref) per engine."""
         if greedy:
             n, sampling = 1, self.sampling("greedy")
         group, prompts = group or self.rollout, prompts or self.prompts
@@ -115,9 +119,12 @@ class Controller:
         sampling = (sampling or self.sampling()) | {"stop_token_ids": prompts.stop_token_ids}
         items = [{"prompt_ids": prompts.prompt_ids(r), "seed": base + i}
                  for i, r in enumerate(records)]
-        pairs = group.split("generate", items, n or self.recipe.sampling.n, sampling,
-                            num_returns=2)
-        summaries = group.call([p[0] for p in pairs], "generate")
+        return group.split("generate", items, n or self.recipe.sampling.n, sampling,
+                           num_returns=2)
+
+    def collect_generation(self, pairs: list, group=None) -> dict:
+        """Wait for the summaries of a submitted generation; the rollouts stay refs."""
+        summaries = (group or self.rollout).call([p[0] for p in pairs], "generate")
         merged = {k: [x for sm in summaries for x in sm[k]]
                   for k in ("prompt_index", "lengths", "truncated", "texts")}
         merged["weight_version"] = summaries[0]["weight_version"]
@@ -126,11 +133,18 @@ class Controller:
 
     @recoverable
     def score(self, gen: dict, records: list[dict], step: int):
+        return self.collect_scores(self.submit_scoring(gen["refs"], records), step)
+
+    def submit_scoring(self, rollout_refs: list, records: list[dict]) -> list:
+        """Every reward replica scores its slice of the rollouts (fetched by ref, so the
+        scoring of rollouts still being generated starts as soon as they are done)."""
+        n = len(self.reward)
+        return [a.score.remote(rollout_refs, records, shard=(k, n))
+                for k, a in enumerate(self.reward.actors)]
+
+    def collect_scores(self, refs: list, step: int):
         from workers.types import Scores
 
-        n = len(self.reward)
-        refs = [a.score.remote(gen["refs"], records, shard=(k, n))
-                for k, a in enumerate(self.reward.actors)]
         scores = Scores.concat(self.reward.call(refs, "score"))
         for name, error in scores.errors.items():  # the first failure of each verifier
             self.logger.note(f"step {step}: verifier {name} could not score "
@@ -298,7 +312,7 @@ class Controller:
 
     def log(self, step: int, ops: list, metrics: dict, timer: Timings) -> dict:
         metrics |= {f"time/{k}": v for k, v in timer.seconds.items()}
-        metrics |= self.schedule.metrics() | self.demos.metrics()
+        metrics |= self.schedule.metrics() | self.demos.metrics() | self.rollouts.metrics()
         metrics |= {"weight_version": float(self.version)}
         metrics |= {f"restarts/{role}": float(n) for role, n in self.restarts.items()}
         self.logger.log(step, metrics)

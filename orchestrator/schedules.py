@@ -5,7 +5,10 @@ generates and scores, then calls ``decide(step, signals)`` and executes the retu
 order. After any op that changes weights the controller syncs the rollout engines before they
 generate again (unless the schedule placed a ``Sync`` itself). Periodic ``Eval`` and
 ``Checkpoint`` come from the recipe's cadence; a schedule may also emit them. ``state_dict`` /
-``load_state_dict`` carry buffers and counters into checkpoints.
+``load_state_dict`` carry buffers and counters into checkpoints. With ``rollout.max_staleness``
+k > 0, ``wants_rollouts(s)`` is asked when step s's prompts are handed to the engines (k steps
+early) and again at step s, and ``signals`` come from rollouts up to k weight versions old; a
+schedule states what it tolerates in ``max_staleness``.
 
 A schedule of the user's own is any class with these methods, named by import path.
 """
@@ -92,6 +95,11 @@ UPDATES = (RLUpdate, SFTUpdate, MixedUpdate)
 class Schedule:
     class Args(BaseModel):
         model_config = ConfigDict(extra="forbid")
+
+    #: How many weight versions old the rollouts behind ``signals`` may be (with
+    #: ``rollout.max_staleness: k`` a step's rollouts come from weights up to k versions old);
+    #: None: any. A schedule that must see the current policy's rewards sets 0.
+    max_staleness: int | None = None
 
     def __init__(self, **kwargs):
         self.args = self.Args(**kwargs)

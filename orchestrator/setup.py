@@ -20,6 +20,7 @@ from core.errors import MissingInput, RecipeError, validate_model
 from core.registry import resolve, user_code
 from orchestrator.config import Recipe
 from orchestrator.schedules import Schedule, build_schedule
+from orchestrator.pipeline import check_schedule
 from workers.base import ROLE_BASES
 
 
@@ -158,6 +159,7 @@ def resolve_recipe(recipe: Recipe, check_model: bool = True, strict: bool = True
         warnings.append(f"data.prompts_per_step = {recipe.data.prompts_per_step} is larger "
                         f"than data.train ({size} records): a step repeats prompts")
     schedule = build_schedule(recipe.schedule.policy, recipe.schedule.args)
+    check_schedule(schedule, recipe.rollout.max_staleness, recipe.schedule.policy)
     warnings += schedule_warnings(recipe)
     notes = [f"{where}: {dataset_size(ds) or 'a stream of'} records"
              for where, ds in datasets.items()]
@@ -296,6 +298,7 @@ def setup_controller(c) -> None:
     from orchestrator.demos import DemoStore
     from orchestrator.groups import WorkerGroup
     from orchestrator.metrics import RunLogger
+    from orchestrator.pipeline import RolloutPipeline
 
     recipe = c.recipe
     ensure_model(recipe)
@@ -311,6 +314,7 @@ def setup_controller(c) -> None:
               flush=True)
     c.schedule = resolved.schedule
     c.demos = DemoStore(recipe.data.demo_budget, getattr(resolved.train, "by_id", None))
+    c.rollouts = RolloutPipeline(c)
     state = None
     if c.resume is not None:
         from orchestrator import checkpoint

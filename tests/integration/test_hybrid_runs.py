@@ -5,6 +5,7 @@ model solves nothing, so every prompt is 'unsolved' — each schedule's SFT path
 import pytest
 
 from orchestrator.controller import Controller
+from orchestrator.pipeline import RolloutPipeline
 from orchestrator.schedules import build_schedule
 
 pytestmark = pytest.mark.slow
@@ -19,14 +20,23 @@ CASES = {
 }
 
 
-def test_hybrid_schedules_run_end_to_end(ray_local, make_recipe):
-    c = Controller(make_recipe(**{"data.prompts_per_step": 4, "data.demo_budget": 1000})).setup()
+@pytest.mark.parametrize("ahead", [0, 2])
+def test_hybrid_schedules_run_end_to_end(ray_local, make_recipe, ahead):
+    """k = 2: rollouts two steps ahead of the learner (rollout.max_staleness)."""
+    c = Controller(make_recipe(**{"data.prompts_per_step": 4, "data.demo_budget": 1000,
+                                  "rollout.max_staleness": ahead})).setup()
     try:
         for policy, (args, keys) in CASES.items():
             c.schedule = build_schedule(policy, args)
+            c.rollouts = RolloutPipeline(c)
             seen: dict[str, float] = {}
             for step in (1, 2, 3):
-                seen |= c.train_step(step)
+                m = c.train_step(step)
+                seen |= m
+                if ahead and "rollout/staleness" in m:  # step 3's were generated at step 1
+                    assert m["rollout/staleness"] <= ahead
+                    assert step < 3 or policy == "sasr" or m["rollout/staleness"] == ahead
+                    assert m["rollout/regenerated_total"] == 0
             for k in keys:
                 assert k in seen, (policy, k, sorted(seen))
             if policy == "relift":

@@ -1,6 +1,8 @@
 """Exact resume: N steps straight, and N/2 steps + stop + resume + N/2 steps, give the same
 weights, the same metrics and the same ReLIFT buffer (CPU runs are deterministic: sampling
-seeds derive from the step, the data cursor and every optimizer state are restored).
+seeds derive from the step, the data cursor and every optimizer state are restored) — in
+lockstep, and with rollouts generated a step ahead (rollout.max_staleness: 1), where the
+checkpoint holds the step in flight.
 
 The run is what a user brings: a JSONL file of natural-language problems read by FileDataset,
 prompts through the tokenizer's chat template; the checkpoint falls in the middle of the
@@ -16,8 +18,9 @@ from orchestrator.controller import Controller
 pytestmark = pytest.mark.slow
 
 
-def _recipe(make_chat_recipe, run_dir, steps, data):
+def _recipe(make_chat_recipe, run_dir, steps, data, k=0):
     return make_chat_recipe(**{
+        "rollout.max_staleness": k,
         "steps": steps, "run_dir": str(run_dir), "data.prompts_per_step": 4,
         "data.train": {"cls": "orchestrator.data:FileDataset",
                        "args": {"path": str(data), "fields": {"prompt": "question",
@@ -44,13 +47,15 @@ def problems(tmp_path):
     return path
 
 
-def _run(recipe, resume=None):
+def _run(recipe, resume=None, until=None):
+    """Steps up to ``until`` (default: all) of the recipe; the checkpoint every 2 steps is the
+    one a stop after step 2 would write."""
     c = Controller(recipe, resume=resume).setup()
     try:
         per_step = {}
         if c.start_step == 0:
             c.evaluate(0)
-        for step in range(c.start_step + 1, recipe.steps + 1):
+        for step in range(c.start_step + 1, (until or recipe.steps) + 1):
             per_step[step] = c.train_step(step)
         weights = c.learner.call(c.learner.fanout("full_state_dict"))[0]
         return per_step, weights, c.schedule.state_dict(), c.version
@@ -58,26 +63,35 @@ def _run(recipe, resume=None):
         c.shutdown()
 
 
+@pytest.mark.parametrize("k", [0, 1])
 def test_stop_and_resume_matches_a_straight_run(ray_local, make_chat_recipe, tmp_path,
-                                                problems):
-    straight, w_a, sched_a, v_a = _run(_recipe(make_chat_recipe, tmp_path / "a", 4, problems))
-    first, _, _, _ = _run(_recipe(make_chat_recipe, tmp_path / "b", 2, problems))
-    ckpt = tmp_path / "b" / "checkpoints" / "step_000002" / "controller.json"
-    cursor = json.loads(ckpt.read_text())["cursor"]
-    assert cursor["epoch"] == 1 and 0 < cursor["offset"] < 7 and cursor["skipped"] >= 1
-    assert cursor["offset"] + 7 == 8 + cursor["skipped"]  # 8 prompts kept in 2 steps
-    second, w_b, sched_b, v_b = _run(_recipe(make_chat_recipe, tmp_path / "b", 4, problems),
+                                                problems, k):
+    straight, w_a, sched_a, v_a = _run(_recipe(make_chat_recipe, tmp_path / "a", 4, problems, k))
+    first, _, _, _ = _run(_recipe(make_chat_recipe, tmp_path / "b", 4, problems, k), until=2)
+    ckpt = tmp_path / "b" / "checkpoints" / "step_000002"
+    cursor = json.loads((ckpt / "controller.json").read_text())["cursor"]
+    assert cursor["epoch"] == 1 and cursor["skipped"] >= 1
+    assert k or 0 < cursor["offset"] < 7  # lockstep: stopped in the middle of the second pass
+    # 8 prompts kept in 2 steps, and 4 more drawn for the step in flight
+    assert cursor["offset"] + 7 == 8 + 4 * k + cursor["skipped"]
+    assert (ckpt / "inflight.pkl").is_file() == (k == 1)
+    second, w_b, sched_b, v_b = _run(_recipe(make_chat_recipe, tmp_path / "b", 4, problems, k),
                                      resume="")
     assert sorted(second) == [3, 4]
+    keys = ["reward/mean", "rl/loss", "relift/buffer_depth", "response/length_mean",
+            "data/prompts_dropped_total", "rollout/weight_version"]
+    if k:  # step 3's rollouts came from the weights of step 1, one sync behind
+        keys += ["rollout/staleness", "rl/logprob_diff"]
+        assert [straight[s]["rollout/staleness"] for s in (2, 3, 4)] == [1.0, 1.0, 1.0]
     for step in (3, 4):
-        for key in ("reward/mean", "rl/loss", "relift/buffer_depth", "response/length_mean",
-                    "data/prompts_dropped_total"):
+        for key in keys:
             assert second[step][key] == pytest.approx(straight[step][key], rel=1e-6, abs=1e-9)
     assert sched_a == sched_b and sched_a["triggers"] >= 1
     assert v_a == v_b
     for name in w_a:
         torch.testing.assert_close(w_b[name], w_a[name], rtol=0, atol=1e-7)
-    _export_loads_in_transformers_and_vllm(tmp_path / "b", tmp_path / "exported", w_b)
+    if not k:
+        _export_loads_in_transformers_and_vllm(tmp_path / "b", tmp_path / "exported", w_b)
 
 
 VLLM_GREEDY = """

@@ -68,6 +68,14 @@ def test_list_index_override():
     (lambda d: d["data"]["train"]["args"].update(digits=[3, 1]), "data.train.args: Value error"),
     (lambda d: d.update(schedule={"policy": "relax"}), "schedule.policy: expected an import"),
     (lambda d: d["algorithm"].update(kl=0.1), "algorithm.kl > 0 needs roles.reference"),
+    (lambda d: d.update(rollout={"max_staleness": -1}),
+     "rollout.max_staleness: Input should be greater than or equal to 0"),
+    (lambda d: d.update(rollout={"max_staleness": 2},
+                        schedule={"policy": "tests.fixtures.tasks:OnPolicyOnly"}),
+     "rollout.max_staleness: 2, but schedule 'tests.fixtures.tasks:OnPolicyOnly' decides on "
+     "rollouts at most 0 weight version(s) old"),
+    (lambda d: d["algorithm"].update(tis_cap=2.0, ppo_epochs=2),
+     "tis_cap with ppo_mini_batches x ppo_epochs > 1 needs the learner's log-probs"),
 ])
 def test_bad_recipes_name_the_field(recipe_file, mutate, expected):
     p = recipe_file(mutate)

@@ -1,3 +1,4 @@
+import math
 import pytest
 import torch
 import torch.nn.functional as F
@@ -143,6 +144,31 @@ def test_clip_stops_gradient_beyond_the_trust_region():
     per_token.sum().backward()
     assert float(logits.grad.abs().sum()) == 0.0
     assert diag["clipfrac"].tolist() == [1.0, 1.0]
+
+
+def test_truncated_importance_sampling_by_hand():
+    """tis_cap: the gradient of each token is -A * min(p / mu, C) * d log p (no clip: the ratio
+    is to the proximal policy, itself), where mu is the behaviour probability. By hand, a
+    uniform 5-way distribution p = 0.2: behaviour 0.1 gives rho = 2, truncated to C = 1.5;
+    behaviour 0.4 gives rho = 0.5; a NaN behaviour log-prob (on-policy) gives 1."""
+    logits = torch.zeros(1, 4, 5, requires_grad=True)
+    b = pack([[1]], [[2, 3, 4]], pad_id=0, advantages=[1.0],
+             old_logprobs=[[math.log(0.1), math.log(0.4), float("nan")]])
+    logp = _logits_logprobs(logits, b)
+    per_token, diag = losses.grpo_loss(logp, b, 0.2, 0.2, tis_cap=1.5)
+    torch.testing.assert_close(diag["tis_weight"], torch.tensor([1.5, 0.5, 1.0]))
+    assert diag["tis_truncated"].tolist() == [1.0, 0.0, 0.0]
+    assert diag["clipfrac"].sum() == 0
+    torch.testing.assert_close(per_token.detach(), torch.tensor([-1.5, -0.5, -1.0]))
+    per_token.sum().backward()
+    # d(-w log p_t)/d logit_t = -w (1 - 0.2) at the sampled token
+    got = [float(logits.grad[0, i, t]) for i, t in enumerate((2, 3, 4))]
+    assert got == pytest.approx([-1.5 * 0.8, -0.5 * 0.8, -1.0 * 0.8], abs=1e-6)
+    # without the cap the same stale token (rho = 2 > 1.2) is clipped: no gradient
+    logits.grad = None
+    per_token, _ = losses.grpo_loss(_logits_logprobs(logits, b), b, 0.2, 0.2)
+    per_token[0].backward()
+    assert float(logits.grad.abs().sum()) == 0.0
 
 
 def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():

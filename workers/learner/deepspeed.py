@@ -201,7 +201,8 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         out = dict(zip(keys, vals.tolist()))
         for prefix in {k.split("/")[0] for k in keys}:
             tokens = max(out.get(f"{prefix}/tokens", 0.0), 1.0)
-            for k in ("clipfrac", "kl", "entropy", "logprob_diff"):
+            for k in ("clipfrac", "kl", "entropy", "logprob_diff", "tis_weight",
+                      "tis_truncated"):
                 if f"{prefix}/{k}" in out:
                     out[f"{prefix}/{k}"] /= tokens
             out[f"{prefix}/loss"] /= max(calls[prefix], 1)  # mean over its optimizer steps
@@ -302,7 +303,8 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         name = {"pg": "rl", "pg_off": "off", "nll": "sft"}[kind]
         temperature = (self.recipe.sampling.temperature or 1.0) if kind == "pg" else 1.0
         entropy_coef = algo.entropy if kind == "pg" else float(term.get("entropy", 0.0))
-        sums = dict.fromkeys(("loss", "tokens", "clipfrac", "kl", "entropy", "logprob_diff"), 0.0)
+        sums = dict.fromkeys(("loss", "tokens", "clipfrac", "kl", "entropy", "logprob_diff",
+                              "tis_weight", "tis_truncated"), 0.0)
         for rows, chunks in zip(plans[self.ctx.rank], n_chunks):
             def pick(xs, rows=rows):
                 return [xs[i] for i in rows] if xs is not None else None
@@ -314,8 +316,8 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
             if kind == "pg":
                 clip_high = algo.clip_high if algo.clip_high is not None else algo.clip
                 per_token, diag = losses.grpo_loss(logp, batch, algo.clip, clip_high, algo.kl,
-                                                   ent, entropy_coef)
-                for k in ("clipfrac", "kl", "logprob_diff"):
+                                                   ent, entropy_coef, algo.tis_cap)
+                for k in ("clipfrac", "kl", "logprob_diff", "tis_weight", "tis_truncated"):
                     if k in diag:
                         sums[k] += float((diag[k] * w).sum())
                 agg = algo.loss_agg
@@ -335,5 +337,6 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
             if ent is not None:
                 sums["entropy"] += float((ent.detach() * w).sum())
         keep = {"loss", "tokens"} | ({"clipfrac", "kl", "logprob_diff"} if kind == "pg" else
-                                     set()) | ({"entropy"} if entropy_coef else set())
+                                     set()) | ({"entropy"} if entropy_coef else set()) | \
+            ({"tis_weight", "tis_truncated"} if kind == "pg" and algo.tis_cap else set())
         return {f"{name}/{k}": v for k, v in sums.items() if k in keep}

@@ -76,21 +76,37 @@ def aggregate(per_token: torch.Tensor, batch, mode: str, total_tokens: float,
 
 def grpo_loss(logp: torch.Tensor, batch, clip_low: float, clip_high: float,
               kl_coef: float = 0.0, entropy: torch.Tensor | None = None,
-              entropy_coef: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+              entropy_coef: float = 0.0, tis_cap: float | None = None
+              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Per-token PPO-clip policy-gradient loss with optional k3 KL and entropy bonus.
 
     Returns the per-token loss [N] and per-token diagnostics (weighted by the caller).
     Tokens without a behaviour log-prob (NaN) are on-policy: their ratio is 1.
+
+    ``tis_cap`` (truncated importance sampling, for one optimizer step per update): the ratio is
+    taken to the learner's own log-probs before the step (the proximal policy: ``logp``
+    detached, so ratio 1 and the clip inactive) and each token's loss is weighted by
+    ``min(pi_prox / pi_behaviour, tis_cap)``, detached — an importance weight for rollouts
+    sampled by older weights (or by an engine whose numerics differ), truncated to bound its
+    variance. Without it the ratio is to the behaviour log-probs themselves and the clip bounds
+    how far a stale token can pull.
     """
     adv = batch.advantages
-    old = torch.where(torch.isnan(batch.old_logprobs), logp.detach(), batch.old_logprobs)
+    prox = logp.detach()
+    behaviour = torch.where(torch.isnan(batch.old_logprobs), prox, batch.old_logprobs)
+    old = prox if tis_cap is not None else behaviour
     log_ratio = logp - old
     ratio = torch.exp(log_ratio)
     pg1 = -adv * ratio
     pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
     per_token = torch.maximum(pg1, pg2)
     diag = {"clipfrac": (pg2 > pg1).float(), "ratio": ratio.detach(),
-            "logprob_diff": (logp.detach() - old).abs()}
+            "logprob_diff": (prox - behaviour).abs()}
+    if tis_cap is not None:
+        is_weight = torch.exp(prox - behaviour)
+        per_token = per_token * is_weight.clamp(max=tis_cap)
+        diag["tis_weight"] = is_weight.clamp(max=tis_cap)
+        diag["tis_truncated"] = (is_weight > tis_cap).float()
     if kl_coef:
         d = batch.ref_logprobs - logp
         kl = torch.exp(d) - d - 1.0  # k3 estimator, >= 0

