@@ -133,18 +133,11 @@ class Controller:
 
     @recoverable
     def score(self, gen: dict, records: list[dict], step: int):
-        return self.collect_scores(self.submit_scoring(gen["refs"], records), step)
-
-    def submit_scoring(self, rollout_refs: list, records: list[dict]) -> list:
-        """Every reward replica scores its slice of the rollouts (fetched by ref, so the
-        scoring of rollouts still being generated starts as soon as they are done)."""
-        n = len(self.reward)
-        return [a.score.remote(rollout_refs, records, shard=(k, n))
-                for k, a in enumerate(self.reward.actors)]
-
-    def collect_scores(self, refs: list, step: int):
         from workers.types import Scores
 
+        n = len(self.reward)
+        refs = [a.score.remote(gen["refs"], records, shard=(k, n))
+                for k, a in enumerate(self.reward.actors)]
         scores = Scores.concat(self.reward.call(refs, "score"))
         for name, error in scores.errors.items():  # the first failure of each verifier
             self.logger.note(f"step {step}: verifier {name} could not score "

@@ -2,8 +2,9 @@
 
 k = 0 is lockstep: step t draws its prompts, generates, scores, learns and syncs, and the engines
 idle while the learner works. With k > 0, at the start of step t the engines are handed the
-prompts of steps t+1..t+k (and the reward actors the scoring of them), so they generate while
-step t scores, learns and syncs. A Ray actor runs its calls in order, so step s's generation is
+prompts of steps t+1..t+k, so they generate while step t scores, learns and syncs. (Scoring
+waits until the step is taken: a reward actor blocked on rollouts still being generated would
+hold up every other call to it — LUFFY's scoring of demonstrations, eval.) A Ray actor runs its calls in order, so step s's generation is
 queued before every sync that follows: it runs under the weights the engines had when it was
 submitted — the controller's version then — and reaches the learner at most k syncs later (a
 step that syncs more than once could make it older: such rollouts are regenerated, and counted).
@@ -25,18 +26,17 @@ from pathlib import Path
 
 from core.errors import RecipeError
 from orchestrator.groups import WorkerError
+from orchestrator.metrics import Timings
 
 
 @dataclass
 class Ahead:
-    """A step whose prompts were drawn early: its generation and scoring possibly in flight
-    (``pairs``, ``score_refs``: Ray refs), or already fetched (``gen``, after a resume)."""
+    """A step whose prompts were drawn early: its generation possibly in flight (``pairs``: Ray
+    refs), or already fetched and scored (``gen``: at a checkpoint, and after a resume)."""
 
     batch: list[dict]
     metrics: dict
-    version: int  # the engines' weight version when its generation was submitted
     pairs: list | None = None
-    score_refs: list | None = None
     gen: dict | None = field(default=None, repr=False)
 
 
@@ -57,15 +57,12 @@ class RolloutPipeline:
         work = self.ahead.pop(step, None)
         if work is None:
             batch, metrics = c.next_batch(step)
-            work = Ahead(batch, metrics, c.version)
+            work = Ahead(batch, metrics)
         if not c.schedule.wants_rollouts(step):
             if work.pairs is not None or work.gen is not None:
                 self.discarded += 1
             return work.batch, work.metrics, None
         gen = self._fetch(step, work, timer)
-        if gen is not None and c.version - gen["weight_version"] > self.k:
-            self.regenerated += 1
-            gen = None
         if gen is None:
             with timer("generate"):
                 gen = c.generate(work.batch, step)
@@ -85,14 +82,13 @@ class RolloutPipeline:
             if s in self.ahead:
                 continue
             batch, metrics = c.next_batch(s)
-            work = self.ahead[s] = Ahead(batch, metrics, c.version)
+            work = self.ahead[s] = Ahead(batch, metrics)
             if c.schedule.wants_rollouts(s):
                 work.pairs = c.submit_generation(batch, s)
-                work.score_refs = c.submit_scoring([p[1] for p in work.pairs], batch)
 
     def _fetch(self, step: int, work: Ahead, timer) -> dict | None:
-        """The step's generation and scores, if they were submitted; None if an actor died on
-        the way (it is replaced; the step regenerates)."""
+        """The step's submitted generation, scored; None if none was submitted or an engine
+        died on the way (it is replaced, and the step regenerates)."""
         from orchestrator.recovery import replace_dead
 
         c = self.c
@@ -103,14 +99,18 @@ class RolloutPipeline:
         try:
             with timer("generate"):
                 gen = c.collect_generation(work.pairs)
-            with timer("reward"):
-                gen["scores"] = c.collect_scores(work.score_refs, step)
-            return gen
         except WorkerError as err:
-            if not replace_dead(c, err):
+            # died: perhaps already replaced by the call that found it first
+            if not (replace_dead(c, err) or err.died):
                 raise
             self.regenerated += 1
             return None
+        if c.version - gen["weight_version"] > self.k:  # a step synced more than once
+            self.regenerated += 1
+            return None
+        with timer("reward"):
+            gen["scores"] = c.score(gen, work.batch, step)
+        return gen
 
     # --- checkpoints -----------------------------------------------------------------------
     def save(self, folder: Path) -> None:
@@ -122,13 +122,11 @@ class RolloutPipeline:
         for s, work in sorted(self.ahead.items()):
             gen = work.gen
             if gen is None and work.pairs is not None:
-                gen = work.gen = c.collect_generation(work.pairs)
-                gen["scores"] = c.collect_scores(work.score_refs, s)
+                gen = work.gen = self._fetch(s, work, Timings())
             if gen is not None:
                 gen = {k: v for k, v in gen.items() if k not in ("refs", "ref")} | {
                     "rollouts": Rollouts.gather(gen["refs"])}
-            saved[s] = {"batch": work.batch, "metrics": work.metrics, "version": work.version,
-                        "gen": gen}
+            saved[s] = {"batch": work.batch, "metrics": work.metrics, "gen": gen}
         if saved:
             (folder / self.FILE).write_bytes(pickle.dumps(saved))
 
@@ -144,7 +142,7 @@ class RolloutPipeline:
             if gen is not None:
                 gen = {k: v for k, v in gen.items() if k != "rollouts"} | {
                     "refs": [ray.put(gen["rollouts"])]}
-            self.ahead[int(s)] = Ahead(w["batch"], w["metrics"], w["version"], gen=gen)
+            self.ahead[int(s)] = Ahead(w["batch"], w["metrics"], gen=gen)
 
     def metrics(self) -> dict:
         return {"rollout/ahead": float(len(self.ahead))} if self.k else {}

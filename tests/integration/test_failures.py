@@ -67,6 +67,31 @@ def recipe_dict_role(role: str) -> dict:
     return recipe_dict("m", "r")["roles"][role]
 
 
+def test_an_engine_dying_with_a_step_in_flight_regenerates_it(ray_local, make_recipe, tmp_path):
+    """rollout.max_staleness: 1 — step 2's rollouts are generating while step 1 learns when the
+    engine dies; the sync finds it dead and replaces it, and step 2 regenerates its rollouts
+    under the new weights (counted), after which the pipeline runs a step ahead again."""
+    die = str(tmp_path / "markers")
+    os.makedirs(die)
+    recipe = make_recipe(**{
+        "steps": 3, "data.prompts_per_step": 4, "rollout.max_staleness": 1,
+        # generate calls: eval at step 0, step 1 (now), step 2 (ahead, during step 1)
+        "roles.rollout": {**recipe_dict_role("rollout"), "cls": "tests.fixtures.dying:DyingRollout",
+                          "env": {"BRAID_DIE_AT": "generate:3", "BRAID_DIE_DIR": die}}})
+    c = Controller(recipe).setup()
+    try:
+        c.evaluate(0)
+        per_step = {step: c.train_step(step) for step in (1, 2, 3)}
+    finally:
+        c.shutdown()
+    assert c.restarts == {"rollout": 1}
+    assert per_step[2]["rollout/regenerated_total"] == 1.0
+    assert per_step[2]["rollout/weight_version"] == 1.0 and per_step[2]["rollout/staleness"] == 0
+    # step 3's rollouts were generated ahead again, during step 2
+    assert per_step[3]["rollout/weight_version"] == 1.0 and per_step[3]["rollout/staleness"] == 1
+    assert all("rl/loss" in per_step[s] for s in (1, 2, 3))
+
+
 def test_learner_death_names_the_checkpoint_and_auto_resumes(tiny_model, tmp_path):
     d = recipe_dict(tiny_model, tmp_path / "run", steps=4)
     d["data"]["prompts_per_step"] = 4
