@@ -33,6 +33,7 @@ def save(c, step: int) -> Path:
     tmp.mkdir(parents=True)
     c.learner.call(c.learner.fanout("save_state", str(tmp)), "save_state")
     c.rollouts.save(tmp)  # steps in flight (rollout.max_staleness > 0)
+    c.logger.flush()  # metrics up to this step are in the store before the checkpoint is
     c.saved_step = step
     state = {"step": step, "weight_version": c.version, "cursor": c.cursor.state(),
              "schedule": c.schedule.state_dict(), "demos": c.demos.state_dict(),
