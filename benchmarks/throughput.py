@@ -197,8 +197,11 @@ def bench_demo(args) -> None:
                     f"model.path={Path(tmp) / f'model-{seed}'}", f"model.build.seed={seed}"])
                 acc = [e["eval/accuracy"] for e in s["eval"]]
                 rows.append((k, seed, acc, s["wall_s"]))
+                curve = s["reward_curve"]
                 print(f"k={k} seed={seed}: accuracy {' -> '.join(f'{a:.3f}' for a in acc)}, "
-                      f"{s['wall_s']:.0f} s", flush=True)
+                      f"{s['wall_s']:.0f} s; reward {curve[0]:.2f} -> {curve[-1]:.2f} "
+                      f"(min {min(curve):.2f}, max {max(curve):.2f}); per bucket "
+                      f"{json.dumps(s['eval'][-1])}", flush=True)
     print("\n| max_staleness | seed | held-out accuracy: start -> after SFT -> after GRPO | "
           "wall (s) |")
     print("|---|---|---|---|")

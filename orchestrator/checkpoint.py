@@ -7,7 +7,8 @@
                                     demonstration store, eval/reward history, mlflow run id,
                                     the controller's RNG states, the base model's path
         inflight.pkl                steps whose rollouts were generated ahead of the learner
-                                    (rollout.max_staleness > 0): prompts, rollouts, scores
+                                    (rollout.max_staleness > 0): prompts, rollouts, scores;
+                                    the pipeline's counters
     <run_dir>/checkpoints/latest    name of the newest complete checkpoint
 
 A checkpoint is written to ``step_N.tmp`` and renamed when complete; ``latest`` is replaced
@@ -33,7 +34,6 @@ def save(c, step: int) -> Path:
     tmp.mkdir(parents=True)
     c.learner.call(c.learner.fanout("save_state", str(tmp)), "save_state")
     c.rollouts.save(tmp)  # steps in flight (rollout.max_staleness > 0)
-    c.logger.flush()  # metrics up to this step are in the store before the checkpoint is
     c.saved_step = step
     state = {"step": step, "weight_version": c.version, "cursor": c.cursor.state(),
              "schedule": c.schedule.state_dict(), "demos": c.demos.state_dict(),

@@ -272,6 +272,11 @@ class Recipe(_Strict):
         if self.algorithm.kl > 0 and self.roles.reference is None:
             raise ValueError("algorithm.kl > 0 needs roles.reference")
         a, smp = self.algorithm, self.sampling
+        if (self.rollout.max_staleness or a.tis_cap) and (smp.temperature == 0 or
+                                                           smp.min_tokens):
+            raise ValueError("rollout.max_staleness > 0 and algorithm.tis_cap correct for the "
+                             "weights that generated each token with the engine's log-probs, "
+                             "which greedy sampling and sampling.min_tokens do not give")
         if a.ppo_mini_batches * a.ppo_epochs > 1 and (smp.temperature == 0 or smp.min_tokens):
             raise ValueError("algorithm.ppo_mini_batches x ppo_epochs > 1 needs the engine's "
                              "log-probs of the sampled tokens, which greedy sampling and "

@@ -51,8 +51,8 @@ class Controller:
 
     def train_step(self, step: int) -> dict:
         timer = Timings()
-        batch, metrics, gen = self.rollouts.take(step, timer)  # generated now or ahead
-        self.rollouts.submit_ahead(step)  # rollout.max_staleness > 0: the next steps' rollouts
+        # generated now, or ahead (rollout.max_staleness > 0: the next steps' start here)
+        batch, metrics, gen = self.rollouts.take(step, timer)
         self.demos.add(batch)
         signals = empty_signals(step)
         if gen is not None:
@@ -309,6 +309,8 @@ class Controller:
         metrics |= {"weight_version": float(self.version)}
         metrics |= {f"restarts/{role}": float(n) for role, n in self.restarts.items()}
         self.logger.log(step, metrics)
+        if Checkpoint() in ops:  # a resume starts after this step: its metrics are stored
+            self.logger.flush()
         if step % self.recipe.logging.console_every == 0 or "eval/accuracy" in metrics:
             kinds = "+".join(type(o).__name__.replace("Update", "").lower()
                              for o in ops if isinstance(o, UPDATES)) or "-"

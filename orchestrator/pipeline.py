@@ -52,12 +52,15 @@ class RolloutPipeline:
     # --- the two calls of a step -----------------------------------------------------------
     def take(self, step: int, timer) -> tuple[list[dict], dict, dict | None]:
         """This step's prompts, data metrics and scored rollouts (None: the schedule wants
-        none) — from work submitted earlier, or generated now."""
+        none) — from work submitted earlier, or generated now. The next k steps are handed to
+        the engines first, so they generate while this step is scored and learnt."""
         c = self.c
         work = self.ahead.pop(step, None)
         if work is None:
-            batch, metrics = c.next_batch(step)
-            work = Ahead(batch, metrics)
+            work = Ahead(*c.next_batch(step))
+            if c.schedule.wants_rollouts(step):
+                work.pairs = c.submit_generation(work.batch, step)
+        self.submit_ahead(step)
         if not c.schedule.wants_rollouts(step):
             if work.pairs is not None or work.gen is not None:
                 self.discarded += 1
@@ -81,10 +84,9 @@ class RolloutPipeline:
         for s in range(step + 1, min(step + self.k, c.recipe.steps) + 1):
             if s in self.ahead:
                 continue
-            batch, metrics = c.next_batch(s)
-            work = self.ahead[s] = Ahead(batch, metrics)
+            work = self.ahead[s] = Ahead(*c.next_batch(s))
             if c.schedule.wants_rollouts(s):
-                work.pairs = c.submit_generation(batch, s)
+                work.pairs = c.submit_generation(work.batch, s)
 
     def _fetch(self, step: int, work: Ahead, timer) -> dict | None:
         """The step's submitted generation, scored; None if none was submitted or an engine
@@ -92,56 +94,63 @@ class RolloutPipeline:
         from orchestrator.recovery import replace_dead
 
         c = self.c
-        if work.gen is not None:
-            return work.gen
-        if work.pairs is None:
+        if work.gen is not None:  # fetched for a checkpoint, or restored from one
+            gen = work.gen
+        elif work.pairs is None:
             return None
-        try:
-            with timer("generate"):
-                gen = c.collect_generation(work.pairs)
-        except WorkerError as err:
-            # died: perhaps already replaced by the call that found it first
-            if not (replace_dead(c, err) or err.died):
-                raise
+        else:
+            try:
+                with timer("generate"):
+                    gen = c.collect_generation(work.pairs)
+            except WorkerError as err:
+                # died: perhaps already replaced by the call that found it first
+                if not (replace_dead(c, err) or err.died):
+                    raise
+                self.regenerated += 1
+                return None
+        # older than k: a step synced more than once, or a resume with a smaller k
+        if c.version - gen["weight_version"] > self.k:
             self.regenerated += 1
             return None
-        if c.version - gen["weight_version"] > self.k:  # a step synced more than once
-            self.regenerated += 1
-            return None
-        with timer("reward"):
-            gen["scores"] = c.score(gen, work.batch, step)
+        if "scores" not in gen:
+            with timer("reward"):
+                gen["scores"] = c.score(gen, work.batch, step)
         return gen
 
     # --- checkpoints -----------------------------------------------------------------------
     def save(self, folder: Path) -> None:
-        """The steps in flight, fetched, into ``folder/inflight.pkl`` (nothing when none)."""
+        """The steps in flight — fetched and scored (the checkpoint waits for them) — and the
+        counters, into ``folder/inflight.pkl``."""
         from workers.types import Rollouts
 
-        c = self.c
         saved = {}
         for s, work in sorted(self.ahead.items()):
             gen = work.gen
             if gen is None and work.pairs is not None:
                 gen = work.gen = self._fetch(s, work, Timings())
+                work.pairs = None  # fetched (or, when None, counted and to be regenerated)
             if gen is not None:
                 gen = {k: v for k, v in gen.items() if k not in ("refs", "ref")} | {
                     "rollouts": Rollouts.gather(gen["refs"])}
             saved[s] = {"batch": work.batch, "metrics": work.metrics, "gen": gen}
-        if saved:
-            (folder / self.FILE).write_bytes(pickle.dumps(saved))
+        if self.k or saved:
+            state = {"ahead": saved, "regenerated": self.regenerated,
+                     "discarded": self.discarded}
+            (folder / self.FILE).write_bytes(pickle.dumps(state))
 
     def load(self, folder: Path) -> None:
-        import ray
-
+        """Restore what ``save`` wrote (checkpoints from before it have none: nothing ahead).
+        Restored rollouts travel by value (``[Rollouts]`` where refs usually are)."""
         path = folder / self.FILE
+        state = pickle.loads(path.read_bytes()) if path.is_file() else {}
+        self.regenerated = state.get("regenerated", 0)
+        self.discarded = state.get("discarded", 0)
         self.ahead = {}
-        if not path.is_file():
-            return
-        for s, w in pickle.loads(path.read_bytes()).items():
+        for s, w in state.get("ahead", {}).items():
             gen = w["gen"]
             if gen is not None:
                 gen = {k: v for k, v in gen.items() if k != "rollouts"} | {
-                    "refs": [ray.put(gen["rollouts"])]}
+                    "refs": [gen["rollouts"]]}
             self.ahead[int(s)] = Ahead(w["batch"], w["metrics"], gen=gen)
 
     def metrics(self) -> dict:
@@ -149,8 +158,14 @@ class RolloutPipeline:
 
 
 def check_schedule(schedule, k: int, policy: str) -> None:
-    """A schedule declares the staleness its signals tolerate (``max_staleness``; absent: any)."""
-    limit = getattr(schedule, "max_staleness", None)
+    """A schedule declares the staleness its signals tolerate (``max_staleness``; absent or
+    None: any); a schedule made of others (``policies``, as ``phases``) tolerates their least."""
+    def limits(s):
+        own = getattr(s, "max_staleness", None)
+        return ([own] if own is not None else []) + [
+            x for sub in getattr(s, "policies", []) for x in limits(sub)]
+
+    limit = min(limits(schedule), default=None)
     if limit is not None and k > limit:
         raise RecipeError(f"rollout.max_staleness: {k}, but schedule {policy!r} decides on "
                           f"rollouts at most {limit} weight version(s) old")

@@ -31,11 +31,13 @@ def test_hybrid_schedules_run_end_to_end(ray_local, make_recipe, ahead):
             c.rollouts = RolloutPipeline(c)
             seen: dict[str, float] = {}
             for step in (1, 2, 3):
+                before = c.version
                 m = c.train_step(step)
                 seen |= m
+                if "rollout/weight_version" in m:  # lockstep: the current weights
+                    assert before - m["rollout/weight_version"] == m.get("rollout/staleness", 0)
                 if ahead and "rollout/staleness" in m:  # step 3's were generated at step 1
-                    assert m["rollout/staleness"] <= ahead
-                    assert step < 3 or policy == "sasr" or m["rollout/staleness"] == ahead
+                    assert m["rollout/staleness"] == min(step - 1, ahead)
                     assert m["rollout/regenerated_total"] == 0
             for k in keys:
                 assert k in seen, (policy, k, sorted(seen))

@@ -18,9 +18,9 @@ from orchestrator.controller import Controller
 pytestmark = pytest.mark.slow
 
 
-def _recipe(make_chat_recipe, run_dir, steps, data, k=0):
+def _recipe(make_chat_recipe, run_dir, steps, data, k=0, every=2):
     return make_chat_recipe(**{
-        "rollout.max_staleness": k,
+        "rollout.max_staleness": k, "checkpoint.every": every,
         "steps": steps, "run_dir": str(run_dir), "data.prompts_per_step": 4,
         "data.train": {"cls": "orchestrator.data:FileDataset",
                        "args": {"path": str(data), "fields": {"prompt": "question",
@@ -29,7 +29,7 @@ def _recipe(make_chat_recipe, run_dir, steps, data, k=0):
         "roles.reward.args.verifiers": ["rewards.math:numeric_match",
                                         "tests.fixtures.tasks:starts_with_digit"],
         "schedule": {"policy": "relift", "args": {"buffer_size": 3}},
-        "checkpoint.every": 2, "checkpoint.keep_last": 1})
+        "checkpoint.keep_last": 1})
 
 
 @pytest.fixture
@@ -48,8 +48,8 @@ def problems(tmp_path):
 
 
 def _run(recipe, resume=None, until=None):
-    """Steps up to ``until`` (default: all) of the recipe; the checkpoint every 2 steps is the
-    one a stop after step 2 would write."""
+    """The recipe's steps; with ``until``, those up to it, then the stop a SIGTERM makes
+    (``Controller.stop``: a checkpoint, with the steps in flight)."""
     c = Controller(recipe, resume=resume).setup()
     try:
         per_step = {}
@@ -57,6 +57,8 @@ def _run(recipe, resume=None, until=None):
             c.evaluate(0)
         for step in range(c.start_step + 1, (until or recipe.steps) + 1):
             per_step[step] = c.train_step(step)
+        if until:
+            assert c.stop(until)["step"] == until
         weights = c.learner.call(c.learner.fanout("full_state_dict"))[0]
         return per_step, weights, c.schedule.state_dict(), c.version
     finally:
@@ -67,7 +69,10 @@ def _run(recipe, resume=None, until=None):
 def test_stop_and_resume_matches_a_straight_run(ray_local, make_chat_recipe, tmp_path,
                                                 problems, k):
     straight, w_a, sched_a, v_a = _run(_recipe(make_chat_recipe, tmp_path / "a", 4, problems, k))
-    first, _, _, _ = _run(_recipe(make_chat_recipe, tmp_path / "b", 4, problems, k), until=2)
+    # the straight run drains its pipeline into checkpoints at steps 2 and 4 (no effect on
+    # what it trains on); this one checkpoints only when stopped after step 2
+    first, _, _, _ = _run(_recipe(make_chat_recipe, tmp_path / "b", 4, problems, k, every=0),
+                          until=2)
     ckpt = tmp_path / "b" / "checkpoints" / "step_000002"
     cursor = json.loads((ckpt / "controller.json").read_text())["cursor"]
     assert cursor["epoch"] == 1 and cursor["skipped"] >= 1
@@ -75,6 +80,7 @@ def test_stop_and_resume_matches_a_straight_run(ray_local, make_chat_recipe, tmp
     # 8 prompts kept in 2 steps, and 4 more drawn for the step in flight
     assert cursor["offset"] + 7 == 8 + 4 * k + cursor["skipped"]
     assert (ckpt / "inflight.pkl").is_file() == (k == 1)
+    # (checkpointing at step 4, which the export below reads)
     second, w_b, sched_b, v_b = _run(_recipe(make_chat_recipe, tmp_path / "b", 4, problems, k),
                                      resume="")
     assert sorted(second) == [3, 4]

@@ -255,3 +255,9 @@ def test_training_sampling_that_hides_behaviour_log_probs_is_refused(tmp_path):
     validate_model(Recipe, ppo, "")
     with pytest.raises(RecipeError, match="min_tokens"):
         validate_model(Recipe, ppo | {"sampling": {"min_tokens": 4}}, "")
+    # rollouts ahead of the learner need the log-probs of the weights that sampled them
+    validate_model(Recipe, base | {"rollout": {"max_staleness": 1}}, "")
+    for sampling in ({"temperature": 0.0}, {"min_tokens": 2}):
+        with pytest.raises(RecipeError, match="max_staleness > 0 and algorithm.tis_cap"):
+            validate_model(Recipe, base | {"rollout": {"max_staleness": 1},
+                                           "sampling": sampling}, "")

@@ -69,6 +69,8 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     pos = kwargs["position_ids"][0]
     total = pos.shape[0]
     starts = (pos == 0).nonzero().flatten()
+    if query.shape[0] != 1 or not starts.numel() or int(starts[0]) != 0:
+        raise ValueError(f"{VARLEN} takes one packed sequence whose position ids start at 0")
     lengths = torch.diff(starts, append=torch.tensor([total], device=starts.device))
     gqa = query.shape[1] != key.shape[1]
     q, k, v = query[0], key[0], value[0]  # [heads, tokens, dim]
