@@ -47,7 +47,8 @@ def braid_run(run_dir: Path, overrides: list[str], recipe: Path = RECIPE) -> dic
     t0 = time.time()
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(recipe),
                            f"run_dir={run_dir}", *overrides], cwd=ROOT,
-                          capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+                          capture_output=True, text=True,
+                          env=dict(os.environ, PYTHONPATH=str(ROOT)))
     if proc.returncode:
         raise SystemExit(f"braid run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())

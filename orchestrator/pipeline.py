@@ -2,12 +2,15 @@
 
 k = 0 is lockstep: step t draws its prompts, generates, scores, learns and syncs, and the engines
 idle while the learner works. With k > 0, at the start of step t the engines are handed the
-prompts of steps t+1..t+k, so they generate while step t scores, learns and syncs. (Scoring
+prompts of steps t+1..t+k (after step t's own, if it has none yet), so they generate while step
+t scores, learns and syncs. (Scoring
 waits until the step is taken: a reward actor blocked on rollouts still being generated would
-hold up every other call to it — LUFFY's scoring of demonstrations, eval.) A Ray actor runs its calls in order, so step s's generation is
-queued before every sync that follows: it runs under the weights the engines had when it was
-submitted — the controller's version then — and reaches the learner at most k syncs later (a
-step that syncs more than once could make it older: such rollouts are regenerated, and counted).
+hold up every other call to it — LUFFY's scoring of demonstrations, eval.)
+
+A Ray actor runs its calls in order, so step s's generation is queued before every sync that
+follows: it runs under the weights the engines had when it was submitted — the controller's
+version then — and reaches the learner at most k syncs later (a step that syncs more than once
+could make it older: such rollouts are regenerated, and counted).
 Which weights a step's rollouts come from is therefore fixed by the schedule of steps, not by
 timing, and a run is as reproducible at k = 1 as at k = 0.
 

@@ -19,8 +19,8 @@ from typing import Any
 from core.errors import MissingInput, RecipeError, validate_model
 from core.registry import resolve, user_code
 from orchestrator.config import Recipe
-from orchestrator.schedules import Schedule, build_schedule
 from orchestrator.pipeline import check_schedule
+from orchestrator.schedules import Schedule, build_schedule
 from workers.base import ROLE_BASES
 
 

@@ -1,4 +1,5 @@
 import math
+
 import pytest
 import torch
 import torch.nn.functional as F

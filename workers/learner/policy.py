@@ -77,7 +77,7 @@ def varlen_sdpa(module, query, key, value, attention_mask, dropout: float = 0.0,
     outs, where = [], []
     for cls in torch.unique(torch.floor(torch.log2(lengths.float()))).tolist():
         rows = (torch.floor(torch.log2(lengths.float())) == cls).nonzero().flatten()
-        n, longest = rows.numel(), int(lengths[rows].max())
+        longest = int(lengths[rows].max())
         steps = torch.arange(longest, device=pos.device)
         valid = steps[None, :] < lengths[rows, None]                     # [n, L]
         index = starts[rows, None] + torch.minimum(steps[None, :], lengths[rows, None] - 1)
