@@ -113,12 +113,14 @@ def bench_async(args) -> None:
 STANDALONE = """
 import json, os, sys, time
 os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+os.environ["VLLM_CPU_KVCACHE_SPACE"] = "1"
 import torch
 torch.set_num_threads(1)
 from vllm import LLM, SamplingParams
 model, items, reps = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
 llm = LLM(model=model, dtype="float32", seed=0, max_model_len=64, enforce_eager=True,
-          enable_chunked_prefill=False, logprobs_mode="processed_logprobs")
+          enable_chunked_prefill=False, logprobs_mode="processed_logprobs",
+          gpu_memory_utilization=0.5)
 params = [SamplingParams(n=8, seed=it["seed"], logprobs=0, temperature=1.0, max_tokens=6)
           for it in items]
 prompts = [{"prompt_token_ids": it["prompt_ids"]} for it in items]

@@ -81,21 +81,23 @@ def test_chunked_logprobs_and_entropy_equal_one_pass_values_and_gradients():
 @pytest.mark.parametrize("kernel", ["braid_varlen_sdpa", "sdpa"])
 def test_packed_rows_equal_padded_rows_in_logprobs_loss_and_gradients(tiny_model, kernel):
     """Packing (one sequence, positions restarting per row) gives the same per-token log-probs,
-    loss and gradients as right-padded rows with an attention mask: with braid's row-by-row
+    loss and gradients as right-padded rows with an attention mask: with braid's varlen
     attention (the CPU default) and with transformers' sdpa and its block-diagonal mask."""
     from transformers import AutoModelForCausalLM
 
     from workers.learner.policy import TokenLogprobs, attn_implementation
 
-    prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13]]
-    completions = [[14, 15, 2], [16, 17, 18, 19, 2], [20, 2]]
-    adv = [1.0, -0.5, 2.0]
+    # rows of 7, 7, 8, 5, 2 and 12 tokens: braid's kernel groups them by power-of-two length
+    # (4-7, 8-15, 2-3) and pads within a group
+    prompts = [[1, 5, 6, 7], [1, 8], [1, 9, 10, 11, 12, 13], [1, 21, 22], [1], [1, 5, 9, 13]]
+    completions = [[14, 15, 2], [16, 17, 18, 19, 2], [20, 2], [23, 2], [24], [7] * 7 + [2]]
+    adv = [1.0, -0.5, 2.0, 0.3, -1.0, 0.7]
     lm = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32,
                                               attn_implementation="sdpa")
     # padded reference, computed independently of braid's packing
     L = max(len(p) + len(c) for p, c in zip(prompts, completions))
-    ids = torch.zeros(3, L, dtype=torch.long)
-    attn = torch.zeros(3, L, dtype=torch.long)
+    ids = torch.zeros(len(prompts), L, dtype=torch.long)
+    attn = torch.zeros(len(prompts), L, dtype=torch.long)
     for i, (p, c) in enumerate(zip(prompts, completions)):
         ids[i, :len(p + c)] = torch.tensor(p + c)
         attn[i, :len(p + c)] = 1
@@ -113,10 +115,10 @@ def test_packed_rows_equal_padded_rows_in_logprobs_loss_and_gradients(tiny_model
     assert [n for n, _ in model.named_parameters()] == [n for n, _ in lm.named_parameters()]
     b = pack(prompts, completions, 0, advantages=adv)
     logp, _ = model(b)
-    for got, want in zip(unpack(logp.detach(), b, 3), padded):
+    for got, want in zip(unpack(logp.detach(), b, len(prompts)), padded):
         torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-5, atol=1e-5)
     per_token, _ = losses.grpo_loss(logp, b, 0.2, 0.2)  # on-policy: -A * ratio, ratio = 1
-    losses.aggregate(per_token, b, "token_mean", n_tok, 3).backward()
+    losses.aggregate(per_token, b, "token_mean", n_tok, len(prompts)).backward()
     for n, p in lm.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6)
 
