@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -175,16 +176,22 @@ def bench_rollout(args) -> None:
         proc.stdin.flush()
         return float(proc.stdout.readline())
 
-    braid_once(), standalone_once()  # warm-up
-    a, b = [], []
-    for r in range(args.rounds):
-        for name in (("braid", "standalone") if r % 2 == 0 else ("standalone", "braid")):
-            (a if name == "braid" else b).append(braid_once() if name == "braid"
-                                                 else standalone_once())
-        print(f"round {r}: braid {a[-1]:.3f} s, standalone {b[-1]:.3f} s", flush=True)
-    proc.stdin.close()
-    proc.wait()
-    ray.shutdown()
+    arms = {"braid": braid_once, "standalone": standalone_once}
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    try:
+        for fn in arms.values():  # warm-up
+            fn()
+        for r in range(args.rounds):
+            for name in (list(arms) if r % 2 == 0 else list(arms)[::-1]):
+                times[name].append(arms[name]())
+            print(f"round {r}: braid {times['braid'][-1]:.3f} s, standalone "
+                  f"{times['standalone'][-1]:.3f} s", flush=True)
+    finally:
+        proc.stdin.close()
+        proc.wait()
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    a, b = times["braid"], times["standalone"]
     ma, mb = statistics.median(a), statistics.median(b)
     print(f"\nbraid rollout {ma:.3f} s/batch, standalone vLLM {mb:.3f} s/batch: braid runs at "
           f"{mb / ma:.2f}x the standalone engine's speed (64 prompts x 8 samples, <= 6 tokens)")

@@ -91,8 +91,8 @@ class RunLogger:
         if self.mlflow is not None:
             clean = {metric_name(k): float(v) for k, v in metrics.items()
                      if isinstance(v, (int, float))}
-            # queued, written by mlflow's background thread (10 ms a step here, 2% of a demo
-            # step, otherwise); flushed at every checkpoint and when the run ends
+            # queued, written by mlflow's background thread instead of inside the step;
+            # flushed when a step checkpoints and when the run ends
             self.mlflow.log_metrics(clean, step=step, synchronous=False)
 
     def flush(self) -> None:

@@ -68,12 +68,7 @@ class RolloutPipeline:
             if work.pairs is not None or work.gen is not None:
                 self.discarded += 1
             return work.batch, work.metrics, None
-        gen = self._fetch(step, work, timer)
-        if gen is None:
-            with timer("generate"):
-                gen = c.generate(work.batch, step)
-            with timer("reward"):
-                gen["scores"] = c.score(gen, work.batch, step)
+        gen = self._scored(step, work, timer)
         metrics = dict(work.metrics)
         if self.k:
             metrics |= {"rollout/staleness": float(c.version - gen["weight_version"]),
@@ -91,9 +86,22 @@ class RolloutPipeline:
             if c.schedule.wants_rollouts(s):
                 work.pairs = c.submit_generation(work.batch, s)
 
-    def _fetch(self, step: int, work: Ahead, timer) -> dict | None:
-        """The step's submitted generation, scored; None if none was submitted or an engine
-        died on the way (it is replaced, and the step regenerates)."""
+    def _scored(self, step: int, work: Ahead, timer) -> dict:
+        """The step's rollouts, scored: the ones submitted for it if usable, else new ones."""
+        c = self.c
+        gen = self._fetch(work, timer)
+        if gen is None:
+            with timer("generate"):
+                gen = c.generate(work.batch, step)
+        if "scores" not in gen:
+            with timer("reward"):
+                gen["scores"] = c.score(gen, work.batch, step)
+        work.gen, work.pairs = gen, None
+        return gen
+
+    def _fetch(self, work: Ahead, timer) -> dict | None:
+        """The generation submitted for a step; None if there is none, its engine died on the
+        way (the engine is replaced) or it is older than k — the last two counted."""
         from orchestrator.recovery import replace_dead
 
         c = self.c
@@ -115,9 +123,6 @@ class RolloutPipeline:
         if c.version - gen["weight_version"] > self.k:
             self.regenerated += 1
             return None
-        if "scores" not in gen:
-            with timer("reward"):
-                gen["scores"] = c.score(gen, work.batch, step)
         return gen
 
     # --- checkpoints -----------------------------------------------------------------------
@@ -128,10 +133,7 @@ class RolloutPipeline:
 
         saved = {}
         for s, work in sorted(self.ahead.items()):
-            gen = work.gen
-            if gen is None and work.pairs is not None:
-                gen = work.gen = self._fetch(s, work, Timings())
-                work.pairs = None  # fetched (or, when None, counted and to be regenerated)
+            gen = self._scored(s, work, Timings()) if work.pairs is not None else work.gen
             if gen is not None:
                 gen = {k: v for k, v in gen.items() if k not in ("refs", "ref")} | {
                     "rollouts": Rollouts.gather(gen["refs"])}

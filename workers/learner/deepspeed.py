@@ -25,6 +25,9 @@ from workers.learner.schedule import lr_factor, mini_batches
 from workers.learner.weights import LearnerWeights
 from workers.types import resolve_refs
 
+# per-token diagnostics of the PPO term, token means in the metrics (rl/clipfrac, ...)
+PG_DIAGNOSTICS = ("clipfrac", "kl", "logprob_diff", "tis_weight", "tis_truncated")
+
 
 def _check_rows(prompts, completions, old, ref) -> None:
     """Every row has a prompt, and per-token side inputs as long as its completion."""
@@ -201,8 +204,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         out = dict(zip(keys, vals.tolist()))
         for prefix in {k.split("/")[0] for k in keys}:
             tokens = max(out.get(f"{prefix}/tokens", 0.0), 1.0)
-            for k in ("clipfrac", "kl", "entropy", "logprob_diff", "tis_weight",
-                      "tis_truncated"):
+            for k in ("entropy", *PG_DIAGNOSTICS):
                 if f"{prefix}/{k}" in out:
                     out[f"{prefix}/{k}"] /= tokens
             out[f"{prefix}/loss"] /= max(calls[prefix], 1)  # mean over its optimizer steps
@@ -303,8 +305,9 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         name = {"pg": "rl", "pg_off": "off", "nll": "sft"}[kind]
         temperature = (self.recipe.sampling.temperature or 1.0) if kind == "pg" else 1.0
         entropy_coef = algo.entropy if kind == "pg" else float(term.get("entropy", 0.0))
-        sums = dict.fromkeys(("loss", "tokens", "clipfrac", "kl", "entropy", "logprob_diff",
-                              "tis_weight", "tis_truncated"), 0.0)
+        sums = dict.fromkeys(("loss", "tokens", "entropy", *PG_DIAGNOSTICS), 0.0)
+        # reported: the PPO term's clip fraction, KL and log-prob gap; tis_* when it has them
+        reported = {"clipfrac", "kl", "logprob_diff"} if kind == "pg" else set()
         for rows, chunks in zip(plans[self.ctx.rank], n_chunks):
             def pick(xs, rows=rows):
                 return [xs[i] for i in rows] if xs is not None else None
@@ -317,9 +320,10 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
                 clip_high = algo.clip_high if algo.clip_high is not None else algo.clip
                 per_token, diag = losses.grpo_loss(logp, batch, algo.clip, clip_high, algo.kl,
                                                    ent, entropy_coef, algo.tis_cap)
-                for k in ("clipfrac", "kl", "logprob_diff", "tis_weight", "tis_truncated"):
+                for k in PG_DIAGNOSTICS:
                     if k in diag:
                         sums[k] += float((diag[k] * w).sum())
+                        reported.add(k)
                 agg = algo.loss_agg
             else:
                 if kind == "pg_off":
@@ -336,7 +340,5 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
             sums["tokens"] += batch.n_tokens
             if ent is not None:
                 sums["entropy"] += float((ent.detach() * w).sum())
-        keep = {"loss", "tokens"} | ({"clipfrac", "kl", "logprob_diff"} if kind == "pg" else
-                                     set()) | ({"entropy"} if entropy_coef else set()) | \
-            ({"tis_weight", "tis_truncated"} if kind == "pg" and algo.tis_cap else set())
+        keep = {"loss", "tokens"} | reported | ({"entropy"} if entropy_coef else set())
         return {f"{name}/{k}": v for k, v in sums.items() if k in keep}

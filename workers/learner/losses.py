@@ -103,10 +103,10 @@ def grpo_loss(logp: torch.Tensor, batch, clip_low: float, clip_high: float,
     diag = {"clipfrac": (pg2 > pg1).float(), "ratio": ratio.detach(),
             "logprob_diff": (prox - behaviour).abs()}
     if tis_cap is not None:
-        is_weight = torch.exp(prox - behaviour)
-        per_token = per_token * is_weight.clamp(max=tis_cap)
-        diag["tis_weight"] = is_weight.clamp(max=tis_cap)
-        diag["tis_truncated"] = (is_weight > tis_cap).float()
+        rho = torch.exp(prox - behaviour)
+        weight = rho.clamp(max=tis_cap)
+        per_token = per_token * weight
+        diag["tis_weight"], diag["tis_truncated"] = weight, (rho > tis_cap).float()
     if kl_coef:
         d = batch.ref_logprobs - logp
         kl = torch.exp(d) - d - 1.0  # k3 estimator, >= 0

@@ -41,9 +41,9 @@ class VLLMRollout(RolloutWorker):
         engine_in_process: bool | None = Field(
             None, description="run vLLM's engine core in this actor's process "
             "(VLLM_ENABLE_V1_MULTIPROCESSING=0). None: on CPU with one worker — the engine-core "
-            "process polls for requests between steps and took 2.4x the CPU time of the "
-            "generation itself here, from cores the learners share; its own process on GPUs, "
-            "where it overlaps scheduling with the forward passes")
+            "process polls for requests between steps, on cores the learners share (a 16-step "
+            "demo run: 63 -> 49 s, docs/benchmarks.md); its own process on GPUs, where it "
+            "overlaps scheduling with the forward passes")
         threads: int | None = Field(None, description="torch threads (default: role num_cpus)")
         model: str | None = Field(None, description="model folder (default: model.path; a "
                                   "teacher names its own)")
