@@ -127,7 +127,10 @@ class Controller:
         summaries = (group or self.rollout).call([p[0] for p in pairs], "generate")
         merged = {k: [x for sm in summaries for x in sm[k]]
                   for k in ("prompt_index", "lengths", "truncated", "texts")}
-        merged["weight_version"] = summaries[0]["weight_version"]
+        # the oldest weights any sample came from (engines updated while generating — an
+        # asynchronous engine — may differ)
+        merged["weight_version"] = min(sm["weight_version"] for sm in summaries)
+        merged["spanning"] = sum(sm.get("spanning", 0) for sm in summaries)
         merged["refs"] = [p[1] for p in pairs]
         return merged
 

@@ -50,7 +50,8 @@ class WorkerGroup:
 
         def make(i: int):
             return remote.options(
-                num_cpus=res.num_cpus, num_gpus=res.num_gpus, max_concurrency=1,
+                num_cpus=res.num_cpus, num_gpus=res.num_gpus,
+                max_concurrency=cls.max_concurrency,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                     self.pg, placement_group_bundle_index=i),
                 runtime_env={"env_vars": env} if env else None,

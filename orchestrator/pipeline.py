@@ -72,6 +72,7 @@ class RolloutPipeline:
         metrics = dict(work.metrics)
         if self.k:
             metrics |= {"rollout/staleness": float(c.version - gen["weight_version"]),
+                        "rollout/spanning": float(gen.get("spanning", 0)),
                         "rollout/regenerated_total": float(self.regenerated),
                         "rollout/discarded_total": float(self.discarded)}
         return work.batch, metrics, gen

@@ -35,6 +35,10 @@ class WorkerContext:
 
 class Worker:
     Args: ClassVar[type[BaseModel]] = NoArgs
+    # calls an actor runs at once: 1 runs them one by one in the order they were sent (which
+    # the rollout pipeline's determinism relies on); an async worker (its methods coroutines)
+    # raises it to interleave calls on its event loop
+    max_concurrency: ClassVar[int] = 1
 
     def __init__(self, ctx: WorkerContext):
         self.ctx = ctx

@@ -27,7 +27,13 @@ class Rollouts:
     logprobs: list[list[float]]      # behaviour log-probs of each completion token
     texts: list[str]
     finish_reasons: list[str]
-    weight_version: int = 0
+    weight_version: int = 0          # the oldest weights any token came from
+    # per sample: the weight versions of its first and last token (they differ when an
+    # asynchronous engine took new weights while it ran); empty: all at weight_version
+    versions: list[tuple[int, int]] = field(default_factory=list)
+
+    FIELDS = ("prompt_index", "prompt_ids", "completion_ids", "logprobs", "texts",
+              "finish_reasons")
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -44,23 +50,18 @@ class Rollouts:
         lo, hi = min(k * per, len(self)), min((k + 1) * per, len(self))
         if (lo, hi) == (0, len(self)):
             return self, 0
-        return Rollouts(*(getattr(self, f)[lo:hi] for f in (
-            "prompt_index", "prompt_ids", "completion_ids", "logprobs", "texts",
-            "finish_reasons")), self.weight_version), lo
+        return Rollouts(*(getattr(self, f)[lo:hi] for f in self.FIELDS), self.weight_version,
+                        self.versions[lo:hi]), lo
 
     @classmethod
     def concat(cls, parts: list[Rollouts]) -> Rollouts:
         if len(parts) == 1:
             return parts[0]
-        versions = {p.weight_version for p in parts}
-        if len(versions) > 1:
-            raise RuntimeError(f"rollout replicas generated with different weight versions "
-                               f"{sorted(versions)}")
-        out = cls([], [], [], [], [], [], versions.pop())
+        out = cls([], [], [], [], [], [], min(p.weight_version for p in parts))
         for p in parts:
-            for name in ("prompt_index", "prompt_ids", "completion_ids", "logprobs", "texts",
-                         "finish_reasons"):
+            for name in cls.FIELDS:
                 getattr(out, name).extend(getattr(p, name))
+            out.versions.extend(p.versions or [(p.weight_version,) * 2] * len(p))
         return out
 
 

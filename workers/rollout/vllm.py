@@ -49,24 +49,33 @@ class VLLMRollout(RolloutWorker):
                                   "teacher names its own)")
 
     def setup(self, **_) -> None:
+        from vllm import LLM
+
+        self.llm = LLM(**self.engine_kwargs(in_process=None))
+        self.version = 0
+
+    def engine_kwargs(self, in_process: bool | None) -> dict:
+        """vLLM's engine arguments for this recipe, with the process environment they need
+        (the KV-cache size, thread binding, the in-process engine core) set."""
         import torch
 
+        gpu = torch.cuda.is_available()
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(self.args.cpu_kv_cache_gb))))
-        if self.args.tensor_parallel_size > 1 and not torch.cuda.is_available():
+        if self.args.tensor_parallel_size > 1 and not gpu:
             # vllm-cpu binds each tensor-parallel worker's threads to a NUMA node of its own
             # and refuses when there are fewer nodes than workers (one, here)
             os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", "nobind")
-        in_process = self.args.engine_in_process
         if in_process is None:
-            in_process = not torch.cuda.is_available() and self.args.tensor_parallel_size == 1
+            in_process = self.args.engine_in_process
+        if in_process is None:
+            in_process = not gpu and self.args.tensor_parallel_size == 1
         if in_process:
             os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
         self.set_threads(self.args.threads)
-        from vllm import LLM
 
         model = self.recipe.model
         chunked = self.args.enable_chunked_prefill
-        if chunked is None and not torch.cuda.is_available():
+        if chunked is None and not gpu:
             chunked = False
         extra = {} if chunked is None else {"enable_chunked_prefill": chunked}
         backend = self.args.distributed_executor_backend
@@ -75,10 +84,10 @@ class VLLMRollout(RolloutWorker):
         if backend is not None:
             extra["distributed_executor_backend"] = backend
         eager = self.args.enforce_eager
-        eager = not torch.cuda.is_available() if eager is None else eager
+        eager = not gpu if eager is None else eager
         seeded = self.args.per_request_seed
-        self.seeded = not torch.cuda.is_available() if seeded is None else seeded
-        self.llm = LLM(
+        self.seeded = not gpu if seeded is None else seeded
+        return dict(
             model=self.args.model or model.path, dtype=model.dtype,
             seed=self.recipe.seed + self.ctx.rank,
             max_model_len=self.args.max_model_len, enforce_eager=eager,
@@ -87,8 +96,6 @@ class VLLMRollout(RolloutWorker):
             worker_extension_cls="workers.rollout.vllm_ext.BraidWeightSyncExtension",
             logprobs_mode="processed_logprobs", **extra,
         )
-        self.version = 0
-        self._torch = torch
 
     @property
     def engine_workers(self) -> int:
@@ -101,6 +108,13 @@ class VLLMRollout(RolloutWorker):
         controller, so the engine tokenises nothing; ``{"prompt": text}`` also works). Returns
         a small summary and the rollouts themselves (called with num_returns=2, so the
         controller fetches only the summary and passes the rollouts on by ref)."""
+        prompts, params, want = self.requests(items, n, sampling)
+        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        return self.rollouts(outs, want, index_offset)
+
+    def requests(self, items: list[dict], n: int, sampling: dict) -> tuple[list, list, bool]:
+        """vLLM prompts and sampling params for ``generate``'s items, and whether behaviour
+        log-probs are returned."""
         from vllm import SamplingParams
 
         # Behaviour log-probs for the learner's ratio: none at temperature 0, and none under
@@ -109,9 +123,15 @@ class VLLMRollout(RolloutWorker):
         want = sampling.get("temperature", 1.0) > 0 and not sampling.get("min_tokens")
         params = [SamplingParams(n=n, seed=it["seed"] if self.seeded else None,
                                  logprobs=0 if want else None, **sampling) for it in items]
-        prompts = [{"prompt_token_ids": it["prompt_ids"]} if "prompt_ids" in it else it["prompt"]
-                   for it in items]
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        prompts = [{"prompt_token_ids": it["prompt_ids"]} if "prompt_ids" in it
+                   else {"prompt": it["prompt"]} for it in items]
+        return prompts, params, want
+
+    def rollouts(self, outs: list, want: bool, index_offset: int) -> tuple[dict, Rollouts]:
+        """``generate``'s (summary, Rollouts) from vLLM's request outputs. Samples whose
+        tokens came from more than one weight version (an asynchronous engine updated while
+        they ran) record their first and last version; the rollouts' ``weight_version`` is the
+        oldest any token came from."""
         r = Rollouts([], [], [], [], [], [], self.version)
         for i, out in enumerate(outs):
             for c in out.outputs:
@@ -123,10 +143,19 @@ class VLLMRollout(RolloutWorker):
                                   if want else [])
                 r.texts.append(c.text)
                 r.finish_reasons.append(str(c.finish_reason))
+                # vLLM labels each span of tokens with the engine's version when they were
+                # sampled: braid's numbers, or "default" before any label was set (an engine
+                # that is only updated between calls)
+                spans = [int(sp.version) if sp.version.isdigit() else self.version
+                         for sp in getattr(c, "weight_versions", None) or []]
+                r.versions.append((spans[0], spans[-1]) if spans else (self.version,) * 2)
+        if r.versions:
+            r.weight_version = min(first for first, _ in r.versions)
         summary = {"prompt_index": r.prompt_index,
                    "lengths": [len(c) for c in r.completion_ids],
                    "truncated": [f == "length" for f in r.finish_reasons],
-                   "texts": r.texts, "weight_version": self.version}
+                   "texts": r.texts, "weight_version": r.weight_version,
+                   "spanning": sum(first != last for first, last in r.versions)}
         return summary, r
 
     def init_weight_sync(self, host: str, port: int, world_size: int, rank_offset: int,

@@ -1,0 +1,110 @@
+"""Rollout worker on vLLM's asynchronous engine (``AsyncLLM``): continuous batching across calls.
+
+``VLLMRollout`` runs one ``LLM.generate`` at a time: a call's batch starts together and the
+engine idles between calls. This worker is an async Ray actor: every ``generate`` call puts its
+requests into one engine as soon as it arrives, so the generations of several steps (the
+pipeline's steps ahead, ``rollout.max_staleness``), eval and a teacher's calls share its batch,
+and a sample is out as soon as it finishes. Same arguments, weight sync and outputs as
+``VLLMRollout``, on CPU and GPUs; vLLM's engine core always runs in its own process here.
+
+A weight update pauses the engine (``update_mode``):
+
+- ``wait`` (default): requests already running finish under the old weights; those arriving
+  meanwhile wait, and run under the new ones. Every sample comes from one version.
+- ``keep`` — partial rollouts: running requests are frozen where they are, the weights are
+  updated, and they continue under the new ones; their caches are dropped, so the tokens so far
+  are re-read by the new weights. A sample then records the first and last version it was
+  generated under (``Rollouts.versions``), and each token's behaviour log-prob is the one of the
+  version that sampled it — what the learner's importance ratio needs. The sync never waits for
+  a long generation to finish.
+
+vLLM labels every sampled token with the engine's weight version (set after each update), so a
+sample's versions are exact whatever the timing. Which version a step's samples come from does
+depend on timing here (the order a sync and a step's requests reach the engine): runs at
+``max_staleness`` > 0 are not reproducible token for token with this engine (they are with
+``VLLMRollout``); a checkpoint still holds the steps in flight, so a resume loses nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from typing import Literal
+
+from pydantic import Field, field_validator
+
+from workers.rollout.vllm import VLLMRollout
+from workers.types import Rollouts
+
+
+class AsyncVLLMRollout(VLLMRollout):
+    max_concurrency = 64  # generate calls in flight together, and the weight syncs between
+
+    class Args(VLLMRollout.Args):
+        update_mode: Literal["wait", "keep"] = Field(
+            "wait", description="a weight update lets running requests finish under the old "
+            "weights (wait), or freezes them and continues them under the new ones (keep: "
+            "partial rollouts, samples may span versions)")
+
+        @field_validator("engine_in_process")
+        @classmethod
+        def _engine_process(cls, v):
+            if v:
+                raise ValueError("vLLM's asynchronous engine runs its engine core in a "
+                                 "process of its own; engine_in_process must be unset")
+            return v
+
+    async def setup(self, **_) -> None:
+        from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.v1.engine.async_llm import AsyncLLM
+
+        self.llm = AsyncLLM.from_engine_args(
+            AsyncEngineArgs(**self.engine_kwargs(in_process=False)))
+        self.version = 0
+        await self.llm.update_weight_version("0")
+        self._ids = itertools.count()
+
+    async def generate(self, items: list[dict], n: int, sampling: dict,
+                       index_offset: int = 0) -> tuple[dict, Rollouts]:
+        """As ``VLLMRollout.generate``; the requests join whatever the engine is running."""
+        from vllm.sampling_params import RequestOutputKind
+
+        prompts, params, want = self.requests(items, n, sampling)
+        call = next(self._ids)
+
+        async def one(i: int, prompt, p):
+            p.output_kind = RequestOutputKind.FINAL_ONLY
+            out = None
+            async for out in self.llm.generate(prompt, p, request_id=f"{call}-{i}"):
+                pass
+            return out
+
+        outs = await asyncio.gather(*(one(i, pr, p)
+                                      for i, (pr, p) in enumerate(zip(prompts, params))))
+        return self.rollouts(outs, want, index_offset)
+
+    async def init_weight_sync(self, host: str, port: int, world_size: int, rank_offset: int,
+                               manifest: dict, backend: str) -> None:
+        await self.llm.collective_rpc(
+            "braid_init_sync", args=(host, port, world_size, rank_offset, manifest, backend,
+                                     self.recipe.weight_sync.timeout_s))
+
+    async def receive_weights(self, version: int) -> int:
+        # the pause drops cached prefixes (computed by the old weights) and, under keep, the
+        # caches of the frozen requests, which are re-read under the new weights on resume
+        await self.llm.pause_generation(mode=self.args.update_mode, clear_cache=True)
+        try:
+            got = await self.llm.collective_rpc("braid_receive_weights", args=(version,))
+            if any(v != version for v in got):
+                raise RuntimeError(f"rollout {self.ctx.rank}: engine workers report versions "
+                                   f"{got}, expected {version}")
+            await self.llm.update_weight_version(str(version))
+            self.version = version
+        finally:
+            await self.llm.resume_generation()
+        return version
+
+    async def shutdown(self) -> None:
+        if getattr(self, "llm", None) is not None:
+            self.llm.shutdown()
+            self.llm = None
