@@ -7,12 +7,13 @@ t scores, learns and syncs. (Scoring
 waits until the step is taken: a reward actor blocked on rollouts still being generated would
 hold up every other call to it — LUFFY's scoring of demonstrations, eval.)
 
-A Ray actor runs its calls in order, so step s's generation is queued before every sync that
-follows: it runs under the weights the engines had when it was submitted — the controller's
-version then — and reaches the learner at most k syncs later (a step that syncs more than once
-could make it older: such rollouts are regenerated, and counted).
+``VLLMRollout``'s actor runs its calls in order, so step s's generation is queued before every
+sync that follows: it runs under the weights the engines had when it was submitted — the
+controller's version then — and reaches the learner at most k syncs later (a step that syncs more
+than once could make it older: such rollouts are regenerated, and counted).
 Which weights a step's rollouts come from is therefore fixed by the schedule of steps, not by
-timing, and a run is as reproducible at k = 1 as at k = 0.
+timing, and a run is as reproducible at k = 1 as at k = 0. (On ``AsyncVLLMRollout`` it depends
+on timing; a step's version is its oldest token's, and the same bound holds.)
 
 The schedule still decides every step, on the signals of rollouts up to k versions old; a
 schedule whose ``max_staleness`` is lower than the recipe's refuses the recipe. A step whose

@@ -38,6 +38,9 @@ class Rollouts:
     def __len__(self) -> int:
         return len(self.completion_ids)
 
+    def __setstate__(self, state: dict) -> None:  # pickled before ``versions`` existed
+        self.__dict__.update({"versions": []} | state)
+
     @classmethod
     def gather(cls, x) -> Rollouts:
         """One Rollouts from a Rollouts, a list of them, or a list of Ray refs to them."""

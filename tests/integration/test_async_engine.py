@@ -40,9 +40,7 @@ def test_partial_rollouts_continue_under_new_weights(ray_local, make_chat_recipe
         summary, ref = c.rollout.actors[0].generate.options(num_returns=2).remote(
             items, 4, {"temperature": 1.0, "max_tokens": 200, "ignore_eos": True})
         time.sleep(1.0)  # 256 samples of 200 tokens: ~4 s here; the sync lands among them
-        started = time.perf_counter()
         c.sync_weights()
-        sync_s = time.perf_counter() - started
         r = ray.get(ref)
         assert ray.get(summary)["spanning"] == sum(a != b for a, b in r.versions)
         state = c.learner.call(c.learner.fanout("full_state_dict"))[0]
@@ -53,7 +51,6 @@ def test_partial_rollouts_continue_under_new_weights(ray_local, make_chat_recipe
     assert all(r.versions[i] == (0, 1) for i in spanning)
     assert set(r.versions) <= {(0, 0), (0, 1), (1, 1)} and r.weight_version == 0
     assert all(len(c) == 200 for c in r.completion_ids)
-    assert sync_s < 2.0, sync_s  # the update did not wait for the samples to finish
     i = spanning[0]
     prompt, completion = [r.prompt_ids[i]], [r.completion_ids[i]]
     old = hf_logprobs(recipe.model.path, prompt, completion)[0]

@@ -67,20 +67,23 @@ def recipe_dict_role(role: str) -> dict:
     return recipe_dict("m", "r")["roles"][role]
 
 
-@pytest.mark.parametrize("engine", ["DyingRollout", "DyingAsyncRollout"])
+@pytest.mark.parametrize("engine,how", [("DyingRollout", "BRAID_DIE_AT"),
+                                        ("DyingAsyncRollout", "BRAID_DIE_AT"),
+                                        ("DyingAsyncRollout", "BRAID_KILL_ENGINE_AT")])
 def test_an_engine_dying_with_a_step_in_flight_regenerates_it(ray_local, make_recipe, tmp_path,
-                                                             engine):
+                                                             engine, how):
     """rollout.max_staleness: 1 — step 2's rollouts are generating while step 1 learns when the
     engine dies; the sync finds it dead and replaces it, and step 2 regenerates its rollouts
     under the new weights (counted), after which the pipeline runs a step ahead again. Also
-    with vLLM's asynchronous engine (an async actor, its engine core a process of its own)."""
+    with vLLM's asynchronous engine (an async actor, its engine core a process of its own), and
+    with only that engine core process killed: the actor then exits and is replaced."""
     die = str(tmp_path / "markers")
     os.makedirs(die)
     recipe = make_recipe(**{
         "steps": 3, "data.prompts_per_step": 4, "rollout.max_staleness": 1,
         # generate calls: eval at step 0, step 1 (now), step 2 (ahead, during step 1)
         "roles.rollout": {**recipe_dict_role("rollout"), "cls": f"tests.fixtures.dying:{engine}",
-                          "env": {"BRAID_DIE_AT": "generate:3", "BRAID_DIE_DIR": die}}})
+                          "env": {how: "generate:3", "BRAID_DIE_DIR": die}}})
     c = Controller(recipe).setup()
     try:
         c.evaluate(0)

@@ -26,8 +26,8 @@ ASYNC_ENGINE = {"cls": "workers.rollout.vllm_async:AsyncVLLMRollout",
 
 @pytest.mark.parametrize("ahead,engine", [(0, "sync"), (2, "sync"), (2, "async")])
 def test_hybrid_schedules_run_end_to_end(ray_local, make_recipe, ahead, engine):
-    """k = 2: rollouts two steps ahead of the learner (rollout.max_staleness); with vLLM's
-    asynchronous engine, in-flight samples also continue across weight updates."""
+    """k = 2: rollouts two steps ahead of the learner (rollout.max_staleness); also on vLLM's
+    asynchronous engine (partial rollouts on), where steps' generations run together."""
     over = {"roles.rollout": ASYNC_ENGINE} if engine == "async" else {}
     c = Controller(make_recipe(**{"data.prompts_per_step": 4, "data.demo_budget": 1000,
                                   "rollout.max_staleness": ahead} | over)).setup()

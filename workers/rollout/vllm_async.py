@@ -10,7 +10,8 @@ and a sample is out as soon as it finishes. Same arguments, weight sync and outp
 A weight update pauses the engine (``update_mode``):
 
 - ``wait`` (default): requests already running finish under the old weights; those arriving
-  meanwhile wait, and run under the new ones. Every sample comes from one version.
+  meanwhile wait, and run under the new ones (as does a request vLLM had preempted for cache
+  room, which then spans the update).
 - ``keep`` — partial rollouts: running requests are frozen where they are, the weights are
   updated, and they continue under the new ones; their caches are dropped, so the tokens so far
   are re-read by the new weights. A sample then records the first and last version it was
@@ -19,7 +20,10 @@ A weight update pauses the engine (``update_mode``):
   a long generation to finish.
 
 vLLM labels every sampled token with the engine's weight version (set after each update), so a
-sample's versions are exact whatever the timing. Which version a step's samples come from does
+sample's versions are exact whatever the timing. A failed update leaves the engine paused —
+nothing is sampled from half-loaded weights — until an update succeeds (the controller replaces
+the engine or ends the run). If the engine core process dies, the actor exits with it, so the
+controller sees a dead actor and replaces it. Which version a step's samples come from does
 depend on timing here (the order a sync and a step's requests reach the engine): runs at
 ``max_staleness`` > 0 are not reproducible token for token with this engine (they are with
 ``VLLMRollout``); a checkpoint still holds the steps in flight, so a resume loses nothing.
@@ -29,6 +33,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import os
+import sys
 from typing import Literal
 
 from pydantic import Field, field_validator
@@ -59,7 +65,7 @@ class AsyncVLLMRollout(VLLMRollout):
         from vllm.v1.engine.async_llm import AsyncLLM
 
         self.llm = AsyncLLM.from_engine_args(
-            AsyncEngineArgs(**self.engine_kwargs(in_process=False)))
+            AsyncEngineArgs(**self.engine_kwargs(in_process=False), disable_log_stats=True))
         self.version = 0
         await self.llm.update_weight_version("0")
         self._ids = itertools.count()
@@ -69,18 +75,24 @@ class AsyncVLLMRollout(VLLMRollout):
         """As ``VLLMRollout.generate``; the requests join whatever the engine is running."""
         from vllm.sampling_params import RequestOutputKind
 
+        self._check_engine()
         prompts, params, want = self.requests(items, n, sampling)
         call = next(self._ids)
+        ids = [f"{call}-{i}" for i in range(len(prompts))]
 
-        async def one(i: int, prompt, p):
+        async def one(rid: str, prompt, p):
             p.output_kind = RequestOutputKind.FINAL_ONLY
             out = None
-            async for out in self.llm.generate(prompt, p, request_id=f"{call}-{i}"):
+            async for out in self.llm.generate(prompt, p, request_id=rid):
                 pass
             return out
 
-        outs = await asyncio.gather(*(one(i, pr, p)
-                                      for i, (pr, p) in enumerate(zip(prompts, params))))
+        try:
+            outs = await asyncio.gather(*map(one, ids, prompts, params))
+        except Exception:
+            self._check_engine()
+            await self.llm.abort(ids)  # the call failed: its other requests stop too
+            raise
         return self.rollouts(outs, want, index_offset)
 
     async def init_weight_sync(self, host: str, port: int, world_size: int, rank_offset: int,
@@ -90,19 +102,35 @@ class AsyncVLLMRollout(VLLMRollout):
                                      self.recipe.weight_sync.timeout_s))
 
     async def receive_weights(self, version: int) -> int:
-        # the pause drops cached prefixes (computed by the old weights) and, under keep, the
-        # caches of the frozen requests, which are re-read under the new weights on resume
-        await self.llm.pause_generation(mode=self.args.update_mode, clear_cache=True)
+        # The pause drops cached prefixes (computed by the old weights) and, under keep, the
+        # caches of the frozen requests, which are re-read under the new weights on resume. An
+        # update that fails leaves the engine paused: its weights may be half loaded.
         try:
+            await self.llm.pause_generation(mode=self.args.update_mode, clear_cache=True)
             got = await self.llm.collective_rpc("braid_receive_weights", args=(version,))
-            if any(v != version for v in got):
-                raise RuntimeError(f"rollout {self.ctx.rank}: engine workers report versions "
-                                   f"{got}, expected {version}")
-            await self.llm.update_weight_version(str(version))
-            self.version = version
-        finally:
-            await self.llm.resume_generation()
+        except Exception:
+            self._check_engine()
+            raise
+        if any(v != version for v in got):
+            raise RuntimeError(f"rollout {self.ctx.rank}: engine workers report versions "
+                               f"{got}, expected {version}")
+        await self.llm.update_weight_version(str(version))
+        self.version = version
+        await self.llm.resume_generation()
         return version
+
+    def health(self) -> dict:
+        self._check_engine()
+        return super().health()
+
+    def _check_engine(self) -> None:
+        """An actor whose engine core process died cannot generate again: it exits, so every
+        call in flight and the controller's health check see a dead actor, which the
+        controller replaces (an engine error would otherwise look like a failed call)."""
+        if getattr(self, "llm", None) is not None and self.llm.errored:
+            print(f"rollout {self.ctx.rank}: vLLM's engine core process died; exiting",
+                  file=sys.stderr, flush=True)
+            os._exit(1)
 
     async def shutdown(self) -> None:
         if getattr(self, "llm", None) is not None:
