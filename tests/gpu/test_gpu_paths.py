@@ -101,15 +101,19 @@ def test_deepspeed_learner_on_cuda_world_one(make_recipe):
 
 
 @needs_three
-def test_tensor_parallel_engine_takes_synced_weights(ray_local, make_chat_recipe):
+@pytest.mark.parametrize("engine", ["workers.rollout.vllm:VLLMRollout",
+                                    "workers.rollout.vllm_async:AsyncVLLMRollout"])
+def test_tensor_parallel_engine_takes_synced_weights(ray_local, make_chat_recipe, engine):
     """A vLLM engine with tensor_parallel_size 2 inside its rollout actor (vLLM's
     multiprocessing executor on the actor's 2 GPUs) joins the NCCL sync group with both
     workers; after an SFT step and a sync its greedy output is the learner's (the CPU test's
-    check, on GPUs, with bf16 log-prob tolerance left to the CPU test)."""
+    check, on GPUs, with bf16 log-prob tolerance left to the CPU test). Also vLLM's
+    asynchronous engine."""
     pytest.importorskip("vllm")
     from tests.integration.test_weight_sync_vllm import check_sync
 
     recipe = make_chat_recipe(**{
+        "roles.rollout.cls": engine,
         "roles.rollout.resources": {"num_cpus": 1, "num_gpus": 2},
         "roles.rollout.args.tensor_parallel_size": 2,
         "roles.rollout.args.gpu_memory_utilization": 0.3,
