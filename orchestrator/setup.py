@@ -292,38 +292,27 @@ def _init_ray(recipe: Recipe) -> bool:
 
 
 def setup_controller(c) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
     import ray
 
-    from orchestrator.data import Cursor
-    from orchestrator.demos import DemoStore
     from orchestrator.groups import WorkerGroup
     from orchestrator.metrics import RunLogger
-    from orchestrator.pipeline import RolloutPipeline
 
     recipe = c.recipe
     ensure_model(recipe)
-    resolved = resolve_recipe(recipe)
-    c.run_dir.mkdir(parents=True, exist_ok=True)
-    c.prompts, c.teacher_prompts = resolved.prompts["rollout"], resolved.prompts.get("teacher")
-    c.cursor = Cursor(resolved.train, recipe.seed, keep=c.prompts.fits)
-    records = list(resolved.eval) if resolved.eval is not None else []
-    c.eval_records = [r for r in records if c.prompts.fits(r)]
-    if len(c.eval_records) < len(records):
-        print(f"braid: note: data.eval: {len(records) - len(c.eval_records)} of {len(records)} "
-              f"prompts are longer than {c.prompts.max_prompt_tokens} tokens and left out",
-              flush=True)
-    c.schedule = resolved.schedule
-    c.demos = DemoStore(recipe.data.demo_budget, getattr(resolved.train, "by_id", None))
-    c.rollouts = RolloutPipeline(c)
-    state = None
-    if c.resume is not None:
-        from orchestrator import checkpoint
-
-        c.resume_path = checkpoint.find(c.run_dir, c.resume or None)
-        state = checkpoint.read_state(c.resume_path)
-    c.logger = RunLogger(recipe, c.run_dir)
+    # Ray's start (process launches, seconds) overlaps checking the recipe against the model's
+    # tokenizer and building the controller's state
+    with ThreadPoolExecutor(1, thread_name_prefix="braid-setup") as pool:
+        prepared = pool.submit(prepare_driver, c)
+        try:
+            init_ray(recipe)
+        except BaseException:
+            prepared.result()  # an error in the recipe is the one to report
+            raise
+        resolved, state = prepared.result()
+    c.logger = RunLogger(recipe, c.run_dir)  # here: mlflow's active run belongs to its thread
     c.logger.start(c.recipe_yaml, run_id=state["mlflow_run_id"] if state else None)
-    init_ray(recipe)
     # Engines log every weight reload at INFO, and DeepSpeed's calls into torch.distributed
     # warn on every collective; keep job logs to the progress lines unless asked otherwise.
     base_env = {"TOKENIZERS_PARALLELISM": "false",
@@ -348,6 +337,36 @@ def setup_controller(c) -> None:
 
         c.start_step = checkpoint.load(c, c.resume_path, state)
         print(f"resumed from {c.resume_path} at step {c.start_step}", flush=True)
+
+
+def prepare_driver(c):
+    """The resolved recipe, the controller's own state — prompts, data cursor, eval set,
+    schedule, demonstrations, the rollout pipeline — and the checkpoint to resume from, if any."""
+    from orchestrator.data import Cursor
+    from orchestrator.demos import DemoStore
+    from orchestrator.pipeline import RolloutPipeline
+
+    recipe = c.recipe
+    resolved = resolve_recipe(recipe)
+    c.run_dir.mkdir(parents=True, exist_ok=True)
+    c.prompts, c.teacher_prompts = resolved.prompts["rollout"], resolved.prompts.get("teacher")
+    c.cursor = Cursor(resolved.train, recipe.seed, keep=c.prompts.fits)
+    records = list(resolved.eval) if resolved.eval is not None else []
+    c.eval_records = [r for r in records if c.prompts.fits(r)]
+    if len(c.eval_records) < len(records):
+        print(f"braid: note: data.eval: {len(records) - len(c.eval_records)} of {len(records)} "
+              f"prompts are longer than {c.prompts.max_prompt_tokens} tokens and left out",
+              flush=True)
+    c.schedule = resolved.schedule
+    c.demos = DemoStore(recipe.data.demo_budget, getattr(resolved.train, "by_id", None))
+    c.rollouts = RolloutPipeline(c)
+    state = None
+    if c.resume is not None:
+        from orchestrator import checkpoint
+
+        c.resume_path = checkpoint.find(c.run_dir, c.resume or None)
+        state = checkpoint.read_state(c.resume_path)
+    return resolved, state
 
 
 def init_weight_sync(c) -> None:
