@@ -307,7 +307,7 @@ def setup_controller(c) -> None:
         prepared = pool.submit(prepare_driver, c)
         try:
             init_ray(recipe)
-        except BaseException:
+        except Exception:
             prepared.result()  # an error in the recipe is the one to report
             raise
         resolved, state = prepared.result()

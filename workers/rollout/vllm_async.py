@@ -3,9 +3,10 @@
 ``VLLMRollout`` runs one ``LLM.generate`` at a time: a call's batch starts together and the
 engine idles between calls. This worker is an async Ray actor: every ``generate`` call puts its
 requests into one engine as soon as it arrives, so the generations of several steps (the
-pipeline's steps ahead, ``rollout.max_staleness``), eval and a teacher's calls share its batch,
-and a sample is out as soon as it finishes. Same arguments, weight sync and outputs as
-``VLLMRollout``, on CPU and GPUs; vLLM's engine core always runs in its own process here.
+pipeline's steps ahead, ``rollout.max_staleness``) and eval share its batch, and a finished
+sample's slot goes to the next waiting request, whichever call it came from (a call returns when
+all its samples are done). Same arguments, weight sync and outputs as ``VLLMRollout``, on CPU
+and GPUs; vLLM's engine core always runs in its own process here.
 
 A weight update pauses the engine (``update_mode``):
 
@@ -22,8 +23,9 @@ A weight update pauses the engine (``update_mode``):
 vLLM labels every sampled token with the engine's weight version (set after each update), so a
 sample's versions are exact whatever the timing. A failed update leaves the engine paused —
 nothing is sampled from half-loaded weights — until an update succeeds (the controller replaces
-the engine or ends the run). If the engine core process dies, the actor exits with it, so the
-controller sees a dead actor and replaces it. Which version a step's samples come from does
+the engine or ends the run). If the engine core process dies, the actor exits at its next call
+(generate, a weight update, or the controller's health check), so the controller sees a dead
+actor and replaces it. Which version a step's samples come from does
 depend on timing here (the order a sync and a step's requests reach the engine): runs at
 ``max_staleness`` > 0 are not reproducible token for token with this engine (they are with
 ``VLLMRollout``); a checkpoint still holds the steps in flight, so a resume loses nothing.
@@ -32,6 +34,7 @@ depend on timing here (the order a sync and a step's requests reach the engine):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import sys
@@ -87,11 +90,13 @@ class AsyncVLLMRollout(VLLMRollout):
                 pass
             return out
 
+        llm = self.llm
         try:
             outs = await asyncio.gather(*map(one, ids, prompts, params))
         except Exception:
             self._check_engine()
-            await self.llm.abort(ids)  # the call failed: its other requests stop too
+            with contextlib.suppress(Exception):  # the call failed: its other requests stop
+                await llm.abort(ids)
             raise
         return self.rollouts(outs, want, index_offset)
 
@@ -130,6 +135,13 @@ class AsyncVLLMRollout(VLLMRollout):
         if getattr(self, "llm", None) is not None and self.llm.errored:
             print(f"rollout {self.ctx.rank}: vLLM's engine core process died; exiting",
                   file=sys.stderr, flush=True)
+            # vLLM's engine processes do not follow their parent: end any still running (on a
+            # GPU they would hold its memory from the replacement)
+            import psutil
+
+            for child in psutil.Process().children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    child.kill()
             os._exit(1)
 
     async def shutdown(self) -> None:
