@@ -36,7 +36,7 @@ demo-real: setup smollm2
 
 test: setup
 	$(BIN)/python -m pytest tests rewards orchestrator/data.py orchestrator/signals.py \
-		orchestrator/metrics.py workers/learner/schedule.py
+		orchestrator/metrics.py orchestrator/advantages.py workers/learner/schedule.py
 
 # the learner at Qwen2.5-1.5B's shape on a CUDA GPU (a toy size on CPU); see docs/gpu.md
 gpu-check: setup

@@ -134,13 +134,36 @@ class RolloutConfig(_Strict):
 
 
 class AlgorithmConfig(_Strict):
-    name: Literal["grpo"] = "grpo"
-    std_normalize: bool = Field(True, description="divide group advantages by their std")
-    clip: float = Field(0.2, ge=0, description="PPO ratio clip (low side; also high unless set)")
-    clip_high: float | None = Field(None, ge=0)
+    """The RL update: an advantage estimator and a policy loss, each a built-in name or an
+    import path (docs/algorithms.md), with the options below."""
+
+    advantage: str = Field(
+        "grpo", description="advantage estimator: grpo, drgrpo, rloo, reinforce_pp, "
+        "reinforce_pp_baseline, or `module:function` (orchestrator/advantages.py)")
+    policy_loss: str = Field(
+        "ppo_clip", description="per-token policy loss: ppo_clip, gspo (sequence-level ratio), "
+        "or `module:function` (workers/learner/losses.py)")
+    std_normalize: bool = Field(True, description="grpo: divide group advantages by their std")
+    clip: float | None = Field(0.2, ge=0, description="ratio clip, low side (also the high "
+                               "side unless clip_high is set); null: no clip (-A * ratio)")
+    clip_high: float | None = Field(None, ge=0, description="DAPO's clip-higher")
+    dual_clip: float | None = Field(
+        None, gt=1, description="dual-clip c (Ye et al. 2020): a negative-advantage token's loss "
+        "is at most -A * c; null: off (verl's default is 3)")
+    log_ratio_clamp: float | None = Field(
+        20.0, gt=0, description="log pi/pi_old clamped to +-this before exp (verl: 20); null: off")
     kl: float = Field(0.0, ge=0, description="k3 KL coefficient to the reference policy")
+    kl_clamp: float | None = Field(
+        10.0, gt=0, description="per-token k3 KL clamped to at most this (verl: 10); null: off")
     entropy: float = Field(0.0, description="entropy bonus coefficient")
-    loss_agg: Literal["token_mean", "seq_mean_token_mean"] = "token_mean"
+    loss_agg: Literal["token_mean", "seq_mean_token_mean", "seq_mean_token_sum_norm"] = Field(
+        "token_mean", description="token_mean: every token of the batch weighs the same; "
+        "seq_mean_token_mean: each sequence's token mean, averaged over sequences; "
+        "seq_mean_token_sum_norm (Dr. GRPO): each sequence's token sum over a constant "
+        "loss_norm_tokens, averaged over sequences")
+    loss_norm_tokens: int | None = Field(
+        None, gt=0, description="the constant of seq_mean_token_sum_norm (default: "
+        "sampling.max_tokens)")
     lr: float = Field(1e-5, gt=0)
     sft_lr: float | None = Field(None, gt=0, description="learning rate of SFT steps (default lr)")
     weight_decay: float = Field(0.0, ge=0)
@@ -167,6 +190,8 @@ class AlgorithmConfig(_Strict):
 
     @model_validator(mode="after")
     def _bounded_micro_batches(self) -> AlgorithmConfig:
+        if self.clip is None and self.clip_high is not None:
+            raise ValueError("clip_high is set but clip is null (no clip): set both or neither")
         if self.micro_batch_size is None and self.max_tokens_per_micro_batch is None:
             raise ValueError("micro_batch_size and max_tokens_per_micro_batch are both null: "
                              "set at least one, or a whole step's batch is one forward pass")

@@ -227,7 +227,7 @@ class Controller:
         rewards = self.score_texts([todo[p] for p in t["prompt_index"]], t["texts"])
         accepted = {}
         for p, text, r in zip(t["prompt_index"], t["texts"], rewards):
-            if r >= 1.0 and p not in accepted:
+            if (r or 0.0) >= 1.0 and p not in accepted:
                 accepted[p] = dict(todo[p], demonstration=text.strip())
         self.demos.add(list(accepted.values()), owned=True)
         return {"teacher/asked": float(len(todo)), "teacher/accepted": float(len(accepted))}
@@ -243,8 +243,9 @@ class Controller:
         return signals
 
     @recoverable
-    def score_texts(self, records: list[dict], texts: list[str]) -> list[float]:
-        """Verifier rewards of given completions (demonstrations), one per record."""
+    def score_texts(self, records: list[dict], texts: list[str]) -> list[float | None]:
+        """Verifier rewards of given completions (demonstrations), one per record (None: no
+        verifier could score it)."""
         from workers.types import Rollouts
 
         n = len(records)
@@ -252,7 +253,7 @@ class Controller:
             return []
         r = Rollouts(list(range(n)), [[]] * n, [[]] * n, [[]] * n, texts, ["stop"] * n)
         scores = self.reward.call([self.reward.actors[0].score.remote(r, records)], "score")[0]
-        return [s if s is not None else 0.0 for s in scores.rewards]
+        return list(scores.rewards)
 
     @recoverable
     def sync_weights(self, resend: bool = False) -> dict:

@@ -158,6 +158,7 @@ def resolve_recipe(recipe: Recipe, check_model: bool = True, strict: bool = True
     if size is not None and size < recipe.data.prompts_per_step:
         warnings.append(f"data.prompts_per_step = {recipe.data.prompts_per_step} is larger "
                         f"than data.train ({size} records): a step repeats prompts")
+    warnings += check_algorithm(recipe)
     schedule = build_schedule(recipe.schedule.policy, recipe.schedule.args)
     check_schedule(schedule, recipe.rollout.max_staleness, recipe.schedule.policy)
     warnings += schedule_warnings(recipe)
@@ -190,6 +191,21 @@ def resolve_recipe(recipe: Recipe, check_model: bool = True, strict: bool = True
         notes.append("model folders not checked and prompts not tokenised (--skip-model)")
     return Resolved(roles, datasets.get("data.train"), datasets.get("data.eval"), schedule,
                     warnings, notes, prompts)
+
+
+def check_algorithm(recipe: Recipe) -> list[str]:
+    """The advantage estimator and policy loss resolve; what they will do with this sampling."""
+    from orchestrator.advantages import GROUP_BASELINE, estimator
+    from workers.learner.losses import policy_loss
+
+    a = recipe.algorithm
+    estimator(a.advantage)
+    policy_loss(a.policy_loss)
+    if recipe.sampling.n == 1 and a.advantage in GROUP_BASELINE:
+        return [f"sampling.n = 1 with algorithm.advantage {a.advantage!r}: every group is one "
+                "sample, so there is no group baseline and its advantage is its raw reward "
+                "(REINFORCE without a baseline); sample n >= 2, or use reinforce_pp"]
+    return []
 
 
 def schedule_warnings(recipe: Recipe) -> list[str]:

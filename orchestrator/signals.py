@@ -1,11 +1,10 @@
-"""What a step's rollouts say: per-prompt successes and rewards, and GRPO advantages.
+"""What a step's rollouts say: per-prompt successes and rewards (advantages: advantages.py).
 
 Pure Python over small lists; schedules read these, never the rollouts themselves.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 
@@ -29,28 +28,6 @@ class StepSignals:
     zero_variance_frac: float      # groups whose rewards are all equal: no GRPO gradient
     unscored: int                  # samples a verifier could not score
     probes: dict[str, float] = field(default_factory=dict)
-
-
-def grpo_advantages(rewards: list[float], prompt_index: list[int],
-                    std_normalize: bool = True, eps: float = 1e-6) -> list[float]:
-    """r - mean(group), divided by the group's sample std unless ``std_normalize`` is False
-    (Dr.GRPO).
-
-    >>> grpo_advantages([1, 0, 0, 0], [0, 0, 1, 1])
-    [0.7071..., -0.7071..., 0.0, 0.0]
-    """
-    groups: dict[int, list[int]] = {}
-    for i, p in enumerate(prompt_index):
-        groups.setdefault(p, []).append(i)
-    adv = [0.0] * len(rewards)
-    for members in groups.values():
-        rs = [rewards[i] for i in members]
-        mean = sum(rs) / len(rs)
-        std = math.sqrt(sum((r - mean) ** 2 for r in rs) / max(len(rs) - 1, 1))
-        for i in members:
-            a = rewards[i] - mean
-            adv[i] = a / (std + eps) if std_normalize else a
-    return adv
 
 
 def step_signals(step: int, records: list[dict], prompt_index: list[int],

@@ -7,8 +7,8 @@ refs; only ids, rewards and advantages are computed here.
 
 from __future__ import annotations
 
+from orchestrator.advantages import advantages, estimator
 from orchestrator.schedules import MixedUpdate, RLUpdate, SFTUpdate
-from orchestrator.signals import grpo_advantages
 
 
 def tokenize_demos(prompts, records: list[dict]) -> tuple[list, list]:
@@ -33,27 +33,32 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
                            "wants_rollouts() returned False")
     index = gen["prompt_index"]
     wanted = None if op.ids is None else set(op.ids)
-    raw = gen["scores"].rewards
     drop = c.recipe.scoring.unscored == "drop"
+    raw = gen["scores"].rewards
     rows = [i for i, p in enumerate(index) if (wanted is None or batch[p]["id"] in wanted)
             and not (drop and raw[i] is None)]
     if not rows:
         return []
-    rewards = [r if r is not None else 0.0 for r in raw]
-    group_rewards = [rewards[i] for i in rows]
-    group_index = [index[i] for i in rows]
-    demo_recs = []
+    rewards = [raw[i] if raw[i] is not None else 0.0 for i in rows]
+    groups = [index[i] for i in rows]
+    lengths = [gen["lengths"][i] for i in rows]
+    demo_recs, demo_ids = [], ([], [])
     if op.demos_in_group:
         prompts_here = sorted({index[i] for i in rows})
         demo_recs = c.demos.take([batch[p]["id"] for p in prompts_here])
         by_id = {batch[p]["id"]: p for p in prompts_here}
         # scored as the engine's samples are: after the response prefix (added back by the
-        # reward worker, as for every rollout)
+        # reward worker, as for every rollout); an unscorable one follows scoring.unscored
         demo_rewards = c.score_texts(demo_recs, [c.prompts.strip_prefix(r["demonstration"])
                                                  for r in demo_recs])
-        group_rewards += demo_rewards
-        group_index += [by_id[r["id"]] for r in demo_recs]
-    adv = grpo_advantages(group_rewards, group_index, c.recipe.algorithm.std_normalize)
+        kept = [k for k, r in enumerate(demo_rewards) if not (drop and r is None)]
+        demo_recs = [demo_recs[k] for k in kept]
+        demo_ids = tokenize_demos(c.prompts, demo_recs)
+        rewards += [demo_rewards[k] if demo_rewards[k] is not None else 0.0 for k in kept]
+        groups += [by_id[r["id"]] for r in demo_recs]
+        lengths += [len(ids) for ids in demo_ids[1]]
+    algo = c.recipe.algorithm
+    adv = advantages(estimator(algo.advantage), rewards, groups, lengths, algo, algo.advantage)
     full_adv = [0.0] * len(index)
     for k, i in enumerate(rows):
         full_adv[i] = adv[k]
@@ -62,9 +67,11 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
               "select": None if len(rows) == len(index) else rows,
               "coef": op.coef}]
     if demo_recs:
-        prompts, completions = tokenize_demos(c.prompts, demo_recs)
-        terms.append({"kind": "pg_off", "prompts": prompts, "completions": completions,
-                      "advantages": adv[len(rows):], "gamma": op.gamma, "coef": op.coef})
+        # LUFFY: one token mean over the policy's samples and the demonstrations
+        terms[0]["joint"] = "luffy"
+        terms.append({"kind": "pg_off", "prompts": demo_ids[0], "completions": demo_ids[1],
+                      "advantages": adv[len(rows):], "gamma": op.gamma, "coef": op.coef,
+                      "joint": "luffy"})
     return terms
 
 

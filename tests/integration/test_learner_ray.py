@@ -92,22 +92,51 @@ def test_probe_leaves_no_trace_and_named_optimizers_keep_their_own_moments(ray_l
         addr, port = ray.get(group.actors[0].master_address.remote())
         group.call(group.fanout("setup", master_addr=addr, master_port=port), "setup")
         sft = {"kind": "nll", "prompts": [[1, 5, 6, 14, 7]] * 6, "completions": [[8, 9, 2]] * 6}
-        w0 = group.call(group.fanout("full_state_dict"))[0]
+
+        def moments():
+            """Each named optimizer state's Adam moments (rank 0's partition), by name."""
+            def read(learner):
+                keys = learner._state_keys()
+                return {name: [{k: v.clone() for k, v in state[p].items()
+                                if torch.is_tensor(v)} for p in keys if p in state]
+                        for name, state in learner._opt_states.items()}
+            return ray.get(group.actors[0].__ray_call__.remote(read))
+
+        def same(a, b):
+            return len(a) == len(b) and all(x.keys() == y.keys() and all(
+                torch.equal(x[k], y[k]) for k in x) for x, y in zip(a, b))
+
+        w0, m0 = group.call(group.fanout("full_state_dict"))[0], moments()
         probe = group.call(group.fanout("update", [sft], probe=True))[0]
         assert probe["probe/grad_norm"] > 0
         w1 = group.call(group.fanout("full_state_dict"))[0]
         for name in w0:
             assert torch.equal(w0[name], w1[name]), name
+        m1 = moments()  # the probe's scratch moments are gone
+        assert m1.keys() == {"main"} and same(m1["main"], m0["main"])
         m = group.call(group.fanout("update", [sft], "sft"))[0]
         assert m["optimizer/sft_steps"] == 1.0 and m["sft/loss"] > 0
         # the probe's gradient equals that of the real step taken from the same weights
         assert m["sft/grad_norm"] == pytest.approx(probe["probe/grad_norm"], rel=1e-5)
+        after_sft = moments()
+        assert same(after_sft["main"], m0["main"]) and after_sft["sft"]
+        assert float(after_sft["sft"][0]["exp_avg"].abs().sum()) > 0
         r, adv = _rollouts(3)
         m2 = group.call(group.fanout("update", [{"kind": "pg", "rollouts": r,
                                                  "advantages": adv}]))[0]
         assert m2["optimizer/main_steps"] == 1.0  # the first step of "main": fresh moments
+        after_rl = moments()
+        # "main" starts from zero moments: after one step exp_avg = (1 - beta1) g, exp_avg_sq
+        # = (1 - beta2) g^2 of the RL gradient alone, and "sft"'s moments are untouched
+        assert same(after_rl["sft"], after_sft["sft"])
+        main = after_rl["main"][0]
+        torch.testing.assert_close(main["exp_avg_sq"], 1e-3 * (main["exp_avg"] / 0.1) ** 2)
+        assert not torch.equal(main["exp_avg"], after_sft["sft"][0]["exp_avg"])
         m3 = group.call(group.fanout("update", [sft], "sft"))[0]
         assert m3["optimizer/sft_steps"] == 2.0
+        after_sft2 = moments()
+        assert same(after_sft2["main"], after_rl["main"])
+        assert not same(after_sft2["sft"], after_sft["sft"])
     finally:
         group.shutdown()
 
@@ -158,3 +187,32 @@ def test_ppo_mini_batches_and_epochs_take_several_steps_and_the_clip_acts(ray_lo
     assert ppo["optimizer/main_steps"] == 4.0 and ppo["rl/optimizer_steps"] == 4.0
     assert ppo["rl/tokens"] == one["rl/tokens"]  # tokens of one pass
     assert ppo["rl/logprob_diff"] > 1e-3 and ppo["rl/clipfrac"] > 0.0
+
+
+def test_luffy_terms_share_one_token_mean(ray_local, make_recipe):
+    """LUFFY's on-policy samples and demonstrations are one token mean (its code concatenates
+    them): with a joint normaliser each term's loss is its sum over the tokens of *both*; the
+    demonstrations get the entropy bonus and the loss aggregation of the RL update."""
+    import ray
+
+    recipe = make_recipe(**{"algorithm.entropy": 0.01})
+    cls, args = resolve_recipe(recipe).roles["learner"]
+    group = WorkerGroup("learner", recipe.roles.learner, recipe, cls, args, {})
+    try:
+        addr, port = ray.get(group.actors[0].master_address.remote())
+        group.call(group.fanout("setup", master_addr=addr, master_port=port), "setup")
+        r, adv = _rollouts(7)
+        demos = {"kind": "pg_off", "prompts": [[1, 5, 6]] * 3,
+                 "completions": [[8, 9, 2, 7, 4, 4, 5, 6]] * 3, "advantages": [1.0, 0.5, -1.0]}
+        pg = {"kind": "pg", "rollouts": r, "advantages": adv}
+        apart = group.call(group.fanout("update", [pg, demos], lr=0.0))[0]
+        joint = group.call(group.fanout("update", [pg | {"joint": "luffy"},
+                                                   demos | {"joint": "luffy"}], lr=0.0))[0]
+    finally:
+        group.shutdown()
+    n_on, n_off = apart["rl/tokens"], apart["off/tokens"]
+    assert n_off == 24 and n_on > 0
+    share = n_on / (n_on + n_off)
+    assert joint["rl/loss"] == pytest.approx(apart["rl/loss"] * share, rel=1e-5)
+    assert joint["off/loss"] == pytest.approx(apart["off/loss"] * (1 - share), rel=1e-5)
+    assert apart["off/entropy"] > 0

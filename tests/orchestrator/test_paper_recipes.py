@@ -93,7 +93,9 @@ def test_settings_shared_by_the_repos(size, method):
     a = r.algorithm
     assert (a.std_normalize, a.kl, a.entropy, a.lr, a.weight_decay) == (False, 0.0, 1e-3, 1e-6,
                                                                         0.01)
-    assert a.clip == 0.2 and a.loss_agg == "token_mean"
+    # loss_remove_clip=True in ReLIFT's and LUFFY's scripts; loss_remove_token_mean=True in all
+    assert a.clip == (None if method in ("relift", "luffy") else 0.2)
+    assert a.loss_agg == "seq_mean_token_sum_norm" and a.loss_norm_tokens == 8192
     assert r.roles.reference is None and r.roles.teacher is None
     rollout = r.roles.rollout
     assert rollout.args["max_model_len"] >= r.prompt.max_prompt_tokens + r.sampling.max_tokens

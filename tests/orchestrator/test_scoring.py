@@ -19,7 +19,8 @@ def _controller(make_recipe, **scoring):
 
 def _gen(rewards):
     # two prompts, three samples each
-    return {"prompt_index": [0, 0, 0, 1, 1, 1], "refs": [], "scores": Scores(rewards=rewards)}
+    return {"prompt_index": [0, 0, 0, 1, 1, 1], "refs": [], "scores": Scores(rewards=rewards),
+            "lengths": [3] * 6}
 
 
 BATCH = [{"id": "a", "prompt": "1+1="}, {"id": "b", "prompt": "2+2="}]
@@ -44,6 +45,41 @@ def test_dropped_samples_leave_the_update_and_the_baseline(make_recipe):
     assert adv[0] == pytest.approx(-adv[2]) and adv[0] > 0
     everything_unscored = _gen([None] * 6)
     assert rl_terms(c, RLUpdate(), BATCH, everything_unscored, step=1) == []
+
+
+class CharPrompts:
+    """Prompt formatting by character codes: enough for the update's own logic."""
+
+    def prompt_ids(self, record):
+        return [ord(ch) for ch in record["prompt"]]
+
+    def completion_ids(self, text):
+        return [ord(ch) for ch in text]
+
+    def strip_prefix(self, text):
+        return text
+
+
+@pytest.mark.parametrize("unscored", ["zero", "drop"])
+def test_an_unscorable_demonstration_follows_scoring_unscored(make_recipe, unscored):
+    """LUFFY's demonstrations join their groups scored by the verifier; one it cannot score is
+    0 under ``unscored: zero`` and leaves the update (and its group's baseline) under drop."""
+    c = _controller(make_recipe, unscored=unscored)
+    c.prompts = CharPrompts()
+    c.demos.add([dict(BATCH[0], demonstration="2"), dict(BATCH[1], demonstration="4")])
+    c.score_texts = lambda records, texts: [None if r["id"] == "a" else 1.0 for r in records]
+    pg, off = rl_terms(c, RLUpdate(demos_in_group=True), BATCH,
+                       _gen([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]), step=1)
+    assert pg["joint"] == off["joint"] == "luffy"
+    if unscored == "drop":
+        assert off["completions"] == [[ord("4")]]  # a's demonstration left the update
+        # a's group is its three samples alone: mean 1/3, sample std 0.577
+        assert pg["advantages"][0] == pytest.approx((1 - 1 / 3) / 0.57735, rel=1e-4)
+    else:
+        assert off["completions"] == [[ord("2")], [ord("4")]]
+        # a's group has four members, the demonstration scored 0: mean 1/4, std 1/2
+        assert pg["advantages"][0] == pytest.approx(1.5, rel=1e-4)
+        assert off["advantages"][0] == pytest.approx(-0.5, rel=1e-4)
 
 
 def test_too_many_unscored_samples_stop_the_run(make_recipe):

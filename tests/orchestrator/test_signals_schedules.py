@@ -2,17 +2,7 @@ import pytest
 
 from core.errors import RecipeError
 from orchestrator.schedules import RL, SFT, Eval, Phases, RLUpdate, SFTUpdate, Sync, build_schedule
-from orchestrator.signals import grpo_advantages, step_signals
-
-
-def test_grpo_advantages_std_and_dr_grpo():
-    rewards, idx = [1.0, 0.0, 1.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0, 0, 0, 0, 1, 1, 1, 1]
-    a = grpo_advantages(rewards, idx, std_normalize=True)
-    assert a[4:] == [0.0] * 4  # a group with equal rewards gives no gradient
-    assert sum(a[:4]) == pytest.approx(0.0, abs=1e-6)
-    assert a[0] == pytest.approx(0.25 / 0.5, rel=1e-4)  # (1 - 0.75) / sample std 0.5
-    b = grpo_advantages(rewards, idx, std_normalize=False)
-    assert b[:4] == pytest.approx([0.25, -0.75, 0.25, 0.25])
+from orchestrator.signals import step_signals
 
 
 def test_step_signals():

@@ -4,8 +4,14 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from orchestrator.config import AlgorithmConfig
 from workers.learner import losses
 from workers.learner.packing import balance, micro_batches, pack, plan, unpack
+
+
+def _pg(logp, b, **algo):
+    """The RL term with the default PPO-clip loss under these algorithm options."""
+    return losses.policy_gradient_loss(losses.ppo_clip_loss, logp, b, AlgorithmConfig(**algo))
 
 
 class Head(torch.nn.Module):
@@ -117,7 +123,7 @@ def test_packed_rows_equal_padded_rows_in_logprobs_loss_and_gradients(tiny_model
     logp, _ = model(b)
     for got, want in zip(unpack(logp.detach(), b, len(prompts)), padded):
         torch.testing.assert_close(torch.tensor(got), want.detach(), rtol=1e-5, atol=1e-5)
-    per_token, _ = losses.grpo_loss(logp, b, 0.2, 0.2)  # on-policy: -A * ratio, ratio = 1
+    per_token, _ = _pg(logp, b)  # on-policy: -A * ratio, ratio = 1
     losses.aggregate(per_token, b, "token_mean", n_tok, len(prompts)).backward()
     for n, p in lm.named_parameters():
         torch.testing.assert_close(p.grad, ref_grads[n], rtol=1e-4, atol=1e-6)
@@ -128,7 +134,7 @@ def test_on_policy_grpo_gradient_is_minus_advantage_times_grad_logp():
     logits = torch.randn(1, 8, 11, requires_grad=True)
     b = pack([[1, 2], [1, 3]], [[4, 5], [6, 7]], pad_id=0, advantages=[1.0, -2.0])
     logp = _logits_logprobs(logits, b)
-    per_token, diag = losses.grpo_loss(logp, b, 0.2, 0.2)
+    per_token, diag = _pg(logp, b)
     losses.aggregate(per_token, b, "token_mean", 4, 2).backward()
     g1 = logits.grad.clone()
     logits.grad = None
@@ -143,7 +149,7 @@ def test_clip_stops_gradient_beyond_the_trust_region():
     b = pack([[1]], [[2, 3]], pad_id=0, advantages=[1.0],
              old_logprobs=[[-3.0, -3.0]])  # ratio = exp(-log5 + 3) ~ 4 > 1.2
     logp = _logits_logprobs(logits, b)
-    per_token, diag = losses.grpo_loss(logp, b, 0.2, 0.2)
+    per_token, diag = _pg(logp, b)
     per_token.sum().backward()
     assert float(logits.grad.abs().sum()) == 0.0
     assert diag["clipfrac"].tolist() == [1.0, 1.0]
@@ -158,7 +164,7 @@ def test_truncated_importance_sampling_by_hand():
     b = pack([[1]], [[2, 3, 4]], pad_id=0, advantages=[1.0],
              old_logprobs=[[math.log(0.1), math.log(0.4), float("nan")]])
     logp = _logits_logprobs(logits, b)
-    per_token, diag = losses.grpo_loss(logp, b, 0.2, 0.2, tis_cap=1.5)
+    per_token, diag = _pg(logp, b, tis_cap=1.5)
     torch.testing.assert_close(diag["tis_weight"], torch.tensor([1.5, 0.5, 1.0]))
     assert diag["tis_truncated"].tolist() == [1.0, 0.0, 0.0]
     assert diag["clipfrac"].sum() == 0
@@ -169,7 +175,7 @@ def test_truncated_importance_sampling_by_hand():
     assert got == pytest.approx([-1.5 * 0.8, -0.5 * 0.8, -1.0 * 0.8], abs=1e-6)
     # without the cap the same stale token (rho = 2 > 1.2) is clipped: no gradient
     logits.grad = None
-    per_token, _ = losses.grpo_loss(_logits_logprobs(logits, b), b, 0.2, 0.2)
+    per_token, _ = _pg(_logits_logprobs(logits, b), b)
     per_token[0].backward()
     assert float(logits.grad.abs().sum()) == 0.0
 
@@ -178,10 +184,10 @@ def test_k3_kl_is_zero_at_the_reference_and_positive_elsewhere():
     logp = torch.tensor([-1.0, -2.0])
     b = pack([[1]], [[2, 3]], pad_id=0, advantages=[0.0], old_logprobs=[[-1.0, -2.0]],
              ref_logprobs=[[-1.0, -2.0]])
-    _, d = losses.grpo_loss(logp, b, 0.2, 0.2, kl_coef=1.0)
+    _, d = _pg(logp, b, kl=1.0)
     assert torch.allclose(d["kl"], torch.zeros(2))
     b.ref_logprobs = torch.tensor([-1.5, -1.0])
-    _, d = losses.grpo_loss(logp, b, 0.2, 0.2, kl_coef=1.0)
+    _, d = _pg(logp, b, kl=1.0)
     # k3 = exp(d) - d - 1 with d = ref - logp: d = -0.5 and 1.0
     torch.testing.assert_close(d["kl"], torch.tensor([0.1065306597, 0.7182818285]))
 
@@ -191,6 +197,9 @@ def test_aggregation_modes():
     per_token = torch.tensor([1.0, 1.0, 1.0, 4.0])
     assert float(losses.aggregate(per_token, b, "token_mean", 4, 2)) == 7 / 4
     assert float(losses.aggregate(per_token, b, "seq_mean_token_mean", 4, 2)) == (1 + 4) / 2
+    # Dr. GRPO: each sequence's token sum over the constant 4, averaged over 2 sequences
+    assert float(losses.aggregate(per_token, b, "seq_mean_token_sum_norm", 4, 2, 4)) == \
+        (3 / 4 + 4 / 4) / 2
     with pytest.raises(ValueError, match="unknown loss aggregation"):
         losses.aggregate(per_token, b, "sum", 4, 2)
 
@@ -203,3 +212,114 @@ def test_empty_prompt_is_refused_and_a_filler_token_cannot_poison_the_loss():
     loss = losses.aggregate(per_token, b, "token_mean", 4, 1)
     loss.backward()
     assert float(loss) == 0.0 and float(per_token.grad) == 0.0
+
+
+# --- policy losses, by hand ------------------------------------------------------------------
+# Logits all 0 over 5 tokens: p = 0.2 for every token, log p = -log 5, and the gradient of
+# log p_t with respect to its own logit is 1 - 0.2 = 0.8.
+LOG5 = math.log(5.0)
+
+
+def _uniform(n_tokens, **pack_args):
+    logits = torch.zeros(1, n_tokens + 1, 5, requires_grad=True)
+    b = pack(**pack_args, pad_id=0)
+    return logits, b, _logits_logprobs(logits, b)
+
+
+def test_no_clip_is_minus_advantage_times_ratio():
+    # old log p = -3: ratio = exp(3 - log 5) = 4.017; clip 0.2 would stop this token
+    logits, b, logp = _uniform(1, prompts=[[1]], completions=[[2]], advantages=[1.0],
+                               old_logprobs=[[-3.0]])
+    per_token, diag = _pg(logp, b, clip=None)
+    ratio = math.exp(3.0 - LOG5)
+    assert float(per_token) == pytest.approx(-ratio) and float(diag["clipfrac"]) == 0.0
+    per_token.sum().backward()
+    assert float(logits.grad[0, 0, 2]) == pytest.approx(-ratio * 0.8, rel=1e-5)
+    with pytest.raises(ValueError, match="clip_high is set but clip is null"):
+        AlgorithmConfig(clip=None, clip_high=0.28)
+
+
+def test_dual_clip_bounds_a_negative_advantage_token():
+    # A = -1, ratio 4.017: PPO's max(-A r, -A clip(r)) = 4.017; dual-clip c = 3 caps it at 3
+    # and the token gets no gradient
+    logits, b, logp = _uniform(1, prompts=[[1]], completions=[[2]], advantages=[-1.0],
+                               old_logprobs=[[-3.0]])
+    per_token, _ = _pg(logp, b)
+    assert float(per_token) == pytest.approx(math.exp(3.0 - LOG5))
+    per_token, diag = _pg(logp, b, dual_clip=3.0)
+    assert float(per_token) == pytest.approx(3.0) and float(diag["clipfrac"]) == 1.0
+    per_token.sum().backward()
+    assert float(logits.grad.abs().sum()) == 0.0
+    with pytest.raises(ValueError):
+        AlgorithmConfig(dual_clip=1.0)  # c must exceed 1
+
+
+def test_log_ratio_clamp_keeps_a_far_stale_token_finite():
+    # log-ratio -log 5 + 100 = 98.4: exp overflows float32 unless clamped to 20
+    _, b, logp = _uniform(1, prompts=[[1]], completions=[[2]], advantages=[1.0],
+                          old_logprobs=[[-100.0]])
+    assert float(_pg(logp, b, clip=None)[0]) == pytest.approx(-math.exp(20.0), rel=1e-5)
+    assert math.isinf(float(_pg(logp, b, clip=None, log_ratio_clamp=None)[0]))
+
+
+def test_k3_kl_clamp():
+    # log-prob gap 25 to the reference: k3 = e^25 - 26 = 7.2e10 unclamped, 10 clamped (verl),
+    # and the clamped token's gradient is 0, not NaN
+    logits, b, logp = _uniform(1, prompts=[[1]], completions=[[2]], advantages=[0.0],
+                               ref_logprobs=[[25.0 - LOG5]])
+    _, diag = _pg(logp, b, kl=1.0, kl_clamp=None)
+    assert float(diag["kl"]) == pytest.approx(math.exp(25.0) - 26.0, rel=1e-5)
+    per_token, diag = _pg(logp, b, kl=1.0)
+    assert float(diag["kl"]) == 10.0
+    per_token.sum().backward()
+    assert float(logits.grad.abs().sum()) == 0.0
+
+
+def test_gspo_sequence_ratio_by_hand():
+    """Sequence 0 (A = 1): token log-ratios -0.1 and 0.3, mean 0.1, so both tokens carry
+    s = e^0.1 = 1.105 and the gradient -A * s * d log p_t; sequence 1 (A = -1) is on-policy:
+    s = 1. With clip 0.05 the ratio 1.105 > 1.05 is clipped (A > 0): no gradient."""
+    gspo = losses.policy_loss("gspo")
+    old = [[-LOG5 + 0.1, -LOG5 - 0.3], [-LOG5]]
+    logits, b, logp = _uniform(3, prompts=[[1], [1]], completions=[[2, 3], [4]],
+                               advantages=[1.0, -1.0], old_logprobs=old)
+    per_token, diag = losses.policy_gradient_loss(gspo, logp, b, AlgorithmConfig())
+    s = math.exp(0.1)
+    assert per_token.tolist() == pytest.approx([-s, -s, 1.0], rel=1e-5)
+    assert diag["clipfrac"].tolist() == [0.0, 0.0, 0.0]
+    per_token.sum().backward()
+    got = [float(logits.grad[0, i, t]) for i, t in ((0, 2), (1, 3))]
+    assert got == pytest.approx([-s * 0.8, -s * 0.8], rel=1e-5)
+    logits.grad = None
+    per_token, diag = losses.policy_gradient_loss(
+        gspo, _logits_logprobs(logits, b), b, AlgorithmConfig(clip=0.05))
+    assert diag["clipfrac"].tolist() == [1.0, 1.0, 0.0]
+    per_token[:2].sum().backward()
+    assert float(logits.grad.abs().sum()) == 0.0
+
+
+def test_a_users_policy_loss_by_import_path_and_its_contract():
+    from core.errors import RecipeError
+
+    mine = losses.policy_loss("tests.fixtures.algos:vanilla_pg")
+    _, b, logp = _uniform(2, prompts=[[1]], completions=[[2, 3]], advantages=[2.0])
+    per_token, diag = losses.policy_gradient_loss(mine, logp, b, AlgorithmConfig())
+    assert per_token.tolist() == [-2.0, -2.0] and diag["pos_adv"].tolist() == [1.0, 1.0]
+    bad = losses.policy_loss("tests.fixtures.algos:per_sequence")
+    with pytest.raises(ValueError, match="not one per token"):
+        losses.policy_gradient_loss(bad, logp, b, AlgorithmConfig(policy_loss="x:per_sequence"))
+    with pytest.raises(RecipeError, match="algorithm.policy_loss"):
+        losses.policy_loss("ppo_clipp")
+
+
+def test_normalisers_count_nonempty_sequences_and_joint_terms_share_them():
+    """A term's normaliser: its completion tokens and its sequences with at least one token
+    (an empty completion has no loss and must not dilute seq_mean_*); terms with one ``joint``
+    key (LUFFY's samples and demonstrations) share the sum of theirs."""
+    from workers.learner.deepspeed import DeepSpeedLearner
+
+    learner = object.__new__(DeepSpeedLearner)  # _totals reads only the terms
+    a = {"kind": "nll", "prompts": [[1]] * 3, "completions": [[2, 3], [], [4]]}
+    b = {"kind": "pg_off", "prompts": [[1]], "completions": [[5, 6, 7]], "advantages": [1.0]}
+    assert learner._totals([a, b]) == [(3.0, 2.0), (3.0, 1.0)]
+    assert learner._totals([a | {"joint": "luffy"}, b | {"joint": "luffy"}]) == [(6.0, 3.0)] * 2

@@ -25,9 +25,6 @@ from workers.learner.schedule import lr_factor, mini_batches
 from workers.learner.weights import LearnerWeights
 from workers.types import resolve_refs
 
-# per-token diagnostics of the PPO term, token means in the metrics (rl/clipfrac, ...)
-PG_DIAGNOSTICS = ("clipfrac", "kl", "logprob_diff", "tis_weight", "tis_truncated")
-
 
 def _check_rows(prompts, completions, old, ref) -> None:
     """Every row has a prompt, and per-token side inputs as long as its completion."""
@@ -94,6 +91,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from transformers.integrations import HfDeepSpeedConfig
 
+        from workers.learner import losses
         from workers.learner.policy import TokenLogprobs, attn_implementation
 
         backend = self.args.backend if self.args.backend != "auto" else ("nccl" if cuda else "gloo")
@@ -134,6 +132,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         self._hf_ds = None
         tok = AutoTokenizer.from_pretrained(model_cfg.path)
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+        self.policy_loss = losses.policy_loss(algo.policy_loss)
         self.named = dict(self.engine.module.named_parameters())
         self.sender = None
         self.steps = 0
@@ -147,6 +146,8 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
     #    "select": [row indices]|None, "coef": 1.0}                    PPO-clip on own samples
     #   {"kind": "pg_off", "prompts", "completions", "advantages", "gamma": 0.1, "coef"}
     #                                                                  LUFFY off-policy samples
+    # Terms that carry the same ``"joint"`` key share one normaliser — the token (or sequence)
+    # count of all of them: LUFFY's on- and off-policy samples are one token mean.
     #   {"kind": "nll", "prompts", "completions", "coef", "token_weight": "none"|"p(1-p)",
     #    "entropy": 0.0}                                               SFT on demonstrations
     # ``optimizer`` names an optimizer state: each name keeps its own Adam moments over the same
@@ -186,8 +187,9 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         norms = []
         try:
             for step_terms in steps:
-                for term in step_terms:
-                    for k, v in self._backward_term(term).items():
+                totals = self._totals(step_terms)
+                for term, total in zip(step_terms, totals):
+                    for k, v in self._backward_term(term, *total).items():
                         metrics[k] += v
                         calls[k.split("/")[0]] += k.endswith("/loss")
                 self.engine.step()
@@ -204,9 +206,9 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         out = dict(zip(keys, vals.tolist()))
         for prefix in {k.split("/")[0] for k in keys}:
             tokens = max(out.get(f"{prefix}/tokens", 0.0), 1.0)
-            for k in ("entropy", *PG_DIAGNOSTICS):
-                if f"{prefix}/{k}" in out:
-                    out[f"{prefix}/{k}"] /= tokens
+            for k in [k for k in out if k.startswith(f"{prefix}/")]:
+                if k.split("/", 1)[1] not in ("loss", "tokens"):
+                    out[k] /= tokens  # token means
             out[f"{prefix}/loss"] /= max(calls[prefix], 1)  # mean over its optimizer steps
             if len(steps) > 1:
                 out[f"{prefix}/tokens"] /= algo.ppo_epochs
@@ -286,7 +288,23 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         _check_rows(out[0], out[1], out[3], out[4])
         return out
 
-    def _backward_term(self, term: dict) -> dict:
+    def _totals(self, terms: list[dict]) -> list[tuple[float, float]]:
+        """Each term's global normaliser: its completion tokens and its non-empty sequences —
+        summed over the terms that share its ``joint`` key."""
+        own = []
+        for term in terms:
+            completions = self._rows(term)[1]
+            own.append((float(sum(len(c) for c in completions)),
+                        float(sum(1 for c in completions if c))))
+        joint: dict = defaultdict(lambda: [0.0, 0.0])
+        for term, (tokens, seqs) in zip(terms, own):
+            if term.get("joint") is not None:
+                joint[term["joint"]][0] += tokens
+                joint[term["joint"]][1] += seqs
+        return [tuple(joint[t["joint"]]) if t.get("joint") is not None else o
+                for t, o in zip(terms, own)]
+
+    def _backward_term(self, term: dict, total_tokens: float, total_seqs: float) -> dict:
         from workers.learner import losses
         from workers.learner.packing import pack, plan
 
@@ -296,18 +314,20 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         if n == 0:
             raise ValueError(f"learner {kind} term got no rows")
         world, device = self.ctx.world_size, self.engine.device
-        total_tokens = float(sum(len(c) for c in completions))
         lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
         plans = plan(lengths, world, algo.max_tokens_per_micro_batch, algo.micro_batch_size)
         # ZeRO-3 gathers the head's weight in each pass through it: all ranks run as many
         n_chunks = [max(self.engine.module.chunks_for(sum(len(completions[i]) for i in mbs[m]))
                         for mbs in plans) for m in range(len(plans[0]))]
         name = {"pg": "rl", "pg_off": "off", "nll": "sft"}[kind]
-        temperature = (self.recipe.sampling.temperature or 1.0) if kind == "pg" else 1.0
-        entropy_coef = algo.entropy if kind == "pg" else float(term.get("entropy", 0.0))
-        sums = dict.fromkeys(("loss", "tokens", "entropy", *PG_DIAGNOSTICS), 0.0)
-        # reported: the PPO term's clip fraction, KL and log-prob gap; tis_* when it has them
-        reported = {"clipfrac", "kl", "logprob_diff"} if kind == "pg" else set()
+        rl = kind in ("pg", "pg_off")
+        # the policy's samples and LUFFY's demonstrations: log-probs at the sampling
+        # temperature, the entropy bonus and loss aggregation of the RL update
+        temperature = (self.recipe.sampling.temperature or 1.0) if rl else 1.0
+        entropy_coef = algo.entropy if rl else float(term.get("entropy", 0.0))
+        agg = algo.loss_agg if rl else "token_mean"
+        norm_tokens = algo.loss_norm_tokens or self.recipe.sampling.max_tokens
+        sums: dict[str, float] = defaultdict(float)
         for rows, chunks in zip(plans[self.ctx.rank], n_chunks):
             def pick(xs, rows=rows):
                 return [xs[i] for i in rows] if xs is not None else None
@@ -317,14 +337,11 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
             logp, ent = self.engine(batch, temperature, entropy_coef != 0, chunks)
             w = batch.weight
             if kind == "pg":
-                clip_high = algo.clip_high if algo.clip_high is not None else algo.clip
-                per_token, diag = losses.grpo_loss(logp, batch, algo.clip, clip_high, algo.kl,
-                                                   ent, entropy_coef, algo.tis_cap)
-                for k in PG_DIAGNOSTICS:
-                    if k in diag:
-                        sums[k] += float((diag[k] * w).sum())
-                        reported.add(k)
-                agg = algo.loss_agg
+                per_token, diag = losses.policy_gradient_loss(self.policy_loss, logp, batch,
+                                                              algo, ent, entropy_coef)
+                for k, v in diag.items():
+                    if k != "ratio":
+                        sums[k] += float((v.detach() * w).sum())
             else:
                 if kind == "pg_off":
                     per_token = losses.off_policy_pg_loss(logp, batch.advantages,
@@ -333,12 +350,11 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
                     per_token = losses.sft_loss(logp, term.get("token_weight", "none"))
                 if ent is not None and entropy_coef:
                     per_token = per_token - entropy_coef * ent
-                agg = "token_mean"
-            loss = coef * losses.aggregate(per_token, batch, agg, total_tokens, float(n)) * world
+            loss = coef * losses.aggregate(per_token, batch, agg, total_tokens, total_seqs,
+                                           norm_tokens) * world
             self.engine.backward(loss, scale_wrt_gas=False)
             sums["loss"] += float(loss.detach()) / world
             sums["tokens"] += batch.n_tokens
-            if ent is not None:
+            if ent is not None and entropy_coef:
                 sums["entropy"] += float((ent.detach() * w).sum())
-        keep = {"loss", "tokens"} | reported | ({"entropy"} if entropy_coef else set())
-        return {f"{name}/{k}": v for k, v in sums.items() if k in keep}
+        return {f"{name}/{k}": v for k, v in sums.items()}

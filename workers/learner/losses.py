@@ -58,11 +58,15 @@ def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperatur
 
 
 def aggregate(per_token: torch.Tensor, batch, mode: str, total_tokens: float,
-              total_seqs: float) -> torch.Tensor:
+              total_seqs: float, norm_tokens: float | None = None) -> torch.Tensor:
     """Sum this micro-batch's share of a loss whose mean is taken over the *global* batch.
 
     token_mean: every completion token of the global batch weighs the same.
     seq_mean_token_mean: each sequence's token mean, averaged over the global sequences.
+    seq_mean_token_sum_norm (Dr. GRPO): each sequence's token *sum* divided by the constant
+    ``norm_tokens``, averaged over the global sequences — a token weighs the same whatever the
+    length of its sequence or of the batch's.
+    ``total_seqs`` counts sequences with at least one token (an empty completion has no loss).
     """
     # where, not a product: a zero-weight filler token's loss may be inf (its KL), and inf * 0
     # is NaN; its gradient through where is 0
@@ -71,46 +75,125 @@ def aggregate(per_token: torch.Tensor, batch, mode: str, total_tokens: float,
         return per_token.sum() / max(total_tokens, 1.0)
     if mode == "seq_mean_token_mean":
         return (per_token / batch.seq_len.clamp(min=1.0)).sum() / max(total_seqs, 1.0)
+    if mode == "seq_mean_token_sum_norm":
+        if not norm_tokens:
+            raise ValueError("seq_mean_token_sum_norm needs norm_tokens")
+        return per_token.sum() / float(norm_tokens) / max(total_seqs, 1.0)
     raise ValueError(f"unknown loss aggregation {mode!r}")
 
 
-def grpo_loss(logp: torch.Tensor, batch, clip_low: float, clip_high: float,
-              kl_coef: float = 0.0, entropy: torch.Tensor | None = None,
-              entropy_coef: float = 0.0, tis_cap: float | None = None
-              ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Per-token PPO-clip policy-gradient loss with optional k3 KL and entropy bonus.
+# --- policy losses ------------------------------------------------------------------------
+# A policy loss is named in ``algorithm.policy_loss`` (a built-in below or `module:function`):
+#   loss(logp, old, advantages, batch, algo) -> (per_token [N], diagnostics {name: [N]})
+# logp: the learner's log-probs of the sampled tokens (with gradient); old: the log-probs the
+# ratio is taken to (vLLM's behaviour log-probs, or the learner's own detached ones under
+# tis_cap); advantages: per token; batch: the packed micro-batch (``batch.row`` says which
+# sequence each token belongs to, ``batch.weight`` which tokens count); algo: the recipe's
+# ``algorithm`` section. Diagnostics are per-token values the learner reports as token means
+# (``clipfrac`` is expected). KL, entropy and importance weights are added by the learner
+# around it (``policy_gradient_loss``), the same for every loss.
+
+def _ratio(log_ratio: torch.Tensor, algo) -> torch.Tensor:
+    if algo.log_ratio_clamp:
+        log_ratio = log_ratio.clamp(-algo.log_ratio_clamp, algo.log_ratio_clamp)
+    return torch.exp(log_ratio)
+
+
+def _clipped(ratio: torch.Tensor, adv: torch.Tensor, algo):
+    """PPO's pessimistic clipped objective, with dual-clip; per-token loss and clip mask."""
+    pg1 = -adv * ratio
+    if algo.clip is None:
+        per_token, clipped = pg1, torch.zeros_like(pg1)
+    else:
+        high = algo.clip_high if algo.clip_high is not None else algo.clip
+        pg2 = -adv * ratio.clamp(1.0 - algo.clip, 1.0 + high)
+        per_token, clipped = torch.maximum(pg1, pg2), (pg2 > pg1).float()
+    if algo.dual_clip:
+        pg3 = -adv * algo.dual_clip
+        dual = (adv < 0) & (per_token > pg3)
+        per_token = torch.where(dual, pg3, per_token)
+        clipped = torch.maximum(clipped, dual.float())
+    return per_token, clipped
+
+
+def ppo_clip_loss(logp, old, advantages, batch, algo):
+    """PPO-clip (Schulman et al. 2017) per token, as GRPO uses it: r_t = pi/pi_old,
+    max(-A r_t, -A clip(r_t, 1 - clip, 1 + clip_high)); ``clip: null`` leaves -A r_t
+    (ReLIFT); ``dual_clip: c`` bounds a negative-advantage token's loss by -A c."""
+    ratio = _ratio(logp - old, algo)
+    per_token, clipped = _clipped(ratio, advantages, algo)
+    return per_token, {"clipfrac": clipped, "ratio": ratio.detach()}
+
+
+def _row_mean(values: torch.Tensor, batch) -> torch.Tensor:
+    """Each token's sequence mean of ``values`` (over the tokens of its row that count)."""
+    n = int(batch.row.max()) + 1 if batch.row.numel() else 0
+    w = batch.weight
+    sums = torch.zeros(n, dtype=values.dtype, device=values.device).index_add(
+        0, batch.row, torch.where(w > 0, values * w, 0.0))
+    counts = torch.zeros(n, dtype=w.dtype, device=w.device).index_add(0, batch.row, w)
+    return (sums / counts.clamp(min=1.0))[batch.row]
+
+
+def gspo_loss(logp, old, advantages, batch, algo):
+    """GSPO (Zheng et al. 2025): one ratio per sequence, s_i = exp(mean_t log pi/pi_old),
+    clipped like PPO's (the paper's clip is ~3e-4 / 4e-4). Per token the ratio is
+    sg(s_i) * pi(y_t) / sg(pi(y_t)): its value is s_i, its gradient s_i * grad log pi(y_t)
+    (the paper's GSPO-token form, equal to GSPO when advantages are per sequence)."""
+    seq_log_ratio = _row_mean((logp - old).detach(), batch)
+    ratio = _ratio(logp - logp.detach() + seq_log_ratio, algo)
+    per_token, clipped = _clipped(ratio, advantages, algo)
+    return per_token, {"clipfrac": clipped, "ratio": ratio.detach()}
+
+
+POLICY_LOSSES = {"ppo_clip": "workers.learner.losses:ppo_clip_loss",
+                 "gspo": "workers.learner.losses:gspo_loss"}
+
+
+def policy_loss(name: str):
+    from core.registry import resolve
+
+    return resolve(name, "algorithm.policy_loss", aliases=POLICY_LOSSES)
+
+
+def policy_gradient_loss(fn, logp: torch.Tensor, batch, algo,
+                         entropy: torch.Tensor | None = None, entropy_coef: float = 0.0
+                         ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """The RL term per token: the policy loss ``fn``, optional k3 KL and entropy bonus.
 
     Returns the per-token loss [N] and per-token diagnostics (weighted by the caller).
     Tokens without a behaviour log-prob (NaN) are on-policy: their ratio is 1.
 
-    ``tis_cap`` (truncated importance sampling, for one optimizer step per update): the ratio is
-    taken to the learner's own log-probs before the step (the proximal policy: ``logp``
-    detached, so ratio 1 and the clip inactive) and each token's loss is weighted by
+    ``algo.tis_cap`` (truncated importance sampling, for one optimizer step per update): the
+    ratio is taken to the learner's own log-probs before the step (the proximal policy:
+    ``logp`` detached, so ratio 1 and the clip inactive) and each token's loss is weighted by
     ``min(pi_prox / pi_behaviour, tis_cap)``, detached — an importance weight for rollouts
     sampled by older weights (or by an engine whose numerics differ), truncated to bound its
     variance. Without it the ratio is to the behaviour log-probs themselves and the clip bounds
-    how far a stale token can pull.
+    how far a stale token can pull. ``logprob_diff`` (|log pi_prox - log pi_behaviour|) is the
+    engine/learner mismatch either way.
     """
-    adv = batch.advantages
     prox = logp.detach()
     behaviour = torch.where(torch.isnan(batch.old_logprobs), prox, batch.old_logprobs)
-    old = prox if tis_cap is not None else behaviour
-    log_ratio = logp - old
-    ratio = torch.exp(log_ratio)
-    pg1 = -adv * ratio
-    pg2 = -adv * ratio.clamp(1.0 - clip_low, 1.0 + clip_high)
-    per_token = torch.maximum(pg1, pg2)
-    diag = {"clipfrac": (pg2 > pg1).float(), "ratio": ratio.detach(),
-            "logprob_diff": (prox - behaviour).abs()}
-    if tis_cap is not None:
+    old = prox if algo.tis_cap is not None else behaviour
+    per_token, diag = fn(logp, old, batch.advantages, batch, algo)
+    if per_token.shape != logp.shape:
+        raise ValueError(f"algorithm.policy_loss {algo.policy_loss!r} returned a loss of shape "
+                         f"{tuple(per_token.shape)}, not one per token {tuple(logp.shape)}")
+    diag = dict(diag, logprob_diff=(prox - behaviour).abs())
+    if algo.tis_cap is not None:
         rho = torch.exp(prox - behaviour)
-        weight = rho.clamp(max=tis_cap)
+        weight = rho.clamp(max=algo.tis_cap)
         per_token = per_token * weight
-        diag["tis_weight"], diag["tis_truncated"] = weight, (rho > tis_cap).float()
-    if kl_coef:
+        diag["tis_weight"], diag["tis_truncated"] = weight, (rho > algo.tis_cap).float()
+    if algo.kl:
         d = batch.ref_logprobs - logp
+        if algo.kl_clamp:  # as verl's low_var_kl: exp stays finite, so its gradient too
+            d = d.clamp(-20.0, 20.0)
         kl = torch.exp(d) - d - 1.0  # k3 estimator, >= 0
-        per_token = per_token + kl_coef * kl
+        if algo.kl_clamp:
+            kl = kl.clamp(max=algo.kl_clamp)
+        per_token = per_token + algo.kl * kl
         diag["kl"] = kl.detach()
     if entropy is not None and entropy_coef:
         per_token = per_token - entropy_coef * entropy

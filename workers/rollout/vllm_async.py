@@ -86,7 +86,7 @@ class AsyncVLLMRollout(VLLMRollout):
         async def one(rid: str, prompt, p):
             p.output_kind = RequestOutputKind.FINAL_ONLY
             out = None
-            async for out in self.llm.generate(prompt, p, request_id=rid):
+            async for out in self.llm.generate(prompt, p, request_id=rid):  # noqa: B007
                 pass
             return out
 

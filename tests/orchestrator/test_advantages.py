@@ -1,0 +1,64 @@
+"""Advantage estimators against small cases computed by hand from each paper's formula."""
+
+import math
+
+import pytest
+
+from core.errors import RecipeError
+from orchestrator.advantages import advantages, estimator
+from orchestrator.config import AlgorithmConfig
+
+ALGO = AlgorithmConfig()
+# group 0: four samples, one correct; group 1: a group of one (e.g. the others were dropped)
+REWARDS, GROUPS, LENGTHS = [1.0, 0.0, 0.0, 0.0, 1.0], [0, 0, 0, 0, 1], [1, 1, 1, 1, 1]
+
+
+def _adv(name, rewards=REWARDS, groups=GROUPS, lengths=LENGTHS, **algo):
+    a = AlgorithmConfig(**algo) if algo else ALGO
+    return advantages(estimator(name), rewards, groups, lengths, a, name)
+
+
+def test_grpo_by_hand():
+    # mean 1/4, sample std sqrt((3/4)^2 + 3 (1/4)^2) / 3) = 1/2: (1 - 1/4) / (1/2) = 3/2,
+    # (0 - 1/4) / (1/2) = -1/2; a group of one: mean 0, std 1 (verl), so its reward
+    assert _adv("grpo") == pytest.approx([1.5, -0.5, -0.5, -0.5, 1.0], abs=1e-5)
+    # std_normalize false and Dr. GRPO: r - mean
+    assert _adv("grpo", std_normalize=False) == pytest.approx([0.75, -0.25, -0.25, -0.25, 1.0])
+    assert _adv("drgrpo") == pytest.approx([0.75, -0.25, -0.25, -0.25, 1.0])
+    # equal rewards: no signal
+    assert _adv("grpo", [1.0, 1.0], [0, 0], [3, 4]) == [0.0, 0.0]
+
+
+def test_rloo_by_hand():
+    # leave-one-out baseline: 1 - mean(0, 0, 0) = 1; 0 - mean(1, 0, 0) = -1/3
+    assert _adv("rloo") == pytest.approx([1.0, -1 / 3, -1 / 3, -1 / 3, 1.0])
+    # = G / (G - 1) (r - mean): 4/3 * 3/4 = 1
+    assert _adv("rloo", [0.5, 0.0], [0, 0], [1, 1]) == pytest.approx([0.5, -0.5])
+
+
+def test_reinforce_pp_by_hand():
+    # returns whitened over tokens: values 1 (1 token) and 0 (3 tokens): token mean 1/4,
+    # unbiased variance (3/4^2 + 3 * 1/4^2) / 3 = 1/4, std 1/2
+    assert _adv("reinforce_pp", [1.0, 0.0], [0, 1], [1, 3]) == pytest.approx([1.5, -0.5],
+                                                                              abs=1e-6)
+    # works with one sample per prompt: the batch is the baseline
+    assert _adv("reinforce_pp", [1.0, 0.0, 0.0], [0, 1, 2], [2, 2, 2])[0] > 0
+
+
+def test_reinforce_pp_baseline_by_hand():
+    # r - group mean: 0.5, -0.5, 0, 0; over 2 + 2 + 1 + 3 = 8 tokens: mean 0, unbiased
+    # variance 4 * 0.25 / 7 = 1/7: 0.5 * sqrt(7)
+    got = _adv("reinforce_pp_baseline", [1.0, 0.0, 1.0, 1.0], [0, 0, 1, 1], [2, 2, 1, 3])
+    assert got == pytest.approx([0.5 * math.sqrt(7), -0.5 * math.sqrt(7), 0.0, 0.0], abs=1e-6)
+
+
+def test_a_users_estimator_by_import_path_and_its_contract():
+    assert _adv("tests.fixtures.algos:best_of_group") == [1.0, -1.0, -1.0, -1.0, 0.0]
+    with pytest.raises(ValueError, match="returned 1 advantages for 5 samples"):
+        _adv("tests.fixtures.algos:wrong_length")
+    with pytest.raises(ValueError, match="non-finite advantage for sample 0"):
+        advantages(lambda r, g, n, a: [float("nan")] * len(r), [1.0], [0], [1], ALGO, "mine")
+    with pytest.raises(RecipeError, match="algorithm.advantage: .* one of"):
+        estimator("gae_typo")
+    with pytest.raises(RecipeError, match="algorithm.advantage: no module named 'nowhere'"):
+        estimator("nowhere:fn")
