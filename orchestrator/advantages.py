@@ -97,6 +97,38 @@ def reinforce_pp_baseline(rewards, groups, lengths, algo) -> list[float]:
     return _whiten(group_centered(rewards, groups, std_normalize=False), lengths)
 
 
+def gae(rewards: list[float], values: list[list[float]], algo) -> tuple[list, list]:
+    """GAE (Schulman et al. 2016) for outcome rewards: the reward arrives with the last token,
+    V after the last token is 0. Per token t of a sample:
+
+        delta_t = r_t + gamma V_{t+1} - V_t,   A_t = sum_k (gamma lambda)^k delta_{t+k},
+        R_t = A_t + V_t  (the critic's target)
+
+    ``values[i]`` is the critic's V(s_t) for each completion token of sample i. Advantages are
+    then whitened over the batch's tokens unless ``algo.gae_whiten`` is False (verl whitens).
+    Returns (advantages, returns), each a per-token list per sample.
+    """
+    g, lam = algo.gamma, algo.lam
+    advs, rets = [], []
+    for r, v in zip(rewards, values):
+        adv = [0.0] * len(v)
+        last = 0.0
+        for t in reversed(range(len(v))):
+            nxt = v[t + 1] if t + 1 < len(v) else 0.0
+            delta = (r if t == len(v) - 1 else 0.0) + g * nxt - v[t]
+            last = delta + g * lam * last
+            adv[t] = last
+        advs.append(adv)
+        rets.append([a + x for a, x in zip(adv, v)])
+    if algo.gae_whiten:
+        flat = [a for adv in advs for a in adv]
+        if len(flat) > 1:
+            mean = sum(flat) / len(flat)
+            std = math.sqrt(sum((a - mean) ** 2 for a in flat) / (len(flat) - 1) + 1e-8)
+            advs = [[(a - mean) / std for a in adv] for adv in advs]
+    return advs, rets
+
+
 ADVANTAGES = {name: f"orchestrator.advantages:{name}" for name in
               ("grpo", "drgrpo", "rloo", "reinforce_pp", "reinforce_pp_baseline")}
 # estimators whose baseline is the group: with one sample per prompt they carry no signal

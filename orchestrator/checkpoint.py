@@ -3,6 +3,7 @@
     <run_dir>/checkpoints/step_000040/
         learner/...                 DeepSpeed checkpoint (model, main optimizer, ZeRO
                                     partitions per rank) + the other named optimizer states
+        critic/...                  the same for the value model (PPO with a critic)
         controller.json             step, weight version, data cursor, schedule state,
                                     demonstration store, eval/reward history, mlflow run id,
                                     the controller's RNG states, the base model's path
@@ -32,7 +33,9 @@ def save(c, step: int) -> Path:
     tmp = root / (final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    c.learner.call(c.learner.fanout("save_state", str(tmp)), "save_state")
+    for group in (c.learner, getattr(c, "critic", None)):
+        if group is not None:
+            group.call(group.fanout("save_state", str(tmp)), "save_state")
     c.rollouts.save(tmp)  # steps in flight (rollout.max_staleness > 0)
     c.saved_step = step
     state = {"step": step, "weight_version": c.version, "cursor": c.cursor.state(),
@@ -82,7 +85,9 @@ def read_state(path: Path) -> dict:
 def load(c, path: Path, state: dict) -> int:
     """Restore learner, data, schedule and demonstrations, then push the learner's weights to
     the engines under the saved version. Returns the step to continue after."""
-    c.learner.call(c.learner.fanout("load_state", str(path.resolve())), "load_state")
+    for group in (c.learner, getattr(c, "critic", None)):
+        if group is not None:
+            group.call(group.fanout("load_state", str(path.resolve())), "load_state")
     c.cursor.load_state(state["cursor"])
     c.schedule.load_state_dict(state["schedule"])
     c.demos.load_state_dict(state["demos"])

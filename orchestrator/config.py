@@ -63,6 +63,9 @@ class Roles(_Strict):
     learner: RoleConfig
     reward: RoleConfig
     reference: RoleConfig | None = Field(None, description="needed only when algorithm.kl > 0")
+    critic: RoleConfig | None = Field(
+        None, description="the value model of PPO (algorithm.advantage: gae): its own ZeRO-3 "
+        "group, e.g. workers.learner.critic:DeepSpeedCritic")
     teacher: RoleConfig | None = Field(
         None, description="a rollout class running another model (args.model) that writes "
         "demonstrations for prompts no sample solved; verified by the reward before use")
@@ -139,7 +142,8 @@ class AlgorithmConfig(_Strict):
 
     advantage: str = Field(
         "grpo", description="advantage estimator: grpo, drgrpo, rloo, reinforce_pp, "
-        "reinforce_pp_baseline, or `module:function` (orchestrator/advantages.py)")
+        "reinforce_pp_baseline, gae (PPO with roles.critic), or `module:function` "
+        "(orchestrator/advantages.py)")
     policy_loss: str = Field(
         "ppo_clip", description="per-token policy loss: ppo_clip, gspo (sequence-level ratio), "
         "or `module:function` (workers/learner/losses.py)")
@@ -161,6 +165,15 @@ class AlgorithmConfig(_Strict):
         "seq_mean_token_mean: each sequence's token mean, averaged over sequences; "
         "seq_mean_token_sum_norm (Dr. GRPO): each sequence's token sum over a constant "
         "loss_norm_tokens, averaged over sequences")
+    gamma: float = Field(1.0, ge=0, le=1, description="gae: discount")
+    lam: float = Field(0.95, ge=0, le=1, description="gae: lambda")
+    gae_whiten: bool = Field(True, description="gae: advantages whitened over the batch's "
+                             "tokens (verl)")
+    value_clip: float | None = Field(
+        0.5, gt=0, description="gae: the critic's value clip around its values before the "
+        "update (verl: 0.5); null: no clip")
+    critic_warmup: int = Field(0, ge=0, description="gae: RL steps in which only the critic "
+                               "trains (the policy waits for useful values)")
     loss_norm_tokens: int | None = Field(
         None, gt=0, description="the constant of seq_mean_token_sum_norm (default: "
         "sampling.max_tokens)")
@@ -296,6 +309,9 @@ class Recipe(_Strict):
             self.run_dir = str(Path("runs") / self.name)
         if self.algorithm.kl > 0 and self.roles.reference is None:
             raise ValueError("algorithm.kl > 0 needs roles.reference")
+        if self.algorithm.advantage == "gae" and self.roles.critic is None:
+            raise ValueError("algorithm.advantage gae needs roles.critic (the value model), e.g. "
+                             "{cls: workers.learner.critic:DeepSpeedCritic, replicas: 2}")
         a, smp = self.algorithm, self.sampling
         if (self.rollout.max_staleness or a.tis_cap) and (smp.temperature == 0 or
                                                            smp.min_tokens):

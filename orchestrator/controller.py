@@ -173,6 +173,19 @@ class Controller:
             gen["ref"] = refs
         return gen["ref"]
 
+    def critic_values(self, gen: dict) -> list[list[float]]:
+        """The critic's V(s_t) for every completion token of this step's samples."""
+        return self.critic.call(self.critic.fanout("values", gen["refs"]), "values")[0]
+
+    def train_critic(self, step: int, gen: dict | None, timer) -> dict:
+        """The critic's update on the returns of this step's samples (PPO with a critic)."""
+        term = gen.pop("critic_term", None) if gen is not None else None
+        if term is None:
+            return {}
+        with timer("critic"):
+            return self.critic.call(self.critic.fanout("update", [term], step=step),
+                                    "update")[0]
+
     def complete(self, step: int, ops: list) -> list:
         """Add what the recipe's cadence asks for: a Sync after weight changes, Eval, Checkpoint."""
         ops = list(ops)
@@ -193,11 +206,14 @@ class Controller:
                 with timer("reference"):
                     self.reference_logprobs(gen)
             terms = learner_terms(self, op, batch, gen, step)
+            out = self.train_critic(step, gen, timer)
+            if out and step <= self.recipe.algorithm.critic_warmup:
+                terms = [t for t in terms if t["kind"] != "pg"]  # only the critic learns
             if not terms:
-                return {"update/skipped": 1.0}
+                return out | {"update/skipped": 1.0}
             with timer("learn"):
-                out = self.learner.call(self.learner.fanout("update", terms, op.optimizer,
-                                                             step=step), "update")[0]
+                out |= self.learner.call(self.learner.fanout("update", terms, op.optimizer,
+                                                              step=step), "update")[0]
             self.stale = True
             return out
         if isinstance(op, Sync):

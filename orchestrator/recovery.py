@@ -25,13 +25,16 @@ from pathlib import Path
 from orchestrator.groups import WorkerError
 
 RESTARTABLE = ("rollout", "reward", "reference", "teacher")
+# a dead rank of these takes its ZeRO-3 partitions with it: the run resumes from a checkpoint
+ZERO_GROUPS = ("learner", "critic")
 
 
 class LearnerLost(WorkerError):
-    """A learner rank died; ``checkpoint`` is the newest complete checkpoint (or None)."""
+    """A learner (or critic) rank died; ``checkpoint`` is the newest complete checkpoint (or
+    None)."""
 
-    def __init__(self, message: str, checkpoint: Path | None):
-        super().__init__(message, "learner", died=True)
+    def __init__(self, message: str, checkpoint: Path | None, role: str = "learner"):
+        super().__init__(message, role, died=True)
         self.checkpoint = checkpoint
 
 
@@ -53,8 +56,9 @@ def recoverable(method):
 def replace_dead(c, err: WorkerError) -> bool:
     """Replace every dead restartable actor; False when none is dead (the error stands)."""
     dead = {role: g.dead() for role, g in c.groups.items()}
-    if dead.get("learner"):
-        raise learner_lost(c, dead["learner"], err) from err
+    for role in ZERO_GROUPS:
+        if dead.get(role):
+            raise learner_lost(c, dead[role], err, role) from err
     dead = {role: ranks for role, ranks in dead.items() if ranks and role in RESTARTABLE}
     if not dead:
         return False
@@ -76,7 +80,7 @@ def replace_dead(c, err: WorkerError) -> bool:
     return True
 
 
-def learner_lost(c, ranks: list[int], err: BaseException) -> LearnerLost:
+def learner_lost(c, ranks: list[int], err: BaseException, role: str = "learner") -> LearnerLost:
     from orchestrator import checkpoint
 
     try:
@@ -84,17 +88,20 @@ def learner_lost(c, ranks: list[int], err: BaseException) -> LearnerLost:
         where = f"resume from {ckpt}"
     except Exception:
         ckpt, where = None, "no checkpoint was written (set checkpoint.every to keep one)"
-    return LearnerLost(f"learner rank(s) {ranks} died: {err}; the run cannot continue without "
-                       f"its ZeRO-3 partitions — {where}", ckpt)
+    return LearnerLost(f"{role} rank(s) {ranks} died: {err}; the run cannot continue without "
+                       f"its ZeRO-3 partitions — {where}", ckpt, role)
 
 
 def explain(c, err: WorkerError) -> WorkerError:
     """A learner failure becomes LearnerLost when a rank is gone (the survivors usually
     report a broken collective first)."""
-    if isinstance(err, LearnerLost) or "learner" not in c.groups:
+    if isinstance(err, LearnerLost):
         return err
-    dead = c.groups["learner"].dead()
-    return learner_lost(c, dead, err) if dead else err
+    for role in ZERO_GROUPS:
+        dead = c.groups[role].dead() if role in c.groups else []
+        if dead:
+            return learner_lost(c, dead, err, role)
+    return err
 
 
 class _Stop:

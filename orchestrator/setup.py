@@ -133,6 +133,10 @@ def resolve_recipe(recipe: Recipe, check_model: bool = True, strict: bool = True
             warnings.append("roles.reference is not started: algorithm.kl is 0, so no loss "
                             "term needs reference log-probs")
             continue
+        if role == "critic" and recipe.algorithm.advantage != "gae":
+            warnings.append(f"roles.critic is not started: algorithm.advantage is "
+                            f"{recipe.algorithm.advantage!r}, not gae, so no values are used")
+            continue
         cls = resolve(cfg.cls, f"roles.{role}.cls", base=base)
         roles[role] = (cls, cls.check_args(cfg.args, f"roles.{role}.args"))
     template = recipe.prompt.chat_template
@@ -199,13 +203,25 @@ def check_algorithm(recipe: Recipe) -> list[str]:
     from workers.learner.losses import policy_loss
 
     a = recipe.algorithm
-    estimator(a.advantage)
+    if a.advantage != "gae":  # gae: the critic's values (orchestrator/advantages.py: gae)
+        estimator(a.advantage)
     policy_loss(a.policy_loss)
+    warned = []
     if recipe.sampling.n == 1 and a.advantage in GROUP_BASELINE:
-        return [f"sampling.n = 1 with algorithm.advantage {a.advantage!r}: every group is one "
-                "sample, so there is no group baseline and its advantage is its raw reward "
-                "(REINFORCE without a baseline); sample n >= 2, or use reinforce_pp"]
-    return []
+        warned.append(f"sampling.n = 1 with algorithm.advantage {a.advantage!r}: every group "
+                      "is one sample, so there is no group baseline and its advantage is its "
+                      "raw reward (REINFORCE without a baseline); sample n >= 2, or use "
+                      "reinforce_pp")
+    if a.clip is None and a.tis_cap is None:
+        warned.append("algorithm.clip is null and tis_cap is null: the ratio to vLLM's "
+                      "behaviour log-probs is unbounded (up to e^log_ratio_clamp) wherever "
+                      "the engine and the learner disagree; set tis_cap (ratio 1, truncated "
+                      "importance weight) or a clip")
+    if a.policy_loss == "gspo" and ((a.clip or 0) > 0.01 or a.loss_agg != "seq_mean_token_mean"):
+        warned.append("algorithm.policy_loss gspo: the paper clips its sequence ratio at "
+                      "~3e-4 / 4e-4 (clip, clip_high) and averages over sequences (loss_agg: "
+                      f"seq_mean_token_mean); this recipe has clip {a.clip}, {a.loss_agg}")
+    return warned
 
 
 def schedule_warnings(recipe: Recipe) -> list[str]:
@@ -297,7 +313,8 @@ def _init_ray(recipe: Recipe) -> bool:
         ray.init(address=address, log_to_driver=True)
         return False
     roles = [r for r in (recipe.roles.rollout, recipe.roles.learner, recipe.roles.reward,
-                         recipe.roles.reference, recipe.roles.teacher) if r is not None]
+                         recipe.roles.reference, recipe.roles.teacher, recipe.roles.critic)
+             if r is not None]
     need = sum(r.replicas * r.resources.num_cpus for r in roles)
     cpus = recipe.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
     here = os.getcwd()
@@ -341,10 +358,15 @@ def setup_controller(c) -> None:
         print(f"braid: note: {w}", flush=True)
     c.rollout, c.learner, c.reward = c.groups["rollout"], c.groups["learner"], c.groups["reward"]
     c.reference, c.teacher = c.groups.get("reference"), c.groups.get("teacher")
+    c.critic = c.groups.get("critic")
 
-    addr, port = ray.get(c.learner.actors[0].master_address.remote())
-    pending = [(c.learner, c.learner.fanout("setup", master_addr=addr, master_port=port))]
-    pending += [(g, g.fanout("setup")) for r, g in c.groups.items() if r != "learner"]
+    pending = []
+    for group in (c.learner, c.critic):  # each its own torch.distributed world
+        if group is not None:
+            addr, port = ray.get(group.actors[0].master_address.remote())
+            pending.append((group, group.fanout("setup", master_addr=addr, master_port=port)))
+    pending += [(g, g.fanout("setup")) for r, g in c.groups.items()
+                if r not in ("learner", "critic")]
     for group, refs in pending:
         group.call(refs, "setup")
     init_weight_sync(c)

@@ -7,7 +7,7 @@ refs; only ids, rewards and advantages are computed here.
 
 from __future__ import annotations
 
-from orchestrator.advantages import advantages, estimator
+from orchestrator.advantages import advantages, estimator, gae
 from orchestrator.schedules import MixedUpdate, RLUpdate, SFTUpdate
 
 
@@ -58,14 +58,17 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
         groups += [by_id[r["id"]] for r in demo_recs]
         lengths += [len(ids) for ids in demo_ids[1]]
     algo = c.recipe.algorithm
-    adv = advantages(estimator(algo.advantage), rewards, groups, lengths, algo, algo.advantage)
-    full_adv = [0.0] * len(index)
+    select = None if len(rows) == len(index) else rows
+    if algo.advantage == "gae":
+        adv = gae_terms(c, gen, rows, rewards, select, op)
+    else:
+        adv = advantages(estimator(algo.advantage), rewards, groups, lengths, algo,
+                         algo.advantage)
+    full_adv: list = [0.0] * len(index)
     for k, i in enumerate(rows):
         full_adv[i] = adv[k]
     terms = [{"kind": "pg", "rollouts": gen["refs"], "advantages": full_adv,
-              "ref": c.reference_logprobs(gen),
-              "select": None if len(rows) == len(index) else rows,
-              "coef": op.coef}]
+              "ref": c.reference_logprobs(gen), "select": select, "coef": op.coef}]
     if demo_recs:
         # LUFFY: one token mean over the policy's samples and the demonstrations
         terms[0]["joint"] = "luffy"
@@ -73,6 +76,22 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
                       "advantages": adv[len(rows):], "gamma": op.gamma, "coef": op.coef,
                       "joint": "luffy"})
     return terms
+
+
+def gae_terms(c, gen: dict, rows: list[int], rewards: list[float], select, op) -> list:
+    """PPO with a critic: the critic's values of this step's samples, GAE advantages per token
+    for the policy, and the critic's own term (its returns) left in ``gen["critic_term"]``."""
+    if op.demos_in_group:
+        raise ValueError("algorithm.advantage gae has no values for demonstrations in the "
+                         "group (LUFFY): use a group-baseline estimator such as grpo")
+    values = c.critic_values(gen)
+    adv, returns = gae(rewards, [values[i] for i in rows], c.recipe.algorithm)
+    full_returns: list = [[] for _ in values]
+    for k, i in enumerate(rows):
+        full_returns[i] = returns[k]
+    gen["critic_term"] = {"kind": "value", "rollouts": gen["refs"], "returns": full_returns,
+                          "old_values": values, "select": select}
+    return adv
 
 
 def learner_terms(c, op, batch: list[dict], gen: dict | None, step: int) -> list[dict]:

@@ -79,6 +79,10 @@ class LearnerWorker(Worker):
     """One data-parallel rank: update(...), push_weights(v), state_dict()."""
 
 
+class CriticWorker(Worker):
+    """One data-parallel rank of the value model: values(rollouts), update(value terms)."""
+
+
 class ReferenceWorker(Worker):
     """logprobs(rollouts) -> per-sample token log-probs under the frozen initial policy."""
 
@@ -92,4 +96,5 @@ class RewardWorker(Worker):
 ROLE_BASES: dict[str, type[Worker]] = {
     "rollout": RolloutWorker, "learner": LearnerWorker,
     "reference": ReferenceWorker, "reward": RewardWorker, "teacher": RolloutWorker,
+    "critic": CriticWorker,
 }

@@ -21,8 +21,21 @@ USERS = {"advantage": "tests.fixtures.algos:best_of_group",
 @pytest.mark.parametrize("field,name", [("advantage", n) for n in [*ADVANTAGES, USERS[
     "advantage"]]] + [("policy_loss", n) for n in [*POLICY_LOSSES, USERS["policy_loss"]]])
 def test_validate_accepts_every_built_in(make_recipe, field, name):
-    resolved = resolve_recipe(make_recipe(**{f"algorithm.{field}": name}))
+    paper = {"algorithm.clip": 3e-4, "algorithm.clip_high": 4e-4,
+             "algorithm.loss_agg": "seq_mean_token_mean"} if name == "gspo" else {}
+    resolved = resolve_recipe(make_recipe(**{f"algorithm.{field}": name} | paper))
     assert not [w for w in resolved.warnings if "algorithm" in w]
+    if name == "gspo":  # GSPO with PPO's clip 0.2 is not the paper's objective: said
+        warned = resolve_recipe(make_recipe(**{"algorithm.policy_loss": "gspo"})).warnings
+        assert any("~3e-4" in w for w in warned)
+
+
+def test_an_unbounded_ratio_is_warned(make_recipe):
+    warned = resolve_recipe(make_recipe(**{"algorithm.clip": None})).warnings
+    assert any("clip is null and tis_cap is null" in w for w in warned)
+    quiet = resolve_recipe(make_recipe(**{"algorithm.clip": None,
+                                          "algorithm.tis_cap": 2.0})).warnings
+    assert not any("clip is null" in w for w in quiet)
 
 
 def test_one_sample_per_prompt_with_a_group_baseline_is_warned(make_recipe):

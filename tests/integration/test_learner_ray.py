@@ -6,6 +6,7 @@ sign(grad) and would hide a scale error, so the test compares the global gradien
 first step and the weights after a second step on different data.
 """
 
+import math
 import random
 
 import pytest
@@ -187,6 +188,38 @@ def test_ppo_mini_batches_and_epochs_take_several_steps_and_the_clip_acts(ray_lo
     assert ppo["optimizer/main_steps"] == 4.0 and ppo["rl/optimizer_steps"] == 4.0
     assert ppo["rl/tokens"] == one["rl/tokens"]  # tokens of one pass
     assert ppo["rl/logprob_diff"] > 1e-3 and ppo["rl/clipfrac"] > 0.0
+
+
+def test_luffy_demonstrations_at_the_sampling_temperature_and_loss_agg(ray_local, make_recipe):
+    """The demonstrations' term is LUFFY's -A p / (p + gamma) with p at the sampling
+    temperature (0.7 here), aggregated like the RL term (Dr. GRPO's token sum over 5 here),
+    by hand from the reference worker's log-probs of the same weights."""
+    import ray
+
+    from workers.base import WorkerContext
+    from workers.reference import HFReference
+
+    recipe = make_recipe(**{"sampling.temperature": 0.7,
+                            "algorithm.loss_agg": "seq_mean_token_sum_norm"})
+    demos = Rollouts([0, 0], [[1, 5, 6], [1, 7]], [[8, 9, 2], [4, 4, 5, 6]], [[], []],
+                     ["", ""], ["stop", "stop"])
+    adv, gamma = [1.0, -0.5], 0.1
+    ref = HFReference(WorkerContext("reference", 0, 1, recipe, HFReference.check_args(
+        {}, "roles.reference.args")))
+    ref.setup()
+    expected = sum(-a * math.exp(lp) / (math.exp(lp) + gamma)
+                   for a, row in zip(adv, ref.logprobs(demos, 0.7)) for lp in row) / 5 / 2
+    cls, args = resolve_recipe(recipe).roles["learner"]
+    group = WorkerGroup("learner", recipe.roles.learner, recipe, cls, args, {})
+    try:
+        addr, port = ray.get(group.actors[0].master_address.remote())
+        group.call(group.fanout("setup", master_addr=addr, master_port=port), "setup")
+        off = {"kind": "pg_off", "prompts": demos.prompt_ids, "completions":
+               demos.completion_ids, "advantages": adv, "gamma": gamma}
+        m = group.call(group.fanout("update", [off], lr=0.0))[0]
+    finally:
+        group.shutdown()
+    assert m["off/loss"] == pytest.approx(expected, rel=1e-4)
 
 
 def test_luffy_terms_share_one_token_mean(ray_local, make_recipe):

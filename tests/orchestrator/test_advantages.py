@@ -62,3 +62,39 @@ def test_a_users_estimator_by_import_path_and_its_contract():
         estimator("gae_typo")
     with pytest.raises(RecipeError, match="algorithm.advantage: no module named 'nowhere'"):
         estimator("nowhere:fn")
+
+
+def test_gae_by_hand():
+    """Values (0.5, 0.8), reward 1 on the last token, gamma 1, lambda 0.95:
+    delta_1 = 1 + 0 - 0.8 = 0.2, A_1 = 0.2; delta_0 = 0 + 0.8 - 0.5 = 0.3,
+    A_0 = 0.3 + 0.95 * 0.2 = 0.49; returns A + V = (0.99, 1.0). gamma 0.5, lambda 1:
+    delta_1 = 0.2, delta_0 = 0.5 * 0.8 - 0.5 = -0.1, A_0 = -0.1 + 0.5 * 0.2 = 0.0."""
+    from orchestrator.advantages import gae
+
+    algo = AlgorithmConfig(gae_whiten=False)
+    adv, ret = gae([1.0, 0.0], [[0.5, 0.8], []], algo)
+    assert adv[0] == pytest.approx([0.49, 0.2]) and ret[0] == pytest.approx([0.99, 1.0])
+    assert adv[1] == [] and ret[1] == []  # an empty completion has no tokens
+    adv, _ = gae([1.0], [[0.5, 0.8]], AlgorithmConfig(gae_whiten=False, gamma=0.5, lam=1.0))
+    assert adv[0] == pytest.approx([0.0, 0.2])
+    # whitened over the tokens: 0.49 and 0.2 -> mean 0.345, sample std 0.205
+    adv, ret = gae([1.0], [[0.5, 0.8]], ALGO)
+    assert adv[0] == pytest.approx([1 / math.sqrt(2), -1 / math.sqrt(2)], abs=1e-4)
+    assert ret[0] == pytest.approx([0.99, 1.0])  # the critic's targets are not whitened
+
+
+def test_the_critic_value_loss_by_hand():
+    import torch
+
+    from workers.learner.critic import value_loss
+
+    v, r, old = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 1.0]), torch.tensor([0.0, 0.2])
+    # clip 0.5: V_clip = (0.5, 0.0): token 0 max(1, 0.25) = 1 -> 0.5; token 1: V moved -0.2,
+    # inside the clip: max(1, 1) -> 0.5
+    loss, clipped = value_loss(v, r, old, 0.5)
+    assert loss.tolist() == pytest.approx([0.5, 0.5]) and clipped.tolist() == [0.0, 0.0]
+    # V_old = 2 for token 0: V_clip = 1.5 (V moved -1, clipped to -0.5): (1.5)^2 > 1^2
+    loss, clipped = value_loss(v, r, torch.tensor([2.0, 0.2]), 0.5)
+    assert loss.tolist() == pytest.approx([0.5 * 2.25, 0.5]) and clipped.tolist() == [1.0, 0.0]
+    loss, _ = value_loss(v, r, old, None)
+    assert loss.tolist() == pytest.approx([0.5, 0.5])

@@ -95,6 +95,7 @@ def test_settings_shared_by_the_repos(size, method):
                                                                         0.01)
     # loss_remove_clip=True in ReLIFT's and LUFFY's scripts; loss_remove_token_mean=True in all
     assert a.clip == (None if method in ("relift", "luffy") else 0.2)
+    assert a.tis_cap == (2.0 if method in ("relift", "luffy") else None)
     assert a.loss_agg == "seq_mean_token_sum_norm" and a.loss_norm_tokens == 8192
     assert r.roles.reference is None and r.roles.teacher is None
     rollout = r.roles.rollout

@@ -263,12 +263,12 @@ def test_log_ratio_clamp_keeps_a_far_stale_token_finite():
 
 
 def test_k3_kl_clamp():
-    # log-prob gap 25 to the reference: k3 = e^25 - 26 = 7.2e10 unclamped, 10 clamped (verl),
-    # and the clamped token's gradient is 0, not NaN
+    # log-prob gap 25 to the reference: k3 = e^25 - 26 = 7.2e10 as it was; verl clamps the gap
+    # to 20 (always) and k3 to 10 (kl_clamp), and the clamped token's gradient is 0, not NaN
     logits, b, logp = _uniform(1, prompts=[[1]], completions=[[2]], advantages=[0.0],
                                ref_logprobs=[[25.0 - LOG5]])
     _, diag = _pg(logp, b, kl=1.0, kl_clamp=None)
-    assert float(diag["kl"]) == pytest.approx(math.exp(25.0) - 26.0, rel=1e-5)
+    assert float(diag["kl"]) == pytest.approx(math.exp(20.0) - 21.0, rel=1e-5)
     per_token, diag = _pg(logp, b, kl=1.0)
     assert float(diag["kl"]) == 10.0
     per_token.sum().backward()

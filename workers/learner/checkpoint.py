@@ -16,21 +16,23 @@ class LearnerCheckpoint:
         other named optimizer state, one file per rank. Every rank must call it."""
         import torch
 
-        self.engine.save_checkpoint(path, tag="learner")
+        tag = self.ctx.role  # "learner"; the critic's ranks write beside it as "critic"
+        self.engine.save_checkpoint(path, tag=tag)
         keys = self._state_keys()
         extra = {name: [state.get(k) for k in keys]
                  for name, state in self._opt_states.items() if name != "main"}
         rng = {"torch": torch.get_rng_state(),
                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
         torch.save({"states": extra, "counts": self._step_counts, "steps": self.steps,
-                    "rng": rng}, f"{path}/learner/named_optimizers_rank{self.ctx.rank}.pt")
+                    "rng": rng}, f"{path}/{tag}/named_optimizers_rank{self.ctx.rank}.pt")
 
     def load_state(self, path: str) -> None:
         import torch
 
-        self.engine.load_checkpoint(path, tag="learner", load_module_strict=True,
+        tag = self.ctx.role
+        self.engine.load_checkpoint(path, tag=tag, load_module_strict=True,
                                     load_optimizer_states=True, load_lr_scheduler_states=True)
-        saved = torch.load(f"{path}/learner/named_optimizers_rank{self.ctx.rank}.pt",
+        saved = torch.load(f"{path}/{tag}/named_optimizers_rank{self.ctx.rank}.pt",
                            weights_only=False)
         keys = self._state_keys()
         self._opt_states = {"main": self._torch_optimizer().state}

@@ -88,11 +88,11 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         # inside it fails with "Signature mismatch ... new_tensor" unless these come first.
         import deepspeed
         import torch._dynamo  # noqa: F401
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers import AutoTokenizer
         from transformers.integrations import HfDeepSpeedConfig
 
         from workers.learner import losses
-        from workers.learner.policy import TokenLogprobs, attn_implementation
+        from workers.learner.policy import attn_implementation
 
         backend = self.args.backend if self.args.backend != "auto" else ("nccl" if cuda else "gloo")
         deepspeed.init_distributed(dist_backend=backend)
@@ -113,16 +113,17 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         # Kept alive so from_pretrained builds the model partitioned (zero.Init).
         self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.args.zero_stage == 3 else None
         dtype = getattr(torch, model_cfg.dtype)
-        lm = AutoModelForCausalLM.from_pretrained(
-            model_cfg.path, dtype=dtype,
-            attn_implementation=attn_implementation(self.args.attn_implementation, dtype))
+        lm = self.model_class().from_pretrained(
+            self.model_path(), dtype=dtype,
+            attn_implementation=attn_implementation(self.args.attn_implementation, dtype),
+            **self.model_kwargs())
         lm.config.use_cache = False
         ckpt = self.args.gradient_checkpointing
         if ckpt or (ckpt is None and cuda):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lm = lm
-        model = TokenLogprobs(lm, self.args.logprob_chunk_tokens)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=algo.lr,
+        model = self.wrap(lm)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=self.base_lr(),
                                       weight_decay=algo.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
@@ -130,7 +131,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         # process (e.g. save_hf on rank 0 alone) would build under zero.Init and wait forever
         # for the other ranks.
         self._hf_ds = None
-        tok = AutoTokenizer.from_pretrained(model_cfg.path)
+        tok = AutoTokenizer.from_pretrained(self.model_path())
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.policy_loss = losses.policy_loss(algo.policy_loss)
         self.named = dict(self.engine.module.named_parameters())
@@ -138,6 +139,31 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         self.steps = 0
         self._opt_states: dict[str, dict] = {"main": self._torch_optimizer().state}
         self._step_counts: dict[str, int] = {}
+
+    # What the critic (workers/learner/critic.py) changes: the model and its learning rate.
+    def model_class(self):
+        from transformers import AutoModelForCausalLM
+
+        return AutoModelForCausalLM
+
+    def model_path(self) -> str:
+        return self.recipe.model.path
+
+    def model_kwargs(self) -> dict:
+        return {}
+
+    def wrap(self, lm):
+        from workers.learner.policy import TokenLogprobs
+
+        return TokenLogprobs(lm, self.args.logprob_chunk_tokens)
+
+    def base_lr(self, terms: list[dict] | None = None) -> float:
+        """The learning rate before the schedule: ``algorithm.sft_lr`` for an update of SFT
+        terms alone (when set), else ``algorithm.lr``."""
+        algo = self.recipe.algorithm
+        if terms and all(t["kind"] == "nll" for t in terms):
+            return algo.sft_lr or algo.lr
+        return algo.lr
 
     # --- training --------------------------------------------------------------------------
     # A step is a list of loss *terms*, each over its own rows and normalised over its own
@@ -164,12 +190,10 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
 
         algo = self.recipe.algorithm
         if lr is None:
-            only_sft = all(t["kind"] == "nll" for t in terms)
-            lr = (algo.sft_lr or algo.lr) if only_sft else algo.lr
-            lr *= lr_factor(algo, step if step is not None else self.steps + 1,
-                            self.recipe.steps)
+            lr = self.base_lr(terms) * lr_factor(
+                algo, step if step is not None else self.steps + 1, self.recipe.steps)
         terms = [self._resolved(t) for t in terms]  # refs fetched once, not per mini-batch
-        ppo = not probe and any(t["kind"] == "pg" for t in terms)
+        ppo = not probe and any(t["kind"] in ("pg", "value") for t in terms)
         steps = mini_batches(terms, algo.ppo_mini_batches, algo.ppo_epochs,
                              (self.recipe.seed, self.steps)) if ppo else [terms]
         if len(steps) > 1:
@@ -214,10 +238,13 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
                 out[f"{prefix}/tokens"] /= algo.ppo_epochs
         peak = torch.tensor([peak_memory_gib()], dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        kind = "sft" if all(t["kind"] == "nll" for t in terms) else "rl"
+        kind = {"nll": "sft", "value": "critic"}.get(terms[0]["kind"], "rl") \
+            if len({t["kind"] for t in terms}) == 1 else "rl"
+        role = self.ctx.role  # the critic's ranks report as critic/...
         out |= {f"{kind}/grad_norm": sum(norms) / len(norms), f"{kind}/lr": lr,
-                "learner/peak_mem_gib": float(peak),
-                f"optimizer/{optimizer}_steps": float(self._opt_steps(optimizer, len(steps)))}
+                f"{role}/peak_mem_gib": float(peak),
+                f"{'' if role == 'learner' else role + '_'}optimizer/{optimizer}_steps":
+                    float(self._opt_steps(optimizer, len(steps)))}
         if len(steps) > 1:
             out[f"{kind}/optimizer_steps"] = float(len(steps))
         return out
@@ -338,20 +365,20 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
             w = batch.weight
             if kind == "pg":
                 per_token, diag = losses.policy_gradient_loss(self.policy_loss, logp, batch,
-                                                              algo, ent, entropy_coef)
+                                                              algo)
                 for k, v in diag.items():
                     if k != "ratio":
                         sums[k] += float((v.detach() * w).sum())
+            elif kind == "pg_off":
+                per_token = losses.off_policy_pg_loss(logp, batch.advantages,
+                                                      float(term.get("gamma", 0.1)))
             else:
-                if kind == "pg_off":
-                    per_token = losses.off_policy_pg_loss(logp, batch.advantages,
-                                                          float(term.get("gamma", 0.1)))
-                else:
-                    per_token = losses.sft_loss(logp, term.get("token_weight", "none"))
-                if ent is not None and entropy_coef:
-                    per_token = per_token - entropy_coef * ent
-            loss = coef * losses.aggregate(per_token, batch, agg, total_tokens, total_seqs,
-                                           norm_tokens) * world
+                per_token = losses.sft_loss(logp, term.get("token_weight", "none"))
+            loss = losses.aggregate(per_token, batch, agg, total_tokens, total_seqs,
+                                    norm_tokens)
+            if ent is not None and entropy_coef:
+                loss = loss + losses.entropy_bonus(ent, batch, entropy_coef, total_tokens)
+            loss = coef * loss * world
             self.engine.backward(loss, scale_wrt_gas=False)
             sums["loss"] += float(loss.detach()) / world
             sums["tokens"] += batch.n_tokens

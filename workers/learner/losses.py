@@ -90,8 +90,9 @@ def aggregate(per_token: torch.Tensor, batch, mode: str, total_tokens: float,
 # tis_cap); advantages: per token; batch: the packed micro-batch (``batch.row`` says which
 # sequence each token belongs to, ``batch.weight`` which tokens count); algo: the recipe's
 # ``algorithm`` section. Diagnostics are per-token values the learner reports as token means
-# (``clipfrac`` is expected). KL, entropy and importance weights are added by the learner
-# around it (``policy_gradient_loss``), the same for every loss.
+# (``clipfrac`` is expected); a loss returns the same names on every call (the ranks sum them
+# in one collective). KL, entropy and importance weights are added by the learner around it
+# (``policy_gradient_loss``, ``entropy_bonus``), the same for every loss.
 
 def _ratio(log_ratio: torch.Tensor, algo) -> torch.Tensor:
     if algo.log_ratio_clamp:
@@ -156,10 +157,10 @@ def policy_loss(name: str):
     return resolve(name, "algorithm.policy_loss", aliases=POLICY_LOSSES)
 
 
-def policy_gradient_loss(fn, logp: torch.Tensor, batch, algo,
-                         entropy: torch.Tensor | None = None, entropy_coef: float = 0.0
+def policy_gradient_loss(fn, logp: torch.Tensor, batch, algo
                          ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """The RL term per token: the policy loss ``fn``, optional k3 KL and entropy bonus.
+    """The RL term per token: the policy loss ``fn`` and the optional k3 KL. (The entropy
+    bonus is a token mean of its own, added by the learner: ``entropy_bonus``.)
 
     Returns the per-token loss [N] and per-token diagnostics (weighted by the caller).
     Tokens without a behaviour log-prob (NaN) are on-policy: their ratio is 1.
@@ -187,17 +188,20 @@ def policy_gradient_loss(fn, logp: torch.Tensor, batch, algo,
         per_token = per_token * weight
         diag["tis_weight"], diag["tis_truncated"] = weight, (rho > algo.tis_cap).float()
     if algo.kl:
-        d = batch.ref_logprobs - logp
-        if algo.kl_clamp:  # as verl's low_var_kl: exp stays finite, so its gradient too
-            d = d.clamp(-20.0, 20.0)
+        # as verl's low_var_kl: exp stays finite, so its gradient too
+        d = (batch.ref_logprobs - logp).clamp(-20.0, 20.0)
         kl = torch.exp(d) - d - 1.0  # k3 estimator, >= 0
         if algo.kl_clamp:
             kl = kl.clamp(max=algo.kl_clamp)
         per_token = per_token + algo.kl * kl
         diag["kl"] = kl.detach()
-    if entropy is not None and entropy_coef:
-        per_token = per_token - entropy_coef * entropy
     return per_token, diag
+
+
+def entropy_bonus(entropy: torch.Tensor, batch, coef: float, total_tokens: float):
+    """-coef * the token mean of the entropy over the global batch (this micro-batch's share):
+    a token mean whatever ``loss_agg`` the loss uses, as LUFFY's and ReLIFT's code take it."""
+    return -coef * aggregate(entropy, batch, "token_mean", total_tokens, 1.0)
 
 
 def sft_loss(logp: torch.Tensor, token_weight: str = "none") -> torch.Tensor:

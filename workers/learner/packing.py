@@ -75,11 +75,13 @@ class PackedBatch:
     positions: torch.Tensor     # [N] indices into T whose logits predict a completion token
     targets: torch.Tensor       # [N] the completion token each of those positions predicts
     weight: torch.Tensor        # [N] 1, or 0 for the filler row of an empty micro-batch
-    advantages: torch.Tensor    # [N] the row's advantage on each of its tokens
+    advantages: torch.Tensor    # [N] the row's advantage (one per row, or per token) on each
     old_logprobs: torch.Tensor  # [N] behaviour log-probs (NaN where the row brought none)
     ref_logprobs: torch.Tensor  # [N] reference log-probs (0 where none)
     seq_len: torch.Tensor       # [N] completion length of the token's row
     row: torch.Tensor           # [N] index of the token's row within the micro-batch
+    returns: torch.Tensor       # [N] value targets (the critic; 0 where none)
+    old_values: torch.Tensor    # [N] the critic's values before its update (0 where none)
 
     def to(self, device) -> PackedBatch:
         return PackedBatch(*(getattr(self, f.name).to(device) for f in fields(self)))
@@ -89,12 +91,26 @@ class PackedBatch:
         return float(self.weight.sum())
 
 
+def _per_token(rows, b: int, n: int, default: float, what: str) -> list[float]:
+    """Row b's values for its n completion tokens: a list of n, or one number for all."""
+    x = rows[b] if rows is not None else None
+    if x is None or (isinstance(x, (list, tuple)) and not x):
+        return [default] * n
+    if isinstance(x, (list, tuple)):
+        if len(x) != n:
+            raise ValueError(f"row {b}: {len(x)} {what} for {n} completion tokens")
+        return [float(v) for v in x]
+    return [float(x)] * n
+
+
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
-         advantages=None, old_logprobs=None, ref_logprobs=None) -> PackedBatch:
-    """Concatenate rows into one padding-free sequence; see the module docstring."""
+         advantages=None, old_logprobs=None, ref_logprobs=None, returns=None,
+         old_values=None) -> PackedBatch:
+    """Concatenate rows into one padding-free sequence; see the module docstring.
+    ``advantages``: per row, one number or one per completion token."""
     if not prompts:  # an empty micro-batch still runs forward and backward (ZeRO-3 lock-step)
         prompts, completions, w = [[pad_id]], [[pad_id]], 0.0
-        advantages = old_logprobs = ref_logprobs = None
+        advantages = old_logprobs = ref_logprobs = returns = old_values = None
     else:
         w = 1.0
     ids: list[int] = []
@@ -105,6 +121,8 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
     ref: list[float] = []
     seq_len: list[int] = []
     row: list[int] = []
+    ret: list[float] = []
+    oldv: list[float] = []
     for b, (p, c) in enumerate(zip(prompts, completions)):
         if not p:
             raise ValueError(f"row {b} has an empty prompt: no position predicts its first token")
@@ -112,7 +130,9 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
         ids += p + c
         pos += range(len(p) + len(c))
         keep += range(start + len(p) - 1, start + len(p) + len(c) - 1)  # t predicts t+1
-        adv += [float(advantages[b]) if advantages is not None else 0.0] * len(c)
+        adv += _per_token(advantages, b, len(c), 0.0, "advantages")
+        ret += _per_token(returns, b, len(c), 0.0, "returns")
+        oldv += _per_token(old_values, b, len(c), 0.0, "old values")
         lp = old_logprobs[b] if old_logprobs is not None else None
         old += list(lp) if lp else [float("nan")] * len(c)
         rp = ref_logprobs[b] if ref_logprobs is not None else None
@@ -126,7 +146,8 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
         positions=positions, targets=input_ids[0, positions + 1],
         weight=torch.full((len(keep),), w), advantages=torch.tensor(adv),
         old_logprobs=torch.tensor(old), ref_logprobs=torch.tensor(ref),
-        seq_len=torch.tensor(seq_len, dtype=torch.float32), row=torch.tensor(row))
+        seq_len=torch.tensor(seq_len, dtype=torch.float32), row=torch.tensor(row),
+        returns=torch.tensor(ret), old_values=torch.tensor(oldv))
 
 
 def unpack(values: torch.Tensor, batch: PackedBatch, n_rows: int) -> list[list[float]]:

@@ -48,6 +48,28 @@ class TokenLogprobs(torch.nn.Module):
         return max(1, -(-tokens // self.chunk_tokens)) if self.chunk_tokens else 1
 
 
+class TokenValues(torch.nn.Module):
+    """A transformers token-classification model with one output (the critic): forward maps a
+    ``PackedBatch`` to V(s_t) for every completion token — the output at the position that
+    predicts the token. Its children are registered under their own names, as above."""
+
+    def __init__(self, lm):
+        super().__init__()
+        if lm.config.num_labels != 1:
+            raise ValueError(f"a value model has one output, not {lm.config.num_labels}")
+        for name, child in lm.named_children():
+            self.add_module(name, child)
+        object.__setattr__(self, "lm", lm)
+
+    def forward(self, batch: PackedBatch, *_):
+        out = self.lm(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                      use_cache=False)
+        return out.logits[0, :, 0].index_select(0, batch.positions).float(), None
+
+    def chunks_for(self, tokens: int) -> int:
+        return 1
+
+
 VARLEN = "braid_varlen_sdpa"
 
 

@@ -29,18 +29,23 @@ def lr_factor(algo, step: int, total_steps: int) -> float:
     return algo.lr_min_ratio + (1.0 - algo.lr_min_ratio) * shape
 
 
+def _all_rows(term: dict) -> int:
+    """Rows of a term over rollouts (policy gradient, value) before its selection."""
+    return len(term["advantages"] if term["kind"] == "pg" else term["returns"])
+
+
 def _rows(term: dict) -> int:
-    if term["kind"] == "pg":
+    if term["kind"] in ("pg", "value"):
         sel = term.get("select")
-        return len(sel) if sel is not None else len(term["advantages"])
+        return len(sel) if sel is not None else _all_rows(term)
     return len(term["prompts"])
 
 
 def _take(term: dict, rows: list[int]) -> dict:
     """The term restricted to ``rows`` (indices into its own rows)."""
-    if term["kind"] == "pg":
+    if term["kind"] in ("pg", "value"):
         sel = term.get("select")
-        base = list(sel) if sel is not None else list(range(len(term["advantages"])))
+        base = list(sel) if sel is not None else list(range(_all_rows(term)))
         return term | {"select": [base[i] for i in rows]}
     out = term | {"prompts": [term["prompts"][i] for i in rows],
                   "completions": [term["completions"][i] for i in rows]}
