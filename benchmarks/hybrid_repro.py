@@ -12,8 +12,8 @@ ReLIFT runs first: the `sft_matched` arm then gets as many demonstrations as ReL
 
 Finished runs are kept and reused (``--fresh`` reruns them), so the harness can be stopped
 and started again. Writes runs/repro/results.md (mean ± std per arm and bucket,
-demonstrations used) and runs/repro/results.png; every run logs to mlflow at
-sqlite:///runs/repro/mlflow.db.
+demonstrations used) and runs/repro/results.png (``--out`` renames both); every run logs to
+mlflow at sqlite:///runs/repro/mlflow.db.
 """
 
 from __future__ import annotations
@@ -45,6 +45,12 @@ ARMS: dict[str, list[str]] = {
                        "algorithm.sft_lr=0.001"],
     "sasr": ["schedule.policy=sasr", "schedule.args={warmup_steps: 10}"],
     "hpt": ["schedule.policy=hpt", "schedule.args={switch_gate: 0}"],
+    # ReFT (Luong et al. 2024): SFT warm-up (the base), then PPO with a value model — GAE
+    # advantages from a critic (its own ZeRO-3 rank, started from the base's backbone with a
+    # fresh value head) instead of GRPO's group baseline; everything else as the grpo arm
+    "ppo": ["algorithm.advantage=gae",
+            "roles.critic={cls: 'workers.learner.critic:DeepSpeedCritic', replicas: 1, "
+            "resources: {num_cpus: 1}, args: {threads: 1}}"],
 }
 
 
@@ -71,6 +77,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     ap.add_argument("--fresh", action="store_true", help="rerun runs that already finished")
+    ap.add_argument("--out", default="results",
+                    help="names the table and plot: runs/repro/OUT.md, OUT.png")
     a = ap.parse_args()
     global FRESH
     FRESH = a.fresh
@@ -99,7 +107,7 @@ def main() -> None:
                 RUNS / f"{name}.log", RUNS / name))
     table = write_table(results, a, time.time() - t0)
     print(table)
-    plot(results)
+    plot(results, a.out)
 
 
 def _bucket_keys(results) -> list[str]:
@@ -129,11 +137,11 @@ def write_table(results, a, seconds: float) -> str:
                                                    if len(used) > 1 else "")
         lines.append(f"| {arm} | " + " | ".join(cells) + f" | {demos} |")
     text = "\n".join(lines) + "\n"
-    (RUNS / "results.md").write_text(text)
+    (RUNS / f"{a.out}.md").write_text(text)
     return text
 
 
-def plot(results) -> None:
+def plot(results, out: str = "results") -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -153,7 +161,7 @@ def plot(results) -> None:
     ax.set_ylabel("held-out greedy accuracy")
     ax.legend(ncol=4, fontsize=8)
     fig.tight_layout()
-    fig.savefig(RUNS / "results.png", dpi=120)
+    fig.savefig(RUNS / f"{out}.png", dpi=120)
 
 
 if __name__ == "__main__":
