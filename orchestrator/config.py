@@ -174,6 +174,10 @@ class AlgorithmConfig(_Strict):
         "update (verl: 0.5); null: no clip")
     critic_warmup: int = Field(0, ge=0, description="gae: RL steps in which only the critic "
                                "trains (the policy waits for useful values)")
+    dynamic_sampling: int | None = Field(
+        None, ge=1, description="DAPO's dynamic sampling: draw up to this many batches of "
+        "data.prompts_per_step prompts in a step until that many groups have rewards that "
+        "differ, and train on those groups (the first ones); null: off")
     loss_norm_tokens: int | None = Field(
         None, gt=0, description="the constant of seq_mean_token_sum_norm (default: "
         "sampling.max_tokens)")
@@ -318,6 +322,10 @@ class Recipe(_Strict):
             raise ValueError("rollout.max_staleness > 0 and algorithm.tis_cap correct for the "
                              "weights that generated each token with the engine's log-probs, "
                              "which greedy sampling and sampling.min_tokens do not give")
+        if a.dynamic_sampling and self.rollout.max_staleness:
+            raise ValueError("algorithm.dynamic_sampling draws more prompts when a step's "
+                             "groups carry too little signal, which needs the step generated "
+                             "now: set rollout.max_staleness to 0")
         if a.ppo_mini_batches * a.ppo_epochs > 1 and (smp.temperature == 0 or smp.min_tokens):
             raise ValueError("algorithm.ppo_mini_batches x ppo_epochs > 1 needs the engine's "
                              "log-probs of the sampled tokens, which greedy sampling and "

@@ -53,6 +53,8 @@ class Controller:
         timer = Timings()
         # generated now, or ahead (rollout.max_staleness > 0: the next steps' start here)
         batch, metrics, gen = self.rollouts.take(step, timer)
+        if gen is not None and self.recipe.algorithm.dynamic_sampling:  # DAPO
+            batch, gen, metrics = self.fill_groups(step, batch, gen, timer, metrics)
         self.demos.add(batch)
         signals = empty_signals(step)
         if gen is not None:
@@ -100,27 +102,30 @@ class Controller:
 
     @recoverable
     def generate(self, records: list[dict], step: int, greedy: bool = False, n: int | None = None,
-                 sampling: dict | None = None, group=None, prompts=None) -> dict:
+                 sampling: dict | None = None, group=None, prompts=None,
+                 offset: int = 0) -> dict:
         """n samples per record (default: sampling.n with the training sampling; ``greedy``:
         one greedy sample) from the rollout engines, or from ``group`` (the teacher) with its
         ``prompts`` formatter. Sampling seeds derive from the run's seed and the step."""
         return self.collect_generation(self.submit_generation(
-            records, step, greedy, n, sampling, group, prompts), group)
+            records, step, greedy, n, sampling, group, prompts, offset), group)
 
     def submit_generation(self, records: list[dict], step: int, greedy: bool = False,
                           n: int | None = None, sampling: dict | None = None, group=None,
-                          prompts=None) -> list:
-        """Start ``generate`` (arguments as there); (summary ref, rollouts ref) per engine."""
+                          prompts=None, offset: int = 0) -> list:
+        """Start ``generate`` (arguments as there); (summary ref, rollouts ref) per engine.
+        ``offset``: the records follow that many others of the step (their prompt indices and
+        sampling seeds start there)."""
         if greedy:
             n, sampling = 1, self.sampling("greedy")
         group, prompts = group or self.rollout, prompts or self.prompts
         # eval's samples draw seeds apart from the same step's training samples
         base = (self.recipe.seed * 1_000_003 + step) * 10_007 + (0 if sampling is None else 5003)
         sampling = (sampling or self.sampling()) | {"stop_token_ids": prompts.stop_token_ids}
-        items = [{"prompt_ids": prompts.prompt_ids(r), "seed": base + i}
+        items = [{"prompt_ids": prompts.prompt_ids(r), "seed": base + offset + i}
                  for i, r in enumerate(records)]
         return group.split("generate", items, n or self.recipe.sampling.n, sampling,
-                           num_returns=2)
+                           num_returns=2, offset=offset)
 
     def collect_generation(self, pairs: list, group=None) -> dict:
         """Wait for the summaries of a submitted generation; the rollouts stay refs."""
@@ -133,6 +138,46 @@ class Controller:
         merged["spanning"] = sum(sm.get("spanning", 0) for sm in summaries)
         merged["refs"] = [p[1] for p in pairs]
         return merged
+
+    def fill_groups(self, step: int, batch: list[dict], gen: dict, timer,
+                    metrics: dict) -> tuple[list[dict], dict, dict]:
+        """DAPO's dynamic sampling: while fewer than ``prompts_per_step`` groups have rewards
+        that differ, draw, generate and score another batch of prompts (at most
+        ``algorithm.dynamic_sampling`` batches in all); the RL update then trains on the first
+        ``prompts_per_step`` such groups (``gen["train_prompts"]``) — fewer, and said, if the
+        cap is reached first."""
+        from workers.types import Scores
+
+        want, cap = self.recipe.data.prompts_per_step, self.recipe.algorithm.dynamic_sampling
+        batches = 1
+        while True:
+            rewards: dict[int, set] = {}
+            for p, r in zip(gen["prompt_index"], gen["scores"].rewards):
+                rewards.setdefault(p, set()).add(r or 0.0)
+            informative = sorted(p for p, rs in rewards.items() if len(rs) > 1)
+            if len(informative) >= want or batches >= cap:
+                break
+            more, m = self.next_batch(step)
+            with timer("generate"):
+                g = self.generate(more, step, offset=len(batch))
+            batch = batch + more
+            with timer("reward"):
+                g["scores"] = self.score(g, batch, step)
+            self.check_unscored(step, g["scores"])
+            gen = {k: gen[k] + g[k] for k in ("prompt_index", "lengths", "truncated", "texts",
+                                               "refs")} | {
+                "weight_version": min(gen["weight_version"], g["weight_version"]),
+                "spanning": gen["spanning"] + g["spanning"],
+                "scores": Scores.concat([gen["scores"], g["scores"]])}
+            metrics = metrics | {k: metrics.get(k, 0.0) + v for k, v in m.items()
+                                 if k == "data/prompts_dropped"}
+            batches += 1
+        gen["train_prompts"] = set(informative[:want])
+        if len(informative) < want:
+            self.logger.note(f"step {step}: dynamic sampling found {len(informative)} of {want} "
+                             f"groups with differing rewards in {cap} batches; training on those")
+        return batch, gen, metrics | {"dapo/gen_batches": float(batches),
+                                      "dapo/kept_groups": float(len(gen["train_prompts"]))}
 
     @recoverable
     def score(self, gen: dict, records: list[dict], step: int):

@@ -66,16 +66,17 @@ class WorkerGroup:
     def fanout(self, method: str, *args, **kwargs) -> list:
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
-    def split(self, method: str, items: list, *args, num_returns: int = 1) -> list:
+    def split(self, method: str, items: list, *args, num_returns: int = 1,
+              offset: int = 0) -> list:
         """Contiguous shards of `items`, one call per replica:
-        ``method(shard, *args, index_offset=<index of the shard's first item>)``."""
+        ``method(shard, *args, index_offset=<index of the shard's first item, + offset>)``."""
         per = math.ceil(len(items) / len(self.actors)) if items else 0
         out = []
         for i, a in enumerate(self.actors):
             shard = items[i * per:(i + 1) * per]
             if shard:
                 fn = getattr(a, method).options(num_returns=num_returns)
-                out.append(fn.remote(shard, *args, index_offset=i * per))
+                out.append(fn.remote(shard, *args, index_offset=offset + i * per))
         return out
 
     def call(self, refs: list, what: str = "") -> list[Any]:

@@ -1,4 +1,5 @@
-"""Hybrid SFT/RL schedules: ReLIFT, SASR, HPT, LUFFY, CHORD.
+"""Hybrid SFT/RL schedules: ReLIFT, SASR, HPT, LUFFY, CHORD, and rejection-sampling
+fine-tuning (RFT: STaR, RAFT).
 
 Each is a pure policy over the step's signals (see ``orchestrator/schedules.py``); specs and
 the official code's hyper-parameters are summarised in docs/schedules.md. Their state —
@@ -188,3 +189,33 @@ class CHORD(Schedule):
 
     def metrics(self):
         return {"chord/mu": self.mu}
+
+
+class RFT(Schedule):
+    """Rejection-sampling fine-tuning (STaR, Zelikman et al. 2022; RAFT, Dong et al. 2023;
+    ReFT's self-training baselines): SFT on the policy's own samples that the verifier
+    accepts (reward >= ``threshold``), at most ``per_prompt`` distinct ones per prompt — no
+    demonstrations needed. With ``rl_coef`` > 0, one step on rl_coef * GRPO + that SFT term."""
+
+    class Args(_Args):
+        threshold: float = Field(1.0, description="reward a sample needs to be trained on")
+        per_prompt: int = Field(1, ge=1, description="distinct accepted samples per prompt")
+        rl_coef: float = Field(0.0, ge=0, description="weight of a GRPO term in the same step")
+        optimizer: str = Field("main", description="optimizer state of the step")
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.accepted_frac = 0.0
+
+    def decide(self, step, signals):
+        a = self.args
+        accepted = [p for p in signals.prompts if max(p.rewards, default=0.0) >= a.threshold]
+        self.accepted_frac = len(accepted) / max(len(signals.prompts), 1)
+        sft = SFTUpdate(source="samples", threshold=a.threshold, per_prompt=a.per_prompt)
+        if a.rl_coef:
+            return [MixedUpdate((RLUpdate(coef=a.rl_coef), sft), optimizer=a.optimizer)]
+        return [SFTUpdate(source="samples", threshold=a.threshold, per_prompt=a.per_prompt,
+                          optimizer=a.optimizer)] if accepted else []
+
+    def metrics(self):
+        return {"rft/accepted_frac": self.accepted_frac}

@@ -46,13 +46,20 @@ class RLUpdate:
 class SFTUpdate:
     """An SFT step on the demonstrations of these prompt ids (None: every prompt of this step's
     batch that has one). ``token_weight="p(1-p)"`` is CHORD-phi; ``optimizer`` names the
-    optimizer state (ReLIFT keeps one of its own for SFT)."""
+    optimizer state (ReLIFT keeps one of its own for SFT).
+
+    ``source="samples"`` (rejection-sampling fine-tuning): on the step's own rollouts instead —
+    those with reward >= ``threshold``, at most ``per_prompt`` distinct texts per prompt.
+    """
 
     ids: tuple[str, ...] | None = None
     coef: float = 1.0
     token_weight: str = "none"
     entropy: float = 0.0
     optimizer: str = "main"
+    source: str = "demos"
+    threshold: float = 1.0
+    per_prompt: int = 1
 
 
 @dataclass(frozen=True)
@@ -200,7 +207,8 @@ class Phases(Schedule):
 BUILTINS = {"rl": "orchestrator.schedules:RL", "sft": "orchestrator.schedules:SFT",
             "phases": "orchestrator.schedules:Phases", "relift": "orchestrator.hybrid:ReLIFT",
             "sasr": "orchestrator.hybrid:SASR", "hpt": "orchestrator.hybrid:HPT",
-            "luffy": "orchestrator.hybrid:LUFFY", "chord": "orchestrator.hybrid:CHORD"}
+            "luffy": "orchestrator.hybrid:LUFFY", "chord": "orchestrator.hybrid:CHORD",
+            "rft": "orchestrator.hybrid:RFT"}
 
 
 def build_schedule(policy: str, args: dict, where: str = "schedule") -> Schedule:

@@ -17,13 +17,42 @@ def tokenize_demos(prompts, records: list[dict]) -> tuple[list, list]:
             [prompts.completion_ids(r["demonstration"]) for r in records])
 
 
-def sft_term(c, op: SFTUpdate, batch: list[dict], peek: bool = False) -> dict | None:
+def sft_term(c, op: SFTUpdate, batch: list[dict], peek: bool = False,
+             gen: dict | None = None) -> dict | None:
+    if op.source == "samples":
+        return samples_term(op, batch, gen)
+    if op.source != "demos":
+        raise ValueError(f"SFTUpdate.source is 'demos' or 'samples', not {op.source!r}")
     ids = op.ids if op.ids is not None else [r["id"] for r in batch]
     recs = c.demos.take(ids, peek=peek)
     if not recs:
         return None
     prompts, completions = tokenize_demos(c.prompts, recs)
     return {"kind": "nll", "prompts": prompts, "completions": completions, "coef": op.coef,
+            "token_weight": op.token_weight, "entropy": op.entropy}
+
+
+def samples_term(op: SFTUpdate, batch: list[dict], gen: dict | None) -> dict | None:
+    """Rejection-sampling fine-tuning: an SFT term on this step's own samples that scored at
+    least ``op.threshold`` — the first ``op.per_prompt`` distinct texts of each prompt (of
+    ``op.ids``), non-empty; the rollouts stay refs."""
+    if gen is None:
+        raise RuntimeError("an SFTUpdate on the policy's samples needs this step's rollouts: "
+                           "wants_rollouts() returned False")
+    wanted = None if op.ids is None else set(op.ids)
+    kept: dict[int, set] = {}
+    rows = []
+    for i, (p, r) in enumerate(zip(gen["prompt_index"], gen["scores"].rewards)):
+        if r is None or r < op.threshold or not gen["lengths"][i] or \
+                (wanted is not None and batch[p]["id"] not in wanted):
+            continue
+        texts = kept.setdefault(p, set())
+        if gen["texts"][i] not in texts and len(texts) < op.per_prompt:
+            texts.add(gen["texts"][i])
+            rows.append(i)
+    if not rows:
+        return None
+    return {"kind": "nll", "rollouts": gen["refs"], "select": rows, "coef": op.coef,
             "token_weight": op.token_weight, "entropy": op.entropy}
 
 
@@ -35,8 +64,9 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
     wanted = None if op.ids is None else set(op.ids)
     drop = c.recipe.scoring.unscored == "drop"
     raw = gen["scores"].rewards
+    kept = gen.get("train_prompts")  # DAPO's dynamic sampling: the groups with signal
     rows = [i for i, p in enumerate(index) if (wanted is None or batch[p]["id"] in wanted)
-            and not (drop and raw[i] is None)]
+            and not (drop and raw[i] is None) and (kept is None or p in kept)]
     if not rows:
         return []
     rewards = [raw[i] if raw[i] is not None else 0.0 for i in rows]
@@ -101,7 +131,7 @@ def learner_terms(c, op, batch: list[dict], gen: dict | None, step: int) -> list
         if isinstance(part, RLUpdate):
             terms += rl_terms(c, part, batch, gen, step)
         elif isinstance(part, SFTUpdate):
-            term = sft_term(c, part, batch)
+            term = sft_term(c, part, batch, gen=gen)
             if term is not None:
                 terms.append(term)
         else:

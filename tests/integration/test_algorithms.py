@@ -70,3 +70,30 @@ def test_estimators_and_losses_train_end_to_end(ray_local, make_recipe, loss, op
             assert "rl/pos_adv" in m  # a user loss's own diagnostics are reported
     finally:
         c.shutdown()
+
+
+def test_dynamic_sampling_and_rejection_sampling_fine_tuning(ray_local, make_recipe):
+    """DAPO's dynamic sampling draws more prompts until every group of the update carries
+    signal (or its cap); RFT trains on the policy's own accepted samples — on the real stack."""
+    from orchestrator.schedules import build_schedule
+
+    over = {"data.prompts_per_step": 4, "data.eval": None,
+            "roles.reward.args.verifiers": ["tests.fixtures.tasks:starts_with_digit"],
+            "algorithm.dynamic_sampling": 3, "algorithm.clip_high": 0.28}
+    c = Controller(make_recipe(**over)).setup()
+    try:
+        seen = []
+        for step in (1, 2, 3):
+            m = c.train_step(step)
+            assert 1 <= m["dapo/gen_batches"] <= 3 and m["dapo/kept_groups"] <= 4
+            if m["dapo/kept_groups"] > 0:
+                assert m["rl/tokens"] > 0
+            seen.append(m["dapo/gen_batches"])
+        assert max(seen) > 1  # a random model leaves most groups without signal
+        c.recipe.algorithm.dynamic_sampling = None
+        c.schedule = build_schedule("rft", {"per_prompt": 2})
+        trained = [c.train_step(step) for step in (4, 5, 6)]
+        assert any("sft/loss" in m and m["sft/tokens"] > 0 for m in trained)
+        assert all("rl/loss" not in m for m in trained)
+    finally:
+        c.shutdown()

@@ -90,3 +90,26 @@ def test_too_many_unscored_samples_stop_the_run(make_recipe):
     with pytest.raises(WorkerError, match=r"step 7: 4 of 6 samples could not be scored .*"
                        r"exact_answer.*a#0.*scoring.max_unscored_frac=0.5"):
         c.check_unscored(7, scores)
+
+
+def test_rejection_sampling_picks_accepted_distinct_samples(make_recipe):
+    """RFT's SFT term: this step's own samples with reward >= threshold, the first
+    ``per_prompt`` distinct non-empty texts of each prompt."""
+    from orchestrator.schedules import SFTUpdate
+    from orchestrator.updates import samples_term
+
+    gen = _gen([1.0, 1.0, 1.0, 0.0, None, 1.0]) | {
+        "texts": ["2", "2", "02", "5", "4", ""], "lengths": [1, 1, 2, 1, 1, 0]}
+    term = samples_term(SFTUpdate(source="samples"), BATCH, gen)
+    assert term["kind"] == "nll" and term["select"] == [0]  # b: 0.0, unscored, empty
+    assert samples_term(SFTUpdate(source="samples", per_prompt=2), BATCH, gen)["select"] == \
+        [0, 2]  # "2" twice counts once
+    assert samples_term(SFTUpdate(source="samples", threshold=2.0), BATCH, gen) is None
+    assert samples_term(SFTUpdate(source="samples", ids=("b",)), BATCH, gen) is None
+
+
+def test_dynamic_sampling_trains_on_the_kept_groups_only(make_recipe):
+    c = _controller(make_recipe)
+    gen = _gen([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]) | {"train_prompts": {1}}
+    (term,) = rl_terms(c, RLUpdate(), BATCH, gen, step=1)
+    assert term["select"] == [3, 4, 5]

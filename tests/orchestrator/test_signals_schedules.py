@@ -79,3 +79,19 @@ def test_demo_store_keeps_only_ids_of_a_datasets_demonstrations(tmp_path):
     e.load_state_dict(state)
     assert e.take(["q1", "t0"]) == [ds[1], {"id": "t0", "prompt": "p",
                                             "demonstration": "a teacher's"}]
+
+
+def test_rft_schedule():
+    from orchestrator.schedules import MixedUpdate
+
+    sig = step_signals(1, [{"id": "a", "prompt": "1+1="}, {"id": "b", "prompt": "2+2="}],
+                       [0, 0, 1, 1], [1.0, 0.0, 0.0, 0.0], [1, 1, 1, 1])
+    rft = build_schedule("rft", {"per_prompt": 2})
+    (op,) = rft.decide(1, sig)
+    assert op == SFTUpdate(source="samples", per_prompt=2)
+    assert rft.metrics() == {"rft/accepted_frac": 0.5}
+    nothing = step_signals(2, [{"id": "a", "prompt": "1+1="}], [0, 0], [0.0, 0.0], [1, 1])
+    assert rft.decide(2, nothing) == []  # no accepted sample: no step
+    (mixed,) = build_schedule("rft", {"rl_coef": 0.5}).decide(1, sig)
+    assert isinstance(mixed, MixedUpdate)
+    assert mixed.terms == (RLUpdate(coef=0.5), SFTUpdate(source="samples"))

@@ -176,6 +176,8 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
     # count of all of them: LUFFY's on- and off-policy samples are one token mean.
     #   {"kind": "nll", "prompts", "completions", "coef", "token_weight": "none"|"p(1-p)",
     #    "entropy": 0.0}                                               SFT on demonstrations
+    #   {"kind": "nll", "rollouts": refs|Rollouts, "select": [rows], ...}
+    #                                                SFT on the policy's own samples (RFT)
     # ``optimizer`` names an optimizer state: each name keeps its own Adam moments over the same
     # parameters (ReLIFT's separate SFT optimizer). ``probe=True`` computes the gradient norm
     # of the terms without changing weights or any named state (SASR's signal).
@@ -273,7 +275,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
     @staticmethod
     def _resolved(term: dict) -> dict:
         """The term with its rollouts and reference log-probs fetched (Ray refs resolved)."""
-        if term["kind"] != "pg":
+        if "rollouts" not in term:
             return term
         from workers.types import Rollouts
 
@@ -298,6 +300,12 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
     def _rows(self, term: dict):
         """prompts, completions and per-row side inputs of a term (resolved), on every rank.
         Checked here, identically on every rank: a bad row raises before any collective."""
+        if term["kind"] == "nll" and "rollouts" in term:  # SFT on the policy's own samples
+            r, idx = term["rollouts"], list(term["select"])
+            prompts, completions = [r.prompt_ids[i] for i in idx], \
+                [r.completion_ids[i] for i in idx]
+            _check_rows(prompts, completions, None, None)
+            return prompts, completions, None, None, None, len(idx)
         if term["kind"] != "pg":
             n = len(term["prompts"])
             _check_rows(term["prompts"], term["completions"], None, None)

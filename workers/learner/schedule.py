@@ -35,15 +35,16 @@ def _all_rows(term: dict) -> int:
 
 
 def _rows(term: dict) -> int:
+    if term.get("select") is not None:
+        return len(term["select"])
     if term["kind"] in ("pg", "value"):
-        sel = term.get("select")
-        return len(sel) if sel is not None else _all_rows(term)
+        return _all_rows(term)
     return len(term["prompts"])
 
 
 def _take(term: dict, rows: list[int]) -> dict:
     """The term restricted to ``rows`` (indices into its own rows)."""
-    if term["kind"] in ("pg", "value"):
+    if term["kind"] in ("pg", "value") or "rollouts" in term:
         sel = term.get("select")
         base = list(sel) if sel is not None else list(range(_all_rows(term)))
         return term | {"select": [base[i] for i in rows]}
