@@ -75,14 +75,17 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
     demo_recs, demo_ids = [], ([], [])
     if op.demos_in_group:
         prompts_here = sorted({index[i] for i in rows})
-        demo_recs = c.demos.take([batch[p]["id"] for p in prompts_here])
+        candidates = c.demos.take([batch[p]["id"] for p in prompts_here], peek=True)
         by_id = {batch[p]["id"]: p for p in prompts_here}
         # scored as the engine's samples are: after the response prefix (added back by the
-        # reward worker, as for every rollout); an unscorable one follows scoring.unscored
-        demo_rewards = c.score_texts(demo_recs, [c.prompts.strip_prefix(r["demonstration"])
-                                                 for r in demo_recs])
-        kept = [k for k, r in enumerate(demo_rewards) if not (drop and r is None)]
-        demo_recs = [demo_recs[k] for k in kept]
+        # reward worker, as for every rollout); an unscorable one follows scoring.unscored,
+        # and only the ones trained on count against data.demo_budget
+        scored = c.score_texts(candidates, [c.prompts.strip_prefix(r["demonstration"])
+                                            for r in candidates])
+        usable = [r["id"] for r, s in zip(candidates, scored) if not (drop and s is None)]
+        taken = {r["id"] for r in c.demos.take(usable)}
+        kept = [k for k, r in enumerate(candidates) if r["id"] in taken]
+        demo_recs, demo_rewards = [candidates[k] for k in kept], scored
         demo_ids = tokenize_demos(c.prompts, demo_recs)
         rewards += [demo_rewards[k] if demo_rewards[k] is not None else 0.0 for k in kept]
         groups += [by_id[r["id"]] for r in demo_recs]

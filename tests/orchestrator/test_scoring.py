@@ -73,6 +73,7 @@ def test_an_unscorable_demonstration_follows_scoring_unscored(make_recipe, unsco
     assert pg["joint"] == off["joint"] == "luffy"
     if unscored == "drop":
         assert off["completions"] == [[ord("4")]]  # a's demonstration left the update
+        assert c.demos.metrics()["demos/used"] == 1.0  # and is not counted as used
         # a's group is its three samples alone: mean 1/3, sample std 0.577
         assert pg["advantages"][0] == pytest.approx((1 - 1 / 3) / 0.57735, rel=1e-4)
     else:
