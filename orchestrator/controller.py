@@ -11,6 +11,7 @@ Launch:  braid run recipes/arith_grpo_cpu.yaml   (or under `ray job submit ... -
 from __future__ import annotations
 
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -151,10 +152,7 @@ class Controller:
         want, cap = self.recipe.data.prompts_per_step, self.recipe.algorithm.dynamic_sampling
         batches = 1
         while True:
-            rewards: dict[int, set] = {}
-            for p, r in zip(gen["prompt_index"], gen["scores"].rewards):
-                rewards.setdefault(p, set()).add(r or 0.0)
-            informative = sorted(p for p, rs in rewards.items() if len(rs) > 1)
+            informative = groups_with_signal(gen, self.recipe.scoring.unscored == "drop")
             if len(informative) >= want or batches >= cap:
                 break
             more, m = self.next_batch(step)
@@ -169,8 +167,8 @@ class Controller:
                 "weight_version": min(gen["weight_version"], g["weight_version"]),
                 "spanning": gen["spanning"] + g["spanning"],
                 "scores": Scores.concat([gen["scores"], g["scores"]])}
-            metrics = metrics | {k: metrics.get(k, 0.0) + v for k, v in m.items()
-                                 if k == "data/prompts_dropped"}
+            metrics = metrics | m | {"data/prompts_dropped": metrics.get(
+                "data/prompts_dropped", 0.0) + m["data/prompts_dropped"]}
             batches += 1
         gen["train_prompts"] = set(informative[:want])
         if len(informative) < want:
@@ -252,7 +250,7 @@ class Controller:
                     self.reference_logprobs(gen)
             terms = learner_terms(self, op, batch, gen, step)
             out = self.train_critic(step, gen, timer)
-            if out and step <= self.recipe.algorithm.critic_warmup:
+            if out.get("critic/updates", math.inf) <= self.recipe.algorithm.critic_warmup:
                 terms = [t for t in terms if t["kind"] != "pg"]  # only the critic learns
             if not terms:
                 return out | {"update/skipped": 1.0}
@@ -433,6 +431,18 @@ class Controller:
         self.groups.clear()
         if getattr(self, "logger", None) is not None and self.logger.mlflow is not None:
             self.logger.finish({"status": status}, status)
+
+
+def groups_with_signal(gen: dict, drop_unscored: bool) -> list[int]:
+    """Prompts whose samples' rewards differ (an unscored sample counts as 0, or not at all
+    under ``scoring.unscored: drop``), and prompts with one sample (verl keeps those)."""
+    rewards: dict[int, list] = {}
+    for p, r in zip(gen["prompt_index"], gen["scores"].rewards):
+        rewards.setdefault(p, [])
+        if not (drop_unscored and r is None):
+            rewards[p].append(r or 0.0)
+    n = {p: gen["prompt_index"].count(p) for p in rewards}
+    return sorted(p for p, rs in rewards.items() if len(set(rs)) > 1 or (n[p] == 1 and rs))
 
 
 def print_summary(summary: dict) -> None:

@@ -195,12 +195,13 @@ class RFT(Schedule):
     """Rejection-sampling fine-tuning (STaR, Zelikman et al. 2022; RAFT, Dong et al. 2023;
     ReFT's self-training baselines): SFT on the policy's own samples that the verifier
     accepts (reward >= ``threshold``), at most ``per_prompt`` distinct ones per prompt — no
-    demonstrations needed. With ``rl_coef`` > 0, one step on rl_coef * GRPO + that SFT term."""
+    demonstrations needed. With ``rl_coef`` > 0, one step on rl_coef * the RL term (of
+    ``algorithm.advantage`` and ``policy_loss``) + that SFT term."""
 
     class Args(_Args):
         threshold: float = Field(1.0, description="reward a sample needs to be trained on")
         per_prompt: int = Field(1, ge=1, description="distinct accepted samples per prompt")
-        rl_coef: float = Field(0.0, ge=0, description="weight of a GRPO term in the same step")
+        rl_coef: float = Field(0.0, ge=0, description="weight of an RL term in the same step")
         optimizer: str = Field("main", description="optimizer state of the step")
 
     def __init__(self, **kwargs):

@@ -217,6 +217,19 @@ def check_algorithm(recipe: Recipe) -> list[str]:
                       "behaviour log-probs is unbounded (up to e^log_ratio_clamp) wherever "
                       "the engine and the learner disagree; set tis_cap (ratio 1, truncated "
                       "importance weight) or a clip")
+    policies = {recipe.schedule.policy} | {str(p.get("policy")) for p in
+                                            recipe.schedule.args.get("phases", [])
+                                            if isinstance(p, dict)}
+    if a.advantage == "gae" and "luffy" in policies:
+        raise RecipeError("algorithm.advantage gae with the luffy schedule: the critic has no "
+                          "values for the demonstrations in a group; use a group-baseline "
+                          "estimator such as grpo")
+    if a.dynamic_sampling and (a.advantage not in GROUP_BASELINE or "luffy" in policies):
+        luffy = " and luffy (a demonstration gives its group signal)" \
+            if "luffy" in policies else ""
+        warned.append(f"algorithm.dynamic_sampling keeps only groups whose samples' rewards "
+                      f"differ — what a group baseline needs; with advantage "
+                      f"{a.advantage!r}{luffy} it discards groups that carry signal")
     if a.policy_loss == "gspo" and ((a.clip or 0) > 0.01 or a.loss_agg != "seq_mean_token_mean"):
         warned.append("algorithm.policy_loss gspo: the paper clips its sequence ratio at "
                       "~3e-4 / 4e-4 (clip, clip_high) and averages over sequences (loss_agg: "

@@ -64,9 +64,9 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
     wanted = None if op.ids is None else set(op.ids)
     drop = c.recipe.scoring.unscored == "drop"
     raw = gen["scores"].rewards
-    kept = gen.get("train_prompts")  # DAPO's dynamic sampling: the groups with signal
+    train = gen.get("train_prompts")  # DAPO's dynamic sampling: the groups with signal
     rows = [i for i, p in enumerate(index) if (wanted is None or batch[p]["id"] in wanted)
-            and not (drop and raw[i] is None) and (kept is None or p in kept)]
+            and not (drop and raw[i] is None) and (train is None or p in train)]
     if not rows:
         return []
     rewards = [raw[i] if raw[i] is not None else 0.0 for i in rows]

@@ -63,3 +63,35 @@ def test_ppo_with_a_critic_trains_and_resumes_exactly(ray_local, make_recipe, tm
         assert a.keys() == b.keys()
         for name in a:
             torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
+
+
+def test_critic_values_sit_before_each_token_on_uneven_ranks(ray_local, make_recipe, tmp_path):
+    """V(s_t) is read at the position that predicts token t: the first value of two
+    completions of one prompt is the prompt's value, the same for both; every rank returns
+    every row, also when the ranks have different numbers of micro-batches (3 rows, 2 ranks,
+    one row per micro-batch: one rank pads with an empty one)."""
+    import ray
+
+    from orchestrator.groups import WorkerGroup
+    from orchestrator.setup import resolve_recipe
+    from workers.types import Rollouts
+
+    recipe = _recipe(make_recipe, tmp_path / "v", **{"algorithm.micro_batch_size": 1})
+    cls, args = resolve_recipe(recipe).roles["critic"]
+    group = WorkerGroup("critic", recipe.roles.critic, recipe, cls, args, {})
+    try:
+        addr, port = ray.get(group.actors[0].master_address.remote())
+        group.call(group.fanout("setup", master_addr=addr, master_port=port), "setup")
+        r = Rollouts([0, 0, 1], [[1, 5, 6], [1, 5, 6], [1, 7, 7, 9]], [[8, 9], [4], [8]],
+                     [[], [], []], ["", "", ""], ["stop"] * 3)
+        per_rank = group.call(group.fanout("values", r), "values")
+        # no dropout before the value head (transformers' default would be 0.1)
+        assert ray.get(group.actors[0].__ray_call__.remote(lambda w: w.lm.dropout.p)) == 0.0
+    finally:
+        group.shutdown()
+    values = per_rank[0]
+    assert per_rank[1] == values
+    assert [len(v) for v in values] == [2, 1, 1]
+    assert values[0][0] == pytest.approx(values[1][0], abs=1e-6)  # same prompt, same state
+    assert values[0][0] != pytest.approx(values[2][0], abs=1e-6)  # another prompt
+    assert values[0][1] != pytest.approx(values[0][0], abs=1e-6)  # after token 8

@@ -114,3 +114,46 @@ def test_dynamic_sampling_trains_on_the_kept_groups_only(make_recipe):
     gen = _gen([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]) | {"train_prompts": {1}}
     (term,) = rl_terms(c, RLUpdate(), BATCH, gen, step=1)
     assert term["select"] == [3, 4, 5]
+
+
+def test_groups_with_signal():
+    from orchestrator.controller import groups_with_signal
+
+    gen = {"prompt_index": [0, 0, 1, 1, 2, 2, 3],
+           "scores": Scores(rewards=[1.0, 0.0, 1.0, None, 0.0, None, 1.0])}
+    # prompt 1: {1, None} differs as {1, 0}, not when None is dropped; prompt 2 {0, None}
+    # equal either way; prompt 3: a group of one (kept, as verl)
+    assert groups_with_signal(gen, drop_unscored=False) == [0, 1, 3]
+    assert groups_with_signal(gen, drop_unscored=True) == [0, 3]
+
+
+def test_extra_generations_take_prompt_indices_and_seeds_after_the_first(make_recipe):
+    """Dynamic sampling's second batch: its prompts' indices (what the reward worker looks
+    records up by) and sampling seeds follow the first batch's."""
+    from orchestrator.groups import WorkerGroup
+
+    calls = []
+
+    class Method:
+        def options(self, num_returns):
+            return self
+
+        def remote(self, shard, *args, index_offset):
+            calls.append(([it["seed"] for it in shard], index_offset))
+            return ("summary", "rollouts")
+
+    class Actor:
+        generate = Method()
+
+    c = _controller(make_recipe)
+    c.prompts = CharPrompts()
+    c.prompts.stop_token_ids = []
+    c.rollout = WorkerGroup.__new__(WorkerGroup)
+    c.rollout.actors = [Actor(), Actor()]
+    c.submit_generation(BATCH, step=3)
+    first = list(calls)
+    calls.clear()
+    c.submit_generation(BATCH, step=3, offset=2)
+    assert [off for _, off in first] == [0, 1] and [off for _, off in calls] == [2, 3]
+    seeds = [s for part, _ in first + calls for s in part]
+    assert len(set(seeds)) == 4

@@ -17,7 +17,8 @@ class LearnerCheckpoint:
         import torch
 
         tag = self.ctx.role  # "learner"; the critic's ranks write beside it as "critic"
-        self.engine.save_checkpoint(path, tag=tag)
+        # DeepSpeed's `latest` file names the learner's (zero_to_fp32.py reads it)
+        self.engine.save_checkpoint(path, tag=tag, save_latest=tag == "learner")
         keys = self._state_keys()
         extra = {name: [state.get(k) for k in keys]
                  for name, state in self._opt_states.items() if name != "main"}

@@ -39,7 +39,24 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
         return self.args.model or self.recipe.model.path
 
     def model_kwargs(self) -> dict:
-        return {"num_labels": 1}
+        # no dropout before the value head (transformers' default is 0.1 when the config sets
+        # none): the clipped value loss compares V with the values before the update
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(self.model_path(), num_labels=1)
+        config.classifier_dropout = 0.0  # (a keyword above sets only fields the config has)
+        return {"config": config}
+
+    def setup(self, **kwargs) -> None:
+        super().setup(**kwargs)
+        if self.args.model:  # the critic reads the policy's token ids
+            from transformers import AutoTokenizer
+
+            mine = AutoTokenizer.from_pretrained(self.args.model).get_vocab()
+            if mine != AutoTokenizer.from_pretrained(self.recipe.model.path).get_vocab():
+                raise ValueError(f"roles.critic.args.model {self.args.model!r} has another "
+                                 f"vocabulary than model.path {self.recipe.model.path!r}: the "
+                                 "critic reads the policy's token ids")
 
     def wrap(self, lm):
         from workers.learner.policy import TokenValues
@@ -67,12 +84,13 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
         mine: dict[int, list[float]] = {}
         self.engine.eval()
         with torch.no_grad():
-            for rows in plans[self.ctx.rank]:
+            for rows in plans[self.ctx.rank]:  # [] pads this rank to the others' count
                 batch = pack([r.prompt_ids[i] for i in rows], [r.completion_ids[i] for i in rows],
                              self.pad_id).to(self.engine.device)
                 v, _ = self.engine(batch)
-                for i, vals in zip(rows, unpack(v.cpu(), batch, len(rows))):
-                    mine[i] = vals
+                if rows:
+                    for i, vals in zip(rows, unpack(v.cpu(), batch, len(rows))):
+                        mine[i] = vals
         parts: list = [None] * self.ctx.world_size
         dist.all_gather_object(parts, mine)
         out: list[list[float]] = [[] for _ in lengths]
@@ -136,7 +154,8 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
                probe: bool = False, step: int | None = None) -> dict:
         if any(t["kind"] != "value" for t in terms):
             raise ValueError("the critic trains value terms only")
-        return super().update(terms, optimizer, lr, probe, step)
+        out = super().update(terms, optimizer, lr, probe, step)
+        return out | {"critic/updates": float(self.steps)}  # checkpointed: warm-up resumes
 
 
 def value_loss(values, returns, old_values, clip: float | None):
