@@ -100,6 +100,30 @@ def test_deepspeed_learner_on_cuda_world_one(make_recipe):
     assert all(t.is_cuda for t in state.values())
 
 
+@needs_cuda
+def test_deepspeed_critic_on_cuda_world_one(make_recipe):
+    """PPO's critic on CUDA: values for every completion token, a clipped value-loss step."""
+    from core.weight_sync import free_port
+    from workers.base import WorkerContext
+    from workers.learner.critic import DeepSpeedCritic
+    from workers.types import Rollouts
+
+    critic = {"cls": "workers.learner.critic:DeepSpeedCritic",
+              "resources": {"num_cpus": 1, "num_gpus": 1}}
+    recipe = make_recipe(**{"roles.critic": critic, "algorithm.advantage": "gae"})
+    args = DeepSpeedCritic.check_args({"zero_stage": 3}, "roles.critic.args")
+    w = DeepSpeedCritic(WorkerContext("critic", 0, 1, recipe, args))
+    os.environ.pop("DS_ACCELERATOR", None)
+    w.setup(master_addr="127.0.0.1", master_port=free_port())
+    r = Rollouts([0, 0], [[1, 5, 6], [1, 5, 6]], [[8, 9, 2], [4]], [[], []], ["", ""],
+                 ["stop", "stop"])
+    values = w.values(r)
+    assert [len(v) for v in values] == [3, 1]
+    m = w.update([{"kind": "value", "rollouts": r, "returns": [[1.0] * 3, [0.0]],
+                   "old_values": values}])
+    assert m["value/loss"] > 0 and m["critic/grad_norm"] > 0 and m["critic/updates"] == 1.0
+
+
 @needs_three
 @pytest.mark.parametrize("engine", ["workers.rollout.vllm:VLLMRollout",
                                     "workers.rollout.vllm_async:AsyncVLLMRollout"])

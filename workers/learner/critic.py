@@ -66,11 +66,11 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
     def base_lr(self, terms=None) -> float:
         return self.args.lr or self.recipe.algorithm.lr
 
-    def values(self, rollouts) -> list[list[float]]:
+    def values(self, rollouts) -> list[list[float]] | None:
         """V(s_t) for every completion token of every sample (a Rollouts, or refs to its
         parts), aligned with ``completion_ids``. Every critic rank must be called: each
-        computes its share of rows (ZeRO-3 gathers parameters collectively), and all return
-        every row."""
+        computes its share of rows (ZeRO-3 gathers parameters collectively); rank 0 returns
+        every row, the others None."""
         import torch
         import torch.distributed as dist
 
@@ -93,6 +93,8 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
                         mine[i] = vals
         parts: list = [None] * self.ctx.world_size
         dist.all_gather_object(parts, mine)
+        if self.ctx.rank != 0:
+            return None  # rank 0 returns every row; the others' copies would only travel
         out: list[list[float]] = [[] for _ in lengths]
         for part in parts:
             for i, vals in part.items():
