@@ -217,8 +217,12 @@ class Controller:
         return gen["ref"]
 
     def critic_values(self, gen: dict) -> list[list[float]]:
-        """The critic's V(s_t) for every completion token of this step's samples."""
-        return self.critic.call(self.critic.fanout("values", gen["refs"]), "values")[0]
+        """The critic's V(s_t) for every completion token of this step's samples (computed
+        once a step)."""
+        if "values" not in gen:
+            gen["values"] = self.critic.call(self.critic.fanout("values", gen["refs"]),
+                                             "values")[0]
+        return gen["values"]
 
     def train_critic(self, step: int, gen: dict | None, timer) -> dict:
         """The critic's update on the returns of this step's samples (PPO with a critic)."""
@@ -248,6 +252,9 @@ class Controller:
             if gen is not None and self.reference is not None:
                 with timer("reference"):
                     self.reference_logprobs(gen)
+            if gen is not None and getattr(self, "critic", None) is not None:
+                with timer("critic"):
+                    self.critic_values(gen)
             terms = learner_terms(self, op, batch, gen, step)
             out = self.train_critic(step, gen, timer)
             if out.get("critic/updates", math.inf) <= self.recipe.algorithm.critic_warmup:
