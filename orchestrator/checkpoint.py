@@ -33,7 +33,7 @@ def save(c, step: int) -> Path:
     tmp = root / (final.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    for group in (c.learner, getattr(c, "critic", None)):
+    for group in (c.learner, c.critic):
         if group is not None:
             group.call(group.fanout("save_state", str(tmp)), "save_state")
     c.rollouts.save(tmp)  # steps in flight (rollout.max_staleness > 0)
@@ -85,7 +85,7 @@ def read_state(path: Path) -> dict:
 def load(c, path: Path, state: dict) -> int:
     """Restore learner, data, schedule and demonstrations, then push the learner's weights to
     the engines under the saved version. Returns the step to continue after."""
-    for group in (c.learner, getattr(c, "critic", None)):
+    for group in (c.learner, c.critic):
         if group is not None:
             group.call(group.fanout("load_state", str(path.resolve())), "load_state")
     c.cursor.load_state(state["cursor"])

@@ -36,6 +36,7 @@ class Controller:
         self.history: dict[str, list] = {"reward": [], "eval": []}
         self.restarts: dict[str, int] = {}  # role -> actors replaced (orchestrator.recovery)
         self.saved_step: int | None = None  # step of the newest checkpoint (this process)
+        self.critic = None  # PPO's value model (a worker group), when the recipe has one
 
     # --- the loop --------------------------------------------------------------------------
     def run(self) -> dict:
@@ -252,7 +253,7 @@ class Controller:
             if gen is not None and self.reference is not None:
                 with timer("reference"):
                     self.reference_logprobs(gen)
-            if gen is not None and getattr(self, "critic", None) is not None:
+            if gen is not None and self.critic is not None:
                 with timer("critic"):
                     self.critic_values(gen)
             terms = learner_terms(self, op, batch, gen, step)
@@ -444,12 +445,14 @@ def groups_with_signal(gen: dict, drop_unscored: bool) -> list[int]:
     """Prompts whose samples' rewards differ (an unscored sample counts as 0, or not at all
     under ``scoring.unscored: drop``), and prompts with one sample (verl keeps those)."""
     rewards: dict[int, list] = {}
+    samples: dict[int, int] = {}
     for p, r in zip(gen["prompt_index"], gen["scores"].rewards):
+        samples[p] = samples.get(p, 0) + 1
         rewards.setdefault(p, [])
         if not (drop_unscored and r is None):
             rewards[p].append(r or 0.0)
-    n = {p: gen["prompt_index"].count(p) for p in rewards}
-    return sorted(p for p, rs in rewards.items() if len(set(rs)) > 1 or (n[p] == 1 and rs))
+    return sorted(p for p, rs in rewards.items()
+                  if len(set(rs)) > 1 or (samples[p] == 1 and rs))
 
 
 def print_summary(summary: dict) -> None:

@@ -72,6 +72,10 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
     rewards = [raw[i] if raw[i] is not None else 0.0 for i in rows]
     groups = [index[i] for i in rows]
     lengths = [gen["lengths"][i] for i in rows]
+    algo = c.recipe.algorithm
+    if op.demos_in_group and algo.advantage == "gae":
+        raise ValueError("algorithm.advantage gae has no values for demonstrations in the "
+                         "group (LUFFY): use a group-baseline estimator such as grpo")
     demo_recs, demo_ids = [], ([], [])
     if op.demos_in_group:
         prompts_here = sorted({index[i] for i in rows})
@@ -85,15 +89,14 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
         usable = [r["id"] for r, s in zip(candidates, scored) if not (drop and s is None)]
         taken = {r["id"] for r in c.demos.take(usable)}
         kept = [k for k, r in enumerate(candidates) if r["id"] in taken]
-        demo_recs, demo_rewards = [candidates[k] for k in kept], scored
+        demo_recs = [candidates[k] for k in kept]
         demo_ids = tokenize_demos(c.prompts, demo_recs)
-        rewards += [demo_rewards[k] if demo_rewards[k] is not None else 0.0 for k in kept]
+        rewards += [scored[k] if scored[k] is not None else 0.0 for k in kept]
         groups += [by_id[r["id"]] for r in demo_recs]
         lengths += [len(ids) for ids in demo_ids[1]]
-    algo = c.recipe.algorithm
     select = None if len(rows) == len(index) else rows
     if algo.advantage == "gae":
-        adv = gae_terms(c, gen, rows, rewards, select, op)
+        adv = gae_terms(c, gen, rows, rewards, select)
     else:
         adv = advantages(estimator(algo.advantage), rewards, groups, lengths, algo,
                          algo.advantage)
@@ -111,12 +114,9 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
     return terms
 
 
-def gae_terms(c, gen: dict, rows: list[int], rewards: list[float], select, op) -> list:
+def gae_terms(c, gen: dict, rows: list[int], rewards: list[float], select) -> list:
     """PPO with a critic: the critic's values of this step's samples, GAE advantages per token
     for the policy, and the critic's own term (its returns) left in ``gen["critic_term"]``."""
-    if op.demos_in_group:
-        raise ValueError("algorithm.advantage gae has no values for demonstrations in the "
-                         "group (LUFFY): use a group-baseline estimator such as grpo")
     values = c.critic_values(gen)
     adv, returns = gae(rewards, [values[i] for i in rows], c.recipe.algorithm)
     full_returns: list = [[] for _ in values]

@@ -48,8 +48,7 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
         return {"config": config}
 
     def setup(self, **kwargs) -> None:
-        super().setup(**kwargs)
-        if self.args.model:  # the critic reads the policy's token ids
+        if self.args.model:  # the critic reads the policy's token ids: checked before building
             from transformers import AutoTokenizer
 
             mine = AutoTokenizer.from_pretrained(self.args.model).get_vocab()
@@ -57,6 +56,7 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
                 raise ValueError(f"roles.critic.args.model {self.args.model!r} has another "
                                  f"vocabulary than model.path {self.recipe.model.path!r}: the "
                                  "critic reads the policy's token ids")
+        super().setup(**kwargs)
 
     def wrap(self, lm):
         from workers.learner.policy import TokenValues
@@ -101,11 +101,6 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
                 out[i] = vals
         return out
 
-    def _resolved(self, term: dict) -> dict:
-        if term["kind"] != "value":
-            return super()._resolved(term)
-        return term | {"rollouts": Rollouts.gather(term["rollouts"])}
-
     def _rows(self, term: dict):
         if term["kind"] != "value":
             return super()._rows(term)
@@ -115,7 +110,8 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
                 [term["returns"][i] for i in idx], [term["old_values"][i] for i in idx],
                 None, len(idx))
 
-    def _backward_term(self, term: dict, total_tokens: float, total_seqs: float) -> dict:
+    def _backward_term(self, term: dict, rows: tuple, total_tokens: float,
+                       total_seqs: float) -> dict:
         """The clipped value loss over the term's rows: ``{"kind": "value", "rollouts",
         "returns": per-token lists, "old_values": per-token lists, "select": rows|None}``."""
         from workers.learner import losses
@@ -124,17 +120,16 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
         if term["kind"] != "value":
             raise ValueError(f"the critic trains value terms, not {term['kind']!r}")
         algo = self.recipe.algorithm
-        prompts, completions, returns, old_values, _, n = self._rows(term)
+        prompts, completions, returns, old_values, _, n = rows
         if n == 0:
             raise ValueError("critic value term got no rows")
         world, device = self.ctx.world_size, self.engine.device
         lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
         plans = plan(lengths, world, algo.max_tokens_per_micro_batch, algo.micro_batch_size)
         sums: dict[str, float] = defaultdict(float)
-        self.engine.train()
-        for rows in plans[self.ctx.rank]:
-            def pick(xs, rows=rows):
-                return [xs[i] for i in rows]
+        for mine in plans[self.ctx.rank]:
+            def pick(xs, mine=mine):
+                return [xs[i] for i in mine]
 
             batch = pack(pick(prompts), pick(completions), self.pad_id, returns=pick(returns),
                          old_values=pick(old_values)).to(device)

@@ -213,9 +213,9 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         norms = []
         try:
             for step_terms in steps:
-                totals = self._totals(step_terms)
-                for term, total in zip(step_terms, totals):
-                    for k, v in self._backward_term(term, *total).items():
+                rows = [self._rows(t) for t in step_terms]
+                for term, r, total in zip(step_terms, rows, self._totals(step_terms, rows)):
+                    for k, v in self._backward_term(term, r, *total).items():
                         metrics[k] += v
                         calls[k.split("/")[0]] += k.endswith("/loss")
                 self.engine.step()
@@ -242,11 +242,11 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
         kind = {"nll": "sft", "value": "critic"}.get(terms[0]["kind"], "rl") \
             if len({t["kind"] for t in terms}) == 1 else "rl"
-        role = self.ctx.role  # the critic's ranks report as critic/...
+        role = self.ctx.role  # the critic's ranks report as critic/..., critic_optimizer/...
+        opt = "optimizer" if role == "learner" else f"{role}_optimizer"
         out |= {f"{kind}/grad_norm": sum(norms) / len(norms), f"{kind}/lr": lr,
                 f"{role}/peak_mem_gib": float(peak),
-                f"{'' if role == 'learner' else role + '_'}optimizer/{optimizer}_steps":
-                    float(self._opt_steps(optimizer, len(steps)))}
+                f"{opt}/{optimizer}_steps": float(self._opt_steps(optimizer, len(steps)))}
         if len(steps) > 1:
             out[f"{kind}/optimizer_steps"] = float(len(steps))
         return out
@@ -323,14 +323,14 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         _check_rows(out[0], out[1], out[3], out[4])
         return out
 
-    def _totals(self, terms: list[dict]) -> list[tuple[float, float]]:
-        """Each term's global normaliser: its completion tokens and its non-empty sequences —
-        summed over the terms that share its ``joint`` key."""
-        own = []
-        for term in terms:
-            completions = self._rows(term)[1]
-            own.append((float(sum(len(c) for c in completions)),
-                        float(sum(1 for c in completions if c))))
+    def _totals(self, terms: list[dict], rows: list[tuple] | None = None
+                ) -> list[tuple[float, float]]:
+        """Each term's global normaliser (``rows``: the terms' ``_rows``, when known): its
+        completion tokens and its non-empty sequences — summed over the terms that share its
+        ``joint`` key."""
+        rows = rows if rows is not None else [self._rows(t) for t in terms]
+        own = [(float(sum(len(c) for c in r[1])), float(sum(1 for c in r[1] if c)))
+               for r in rows]
         joint: dict = defaultdict(lambda: [0.0, 0.0])
         for term, (tokens, seqs) in zip(terms, own):
             if term.get("joint") is not None:
@@ -339,13 +339,15 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         return [tuple(joint[t["joint"]]) if t.get("joint") is not None else o
                 for t, o in zip(terms, own)]
 
-    def _backward_term(self, term: dict, total_tokens: float, total_seqs: float) -> dict:
+    def _backward_term(self, term: dict, rows: tuple, total_tokens: float,
+                       total_seqs: float) -> dict:
+        """One term's backward passes over this rank's share of its ``rows`` (``_rows``)."""
         from workers.learner import losses
         from workers.learner.packing import pack, plan
 
         algo = self.recipe.algorithm
         kind, coef = term["kind"], float(term.get("coef", 1.0))
-        prompts, completions, adv, old, ref, n = self._rows(term)
+        prompts, completions, adv, old, ref, n = rows
         if n == 0:
             raise ValueError(f"learner {kind} term got no rows")
         world, device = self.ctx.world_size, self.engine.device
@@ -375,8 +377,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
                 per_token, diag = losses.policy_gradient_loss(self.policy_loss, logp, batch,
                                                               algo)
                 for k, v in diag.items():
-                    if k != "ratio":
-                        sums[k] += float((v.detach() * w).sum())
+                    sums[k] += float((v.detach() * w).sum())
             elif kind == "pg_off":
                 per_token = losses.off_policy_pg_loss(logp, batch.advantages,
                                                       float(term.get("gamma", 0.1)))

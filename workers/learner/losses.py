@@ -121,9 +121,8 @@ def ppo_clip_loss(logp, old, advantages, batch, algo):
     """PPO-clip (Schulman et al. 2017) per token, as GRPO uses it: r_t = pi/pi_old,
     max(-A r_t, -A clip(r_t, 1 - clip, 1 + clip_high)); ``clip: null`` leaves -A r_t
     (ReLIFT); ``dual_clip: c`` bounds a negative-advantage token's loss by -A c."""
-    ratio = _ratio(logp - old, algo)
-    per_token, clipped = _clipped(ratio, advantages, algo)
-    return per_token, {"clipfrac": clipped, "ratio": ratio.detach()}
+    per_token, clipped = _clipped(_ratio(logp - old, algo), advantages, algo)
+    return per_token, {"clipfrac": clipped}
 
 
 def _row_mean(values: torch.Tensor, batch) -> torch.Tensor:
@@ -142,9 +141,9 @@ def gspo_loss(logp, old, advantages, batch, algo):
     sg(s_i) * pi(y_t) / sg(pi(y_t)): its value is s_i, its gradient s_i * grad log pi(y_t)
     (the paper's GSPO-token form, equal to GSPO when advantages are per sequence)."""
     seq_log_ratio = _row_mean((logp - old).detach(), batch)
-    ratio = _ratio(logp - logp.detach() + seq_log_ratio, algo)
-    per_token, clipped = _clipped(ratio, advantages, algo)
-    return per_token, {"clipfrac": clipped, "ratio": ratio.detach()}
+    per_token, clipped = _clipped(_ratio(logp - logp.detach() + seq_log_ratio, algo),
+                                  advantages, algo)
+    return per_token, {"clipfrac": clipped}
 
 
 POLICY_LOSSES = {"ppo_clip": "workers.learner.losses:ppo_clip_loss",
