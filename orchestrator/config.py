@@ -227,7 +227,8 @@ class ScheduleConfig(_Strict):
 class EvalConfig(_Strict):
     every: int = Field(0, ge=0, description="evaluate every N steps (0: only before and after)")
     max_tokens: int | None = Field(None, gt=0, description="default: sampling.max_tokens")
-    bucket_key: str | None = Field(None, description="record field to report accuracy by")
+    bucket_key: str | None = Field(None, description="record field to report accuracy by "
+                                    "(and the training rollouts' train/pass@n, train/avg@n)")
     greedy: bool = Field(True, description="greedy accuracy (eval/accuracy)")
     samples: int = Field(0, ge=0, description="k: sampled completions per prompt for avg@k "
                          "(mean accuracy) and pass@k (any correct); 0: none")

@@ -66,7 +66,7 @@ class Controller:
                     metrics |= self.ask_teacher(step, batch, gen)
             signals = step_signals(step, batch, gen["prompt_index"], gen["scores"].rewards,
                                    gen["lengths"], has_demo=self.demos.has)
-            metrics |= self.rollout_metrics(gen, signals)
+            metrics |= self.rollout_metrics(gen, signals, batch)
         signals = self.run_probes(step, signals, batch)
         ops = self.complete(step, self.schedule.decide(step, signals))
         for op in ops:
@@ -355,7 +355,7 @@ class Controller:
         self.logger.log(step, out)
         return out
 
-    def rollout_metrics(self, gen: dict, sig) -> dict:
+    def rollout_metrics(self, gen: dict, sig, batch: list[dict]) -> dict:
         scores = gen["scores"]
         lens = gen["lengths"]
         m = {"reward/mean": sig.reward_mean, "reward/pass_rate": sig.pass_rate,
@@ -366,6 +366,11 @@ class Controller:
              "response/truncated_frac": sum(gen["truncated"]) / max(len(lens), 1),
              "reward/unscored": float(sig.unscored),
              "rollout/weight_version": float(gen["weight_version"])}
+        key = self.recipe.eval.bucket_key  # pass rates per bucket, e.g. per prompt family
+        if key:
+            rates = eval_rates(self.recipe.sampling.n, gen["prompt_index"], scores.rewards,
+                               [f"{key}_{r.get(key)}" for r in batch])
+            m |= {"train/" + k.split("/", 1)[1]: v for k, v in rates.items() if k.count("/") > 1}
         for name, vals in scores.per_verifier.items():
             got = [v for v in vals if v is not None]
             m[f"reward/{name}"] = sum(got) / max(len(got), 1)

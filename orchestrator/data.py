@@ -286,7 +286,8 @@ def _is_messages(value) -> bool:
 
 
 class Arithmetic:
-    """Addition problems ``a+b=``; the answer is written least-significant digit first.
+    """Addition problems ``a+b=`` (or, with ``op: "-"``, subtractions ``a-b=`` with a >= b > 0);
+    the answer is written least-significant digit first.
 
     Small transformers learn reversed-order sums far faster than plain ones (Lee et al., 2023,
     "Teaching Arithmetic to Small Transformers"), so the demo can show learning in minutes.
@@ -314,6 +315,8 @@ class Arithmetic:
         operands_reversed: bool = Field(False, description="write the operands least-"
                                         "significant digit first too: each answer digit then "
                                         "sits at a fixed distance from its operand digits")
+        op: Literal["+", "-"] = Field("+", description="'-': subtractions a-b with a >= b > 0 "
+                                      "(b = 0 would read the same as a+0)")
 
         @model_validator(mode="after")
         def _order(self):
@@ -332,16 +335,22 @@ class Arithmetic:
         a = rng.randint(10 ** (d - 1) if d > 1 else 0, 10 ** d - 1)
         e = rng.randint(1, d)
         b = rng.randint(10 ** (e - 1) if e > 1 else 0, 10 ** e - 1)
-        if rng.random() < 0.5:
-            a, b = b, a
-        total = str(a + b)
+        if self.args.op == "-":
+            b = max(b, 1)
+            a, b = max(a, b), min(a, b)
+            result = a - b
+        else:
+            if rng.random() < 0.5:
+                a, b = b, a
+            result = a + b
+        total = str(result)
         sa, sb = str(a), str(b)
         if self.args.pad:
             w = self.args.width or self.args.digits[1]
-            sa, sb, total = f"{a:0{w}d}", f"{b:0{w}d}", f"{a + b:0{w + 1}d}"
+            sa, sb, total = f"{a:0{w}d}", f"{b:0{w}d}", f"{result:0{w + 1}d}"
         if self.args.operands_reversed:
             sa, sb = sa[::-1], sb[::-1]
-        prompt = f"{sa}+{sb}="
+        prompt = f"{sa}{self.args.op}{sb}="
         return {"id": f"arith-{self.args.seed}-{index}", "prompt": prompt, "answer": total,
                 "demonstration": total[::-1], "reverse": True, "digits": d}
 
@@ -359,6 +368,95 @@ class Arithmetic:
         if self.args.size is None:
             raise TypeError("a streaming Arithmetic dataset has no length")
         return self.args.size
+
+
+class MixturePart(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(min_length=1, description="the family its records are tagged with")
+    cls: str = Field(description="the part's dataset, `module:Name`")
+    args: dict[str, Any] = Field(default_factory=dict)
+    weight: float = Field(1.0, gt=0, description="its share of a stream")
+
+
+class Mixture:
+    """Several datasets as one, each record tagged with its part's ``name`` in ``family``
+    (report by it with ``eval.bucket_key: family``) and its id prefixed by it.
+
+    Parts that all have a length are concatenated (a fixed set, e.g. an eval set with an
+    out-of-distribution part). Otherwise the mixture streams: each record comes from a part
+    drawn with probability proportional to its ``weight`` (seeded); a finite part restarts when
+    spent. Compare ``datasets.interleave_datasets``; this one mixes braid's own datasets too.
+
+    >>> parts = [{"name": "add", "cls": "orchestrator.data:Arithmetic", "args": {"size": 2}},
+    ...          {"name": "sub", "cls": "orchestrator.data:Arithmetic",
+    ...           "args": {"size": 1, "op": "-"}}]
+    >>> [(r["family"], r["id"]) for r in Mixture(parts=parts)]
+    [('add', 'add/arith-0-0'), ('add', 'add/arith-0-1'), ('sub', 'sub/arith-0-0')]
+    >>> parts[0]["args"], parts[0]["weight"] = {}, 3.0  # "add" streams: a 3:1 stream
+    >>> import itertools; sorted({r["family"] for r in itertools.islice(Mixture(parts=parts), 40)})
+    ['add', 'sub']
+    """
+
+    Part = MixturePart
+
+    class Args(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        parts: list[MixturePart] = Field(min_length=1)
+        seed: int = Field(0, description="seeds the choice of part in a stream")
+
+        @model_validator(mode="after")
+        def _names(self):
+            names = [p.name for p in self.parts]
+            if len(set(names)) != len(names):
+                raise ValueError(f"part names must differ: {names}")
+            return self
+
+    def __init__(self, **kwargs):
+        self.args = self.Args(**kwargs)
+        self.parts = []
+        for i, p in enumerate(self.args.parts):
+            cls = resolve(p.cls, f"parts[{i}].cls")
+            try:
+                self.parts.append(cls(**p.args))
+            except Exception as e:
+                raise ValueError(f"parts[{i}] ({p.name}, {p.cls}): {e}") from e
+        self.sizes = [_length(d) for d in self.parts]
+        if all(n is not None for n in self.sizes) and \
+                len({p.weight for p in self.args.parts}) > 1:
+            raise ValueError("every part is finite, so they are concatenated: weights apply "
+                             "only to a stream (a part without a fixed size)")
+
+    def _tag(self, part: MixturePart, record: dict) -> dict:
+        return {**record, "id": f"{part.name}/{record['id']}", "family": part.name}
+
+    def __iter__(self) -> Iterator[dict]:
+        if all(n is not None for n in self.sizes):
+            for part, data in zip(self.args.parts, self.parts):
+                yield from (self._tag(part, r) for r in data)
+            return
+        rng = random.Random(self.args.seed)
+        its = [iter(d) for d in self.parts]
+        weights = [p.weight for p in self.args.parts]
+        while True:
+            i = rng.choices(range(len(its)), weights)[0]
+            try:
+                record = next(its[i])
+            except StopIteration:  # a finite part in a stream starts again
+                its[i] = iter(self.parts[i])
+                record = next(its[i])
+            yield self._tag(self.args.parts[i], record)
+
+    def __len__(self) -> int:
+        if any(n is None for n in self.sizes):
+            raise TypeError("a streaming Mixture has no length")
+        return sum(self.sizes)
+
+
+def _length(dataset) -> int | None:
+    try:
+        return len(dataset)
+    except TypeError:
+        return None
 
 
 class Cursor:

@@ -371,7 +371,8 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
 
             batch = pack(pick(prompts), pick(completions), self.pad_id, advantages=pick(adv),
                          old_logprobs=pick(old), ref_logprobs=pick(ref)).to(device)
-            logp, ent = self.engine(batch, temperature, entropy_coef != 0, chunks)
+            # the entropy is always measured (rl/entropy, sft/entropy: a collapse shows there)
+            logp, ent = self.engine(batch, temperature, True, chunks)
             w = batch.weight
             if kind == "pg":
                 per_token, diag = losses.policy_gradient_loss(self.policy_loss, logp, batch,
@@ -385,12 +386,11 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
                 per_token = losses.sft_loss(logp, term.get("token_weight", "none"))
             loss = losses.aggregate(per_token, batch, agg, total_tokens, total_seqs,
                                     norm_tokens)
-            if ent is not None and entropy_coef:
+            if entropy_coef:
                 loss = loss + losses.entropy_bonus(ent, batch, entropy_coef, total_tokens)
             loss = coef * loss * world
             self.engine.backward(loss, scale_wrt_gas=False)
             sums["loss"] += float(loss.detach()) / world
             sums["tokens"] += batch.n_tokens
-            if ent is not None and entropy_coef:
-                sums["entropy"] += float((ent.detach() * w).sum())
+            sums["entropy"] += float((ent.detach() * w).sum())
         return {f"{name}/{k}": v for k, v in sums.items()}
