@@ -56,8 +56,10 @@ gpu-wheels: setup
 		py-cpuinfo msgpack ninja einops
 	du -sh dist/gpu-wheels
 
+# the hybrid SFT/RL study (docs/experiments.md): STUDY=hidden (default) or arith
+STUDY ?= hidden
 repro: setup
-	$(BIN)/python benchmarks/hybrid_repro.py
+	$(BIN)/python benchmarks/hybrid_repro.py --study $(STUDY)
 
 lint: setup
 	$(BIN)/ruff check core orchestrator workers rewards tests benchmarks

@@ -317,6 +317,9 @@ class Arithmetic:
                                         "sits at a fixed distance from its operand digits")
         op: Literal["+", "-"] = Field("+", description="'-': subtractions a-b with a >= b > 0 "
                                       "(b = 0 would read the same as a+0)")
+        negative: bool = Field(False, description="op '-' only: a < b instead, the answer a "
+                               "negative number: '-' then the digits of b-a (reversed: the "
+                               "digits, then '-')")
 
         @model_validator(mode="after")
         def _order(self):
@@ -324,6 +327,8 @@ class Arithmetic:
                 raise ValueError("digits must be [min, max] with 1 <= min <= max")
             if self.width is not None and self.width < self.digits[1]:
                 raise ValueError("width must be at least the max digits")
+            if self.negative and self.op != "-":
+                raise ValueError("negative answers need op '-'")
             return self
 
     def __init__(self, **kwargs):
@@ -336,8 +341,9 @@ class Arithmetic:
         e = rng.randint(1, d)
         b = rng.randint(10 ** (e - 1) if e > 1 else 0, 10 ** e - 1)
         if self.args.op == "-":
-            b = max(b, 1)
-            a, b = max(a, b), min(a, b)
+            a, b = max(a, b, 1), max(min(a, b), 1)
+            if self.args.negative:
+                a, b = (b, a) if a != b else (b, a + 1)
             result = a - b
         else:
             if rng.random() < 0.5:
@@ -347,7 +353,8 @@ class Arithmetic:
         sa, sb = str(a), str(b)
         if self.args.pad:
             w = self.args.width or self.args.digits[1]
-            sa, sb, total = f"{a:0{w}d}", f"{b:0{w}d}", f"{result:0{w + 1}d}"
+            sa, sb = f"{a:0{w}d}", f"{b:0{w}d}"
+            total = ("-" if result < 0 else "") + f"{abs(result):0{w + 1}d}"
         if self.args.operands_reversed:
             sa, sb = sa[::-1], sb[::-1]
         prompt = f"{sa}{self.args.op}{sb}="

@@ -53,7 +53,8 @@ def test_estimators_and_losses_train_end_to_end(ray_local, make_recipe, loss, op
     over = {"data.prompts_per_step": 4, "data.eval": None,
             # a random tiny model starts with a digit now and then: groups with signal
             "roles.reward.args.verifiers": ["tests.fixtures.tasks:starts_with_digit"],
-            "algorithm.policy_loss": loss, "algorithm.dual_clip": 3.0}
+            "algorithm.policy_loss": loss, "algorithm.dual_clip": 3.0,
+            "eval.bucket_key": "digits"}  # with no eval set: the rollouts' per-bucket rates
     over |= {f"algorithm.{k}": v for k, v in options.items()}
     c = Controller(make_recipe(**over)).setup()
     try:
@@ -62,6 +63,10 @@ def test_estimators_and_losses_train_end_to_end(ray_local, make_recipe, loss, op
             c.recipe.algorithm.advantage = name
             m = c.train_step(step)
             assert math.isfinite(m["rl/loss"]) and math.isfinite(m["rl/grad_norm"]), name
+            # measured without an entropy bonus; the tiny vocabulary has under 64 tokens
+            assert 0.0 < m["rl/entropy"] < math.log(64), name
+            assert {"train/avg@4/digits_1", "train/pass@4/digits_2"} <= set(m), name
+            assert m["train/pass@4/digits_1"] >= m["train/avg@4/digits_1"]
             moved.append(m["rl/grad_norm"] > 0)
         assert sum(moved) >= len(moved) // 2  # most steps had a group with signal
         if loss == USERS["policy_loss"]:

@@ -174,3 +174,60 @@ def test_cursor_on_a_fixed_list_keeps_its_order_across_versions():
     records = list(ds)
     random.Random(7).shuffle(records)
     assert Cursor(ds, seed=7).next_batch(10) == records
+
+
+def test_subtraction_family():
+    recs = list(Arithmetic(op="-", digits=[1, 3], size=200, seed=3, pad=True, width=4))
+    for r in recs:
+        a, b = map(int, r["prompt"][:-1].split("-"))
+        assert a >= b > 0 and int(r["answer"]) == a - b and len(r["answer"]) == 5
+        assert r["demonstration"] == r["answer"][::-1]
+
+
+def _mixture(**over):
+    from orchestrator.data import Mixture
+
+    parts = [{"name": "add", "cls": "orchestrator.data:Arithmetic",
+              "args": {"digits": [1, 2], "size": 6, "seed": 1}},
+             {"name": "sub", "cls": "orchestrator.data:Arithmetic",
+              "args": {"op": "-", "digits": [1, 2], "size": 4, "seed": 1}}]
+    for i, p in over.pop("parts", {}).items():
+        parts[i] |= p
+    return Mixture(parts=parts, **over)
+
+
+def test_mixture_concatenates_finite_parts_and_tags_their_family():
+    mix = _mixture()
+    recs = list(mix)
+    assert len(mix) == len(recs) == 10
+    assert [r["family"] for r in recs] == ["add"] * 6 + ["sub"] * 4
+    assert len({r["id"] for r in recs}) == 10  # both parts' ids were arith-1-0..: now prefixed
+    assert all("-" in r["prompt"] for r in recs[6:])
+    assert len(Cursor(mix, seed=0).next_batch(10)) == 10
+
+
+def test_mixture_streams_by_weight_and_restarts_finite_parts():
+    import itertools
+
+    mix = _mixture(parts={0: {"args": {"digits": [1, 2], "seed": 1}, "weight": 3.0}}, seed=5)
+    with pytest.raises(TypeError, match="no length"):
+        len(mix)
+    recs = list(itertools.islice(mix, 800))
+    assert recs == list(itertools.islice(mix, 800))  # seeded: every pass is the same stream
+    share = sum(r["family"] == "add" for r in recs) / len(recs)
+    assert 0.7 < share < 0.8  # 3:1
+    subs = [r["id"] for r in recs if r["family"] == "sub"]
+    assert len(set(subs)) == 4 and len(subs) > 4  # the 4-record part started again
+
+
+def test_mixture_errors_name_the_part():
+    from orchestrator.data import Mixture
+
+    with pytest.raises(ValueError, match="weights apply only to a stream"):
+        _mixture(parts={1: {"weight": 2.0}})
+    with pytest.raises(ValueError, match=r"parts\[1\] \(sub, orchestrator.data:Arithmetic\)"):
+        _mixture(parts={1: {"args": {"op": "*"}}})
+    with pytest.raises(ValueError, match="part names must differ"):
+        _mixture(parts={1: {"name": "add"}})
+    with pytest.raises(Exception, match="nowhere"):
+        Mixture(parts=[{"name": "x", "cls": "nowhere.mod:Data"}])
