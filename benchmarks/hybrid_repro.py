@@ -220,31 +220,49 @@ def write_table(results, a, seconds: float) -> str:
               "(mean over steps), training pass rate avg@n per family over the first -> last 5 "
               "steps, steps that trained on demonstrations (first such step), policy entropy "
               "(mean of the last 10 steps).", "",
-              "| arm | zero-var groups | " + " | ".join(f"{f} pass" for f in fams) +
+              "| arm | zero-var groups | " + " | ".join(f"{_label('x/y/' + f)} pass"
+                                                       for f in fams) +
               " | demo steps (first) | entropy |",
               "|---|---|" + "---|" * len(fams) + "---|---|"]
     for arm, ms in mech.items():
         def mean(key, ms=ms):
             vals = [m[key] for m in ms if key in m and m[key] == m[key]]
             return statistics.mean(vals) if vals else float("nan")
-        cells = [f"{mean(f + '/first'):.2f} -> {mean(f + '/last'):.2f}" for f in fams]
+        def fmt(x, spec=".2f"):
+            return format(x, spec) if x == x else "–"  # nan: the arm has no such step
+
+        cells = [f"{fmt(mean(f + '/first'))} -> {fmt(mean(f + '/last'))}" for f in fams]
         first = mean("sft_first")
-        lines.append(f"| {arm} | {mean('zero_var'):.2f} | " + " | ".join(cells) +
+        lines.append(f"| {arm} | {fmt(mean('zero_var'))} | " + " | ".join(cells) +
                      f" | {mean('sft_steps'):.0f}" + (f" ({first:.0f})" if first == first else "")
-                     + f" | {mean('entropy'):.3f} |")
+                     + f" | {fmt(mean('entropy'), '.3f')} |")
     text = "\n".join(lines) + "\n"
     (RUNS / f"{a.out}.md").write_text(text)
     return text
 
 
+def _curve(summary: dict, key: str) -> dict[int, float]:
+    from mlflow.tracking import MlflowClient
+
+    ml = summary["mlflow"]
+    return {m.step: m.value
+            for m in MlflowClient(ml["uri"]).get_metric_history(ml["run_id"], key)}
+
+
 def plot(results, out: str, study: str) -> None:
+    """Accuracy after the run by arm and bucket; for the hidden study beside it, each arm's
+    training success on the hidden family (train/avg@8/family_sub, mean over seeds, smoothed
+    over 5 steps) step by step."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = _bucket_keys(results)
-    fig, ax = plt.subplots(figsize=(10, 4))
+    hidden = study == "hidden"
+    fig, axes = plt.subplots(1, 2 if hidden else 1, figsize=(15 if hidden else 10, 4.5),
+                             gridspec_kw={"width_ratios": [3, 2]} if hidden else None)
+    ax = axes[0] if hidden else axes
     width = 0.8 / len(results)
     for i, (arm, runs) in enumerate(results.items()):
         means = [statistics.mean(r["eval"][-1][k] for r in runs) for k in keys]
@@ -254,8 +272,22 @@ def plot(results, out: str, study: str) -> None:
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
     ax.set_xticklabels([_label(k) for k in keys])
     ax.set_ylabel("held-out greedy accuracy")
-    ax.set_title(f"{study}: accuracy after the run, by arm (mean ± std over seeds)")
+    ax.set_title(f"{study}: accuracy after the run (mean ± std over seeds)")
     ax.legend(ncol=5, fontsize=8)
+    if hidden:
+        ax = axes[1]
+        for arm, runs in results.items():
+            curves = [c for c in (_curve(r, "train/avg_at_8/family_sub") for r in runs) if c]
+            if not curves:  # SFT only: no rollouts
+                continue
+            steps = sorted(set.intersection(*(set(c) for c in curves)))
+            mean = [statistics.mean(c[t] for c in curves) for t in steps]
+            smooth = [statistics.mean(mean[max(0, i - 4):i + 1]) for i in range(len(steps))]
+            ax.plot(steps, smooth, label=arm)
+        ax.set_xlabel("learner step")
+        ax.set_ylabel("training success on sub (avg@8)")
+        ax.set_title("the hidden family during training")
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(RUNS / f"{out}.png", dpi=120)
 

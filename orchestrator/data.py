@@ -389,10 +389,11 @@ class Mixture:
     """Several datasets as one, each record tagged with its part's ``name`` in ``family``
     (report by it with ``eval.bucket_key: family``) and its id prefixed by it.
 
-    Parts that all have a length are concatenated (a fixed set, e.g. an eval set with an
-    out-of-distribution part). Otherwise the mixture streams: each record comes from a part
-    drawn with probability proportional to its ``weight`` (seeded); a finite part restarts when
-    spent. Compare ``datasets.interleave_datasets``; this one mixes braid's own datasets too.
+    Parts that all have a length and no ``weight`` are concatenated (a fixed set, e.g. an eval
+    set with an out-of-distribution part). Otherwise — or with ``stream: true`` — the mixture
+    streams: each record comes from a part drawn with probability proportional to its
+    ``weight`` (seeded); a finite part starts again when spent. Compare
+    ``datasets.interleave_datasets``; this one mixes braid's own datasets too.
 
     >>> parts = [{"name": "add", "cls": "orchestrator.data:Arithmetic", "args": {"size": 2}},
     ...          {"name": "sub", "cls": "orchestrator.data:Arithmetic",
@@ -410,6 +411,9 @@ class Mixture:
         model_config = ConfigDict(extra="forbid")
         parts: list[MixturePart] = Field(min_length=1)
         seed: int = Field(0, description="seeds the choice of part in a stream")
+        stream: bool | None = Field(None, description="draw parts by weight forever (true) or "
+                                    "concatenate them (false); default: concatenate when every "
+                                    "part has a fixed size and none a weight")
 
         @model_validator(mode="after")
         def _names(self):
@@ -428,16 +432,21 @@ class Mixture:
             except Exception as e:
                 raise ValueError(f"parts[{i}] ({p.name}, {p.cls}): {e}") from e
         self.sizes = [_length(d) for d in self.parts]
-        if all(n is not None for n in self.sizes) and \
-                len({p.weight for p in self.args.parts}) > 1:
-            raise ValueError("every part is finite, so they are concatenated: weights apply "
-                             "only to a stream (a part without a fixed size)")
+        weighted = any("weight" in p.model_fields_set for p in self.args.parts)
+        self.stream = self.args.stream if self.args.stream is not None else \
+            weighted or any(n is None for n in self.sizes)
+        if not self.stream and any(n is None for n in self.sizes):
+            raise ValueError("stream: false concatenates the parts, but "
+                             + ", ".join(p.name for p, n in zip(self.args.parts, self.sizes)
+                                         if n is None) + " never ends")
+        if not self.stream and weighted:
+            raise ValueError("stream: false concatenates the parts: a weight means nothing")
 
     def _tag(self, part: MixturePart, record: dict) -> dict:
         return {**record, "id": f"{part.name}/{record['id']}", "family": part.name}
 
     def __iter__(self) -> Iterator[dict]:
-        if all(n is not None for n in self.sizes):
+        if not self.stream:
             for part, data in zip(self.args.parts, self.parts):
                 yield from (self._tag(part, r) for r in data)
             return
@@ -454,7 +463,7 @@ class Mixture:
             yield self._tag(self.args.parts[i], record)
 
     def __len__(self) -> int:
-        if any(n is None for n in self.sizes):
+        if self.stream:
             raise TypeError("a streaming Mixture has no length")
         return sum(self.sizes)
 

@@ -206,10 +206,12 @@ def test_mixture_concatenates_finite_parts_and_tags_their_family():
     assert len(Cursor(mix, seed=0).next_batch(10)) == 10
 
 
-def test_mixture_streams_by_weight_and_restarts_finite_parts():
+@pytest.mark.parametrize("infinite", [True, False])
+def test_mixture_streams_by_weight_and_restarts_finite_parts(infinite):
     import itertools
 
-    mix = _mixture(parts={0: {"args": {"digits": [1, 2], "seed": 1}, "weight": 3.0}}, seed=5)
+    args = {"digits": [1, 2], "seed": 1} | ({} if infinite else {"size": 50})
+    mix = _mixture(parts={0: {"args": args, "weight": 3.0}}, seed=5)
     with pytest.raises(TypeError, match="no length"):
         len(mix)
     recs = list(itertools.islice(mix, 800))
@@ -221,10 +223,15 @@ def test_mixture_streams_by_weight_and_restarts_finite_parts():
 
 
 def test_mixture_errors_name_the_part():
+    import itertools
+
     from orchestrator.data import Mixture
 
-    with pytest.raises(ValueError, match="weights apply only to a stream"):
-        _mixture(parts={1: {"weight": 2.0}})
+    with pytest.raises(ValueError, match="a weight means nothing"):
+        _mixture(parts={1: {"weight": 2.0}}, stream=False)
+    with pytest.raises(ValueError, match="add never ends"):
+        _mixture(parts={0: {"args": {}}}, stream=False)
+    assert len(list(itertools.islice(_mixture(stream=True), 30))) == 30
     with pytest.raises(ValueError, match=r"parts\[1\] \(sub, orchestrator.data:Arithmetic\)"):
         _mixture(parts={1: {"args": {"op": "*"}}})
     with pytest.raises(ValueError, match="part names must differ"):
