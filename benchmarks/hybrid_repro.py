@@ -66,6 +66,9 @@ HIDDEN_ARMS: dict[str, list[str]] = {
     "relift": ["schedule.policy=relift", *PAPER_RL, "algorithm.entropy=0.001",
                "algorithm.sft_lr=0.0002",
                "schedule.args={buffer_size: 64, entropy: 0.001, optimizer: sft}"],
+    # the same with the SFT arms' learning rate (5e-4) for its SFT steps
+    "relift_sft_lr": ["schedule.policy=relift", *PAPER_RL, "algorithm.entropy=0.001",
+                      "schedule.args={buffer_size: 64, entropy: 0.001, optimizer: sft}"],
     "luffy": ["schedule.policy=luffy", *PAPER_RL, "schedule.args={gamma: 0.1}"],
     "hpt": ARMS["hpt"], "sasr": ARMS["sasr"],
     "chord": ["schedule.policy=chord",

@@ -337,15 +337,19 @@ class Arithmetic:
     def _problem(self, rng: random.Random, index: int) -> dict:
         lo, hi = self.args.digits
         d = rng.randint(lo, hi)
-        a = rng.randint(10 ** (d - 1) if d > 1 else 0, 10 ** d - 1)
-        e = rng.randint(1, d)
-        b = rng.randint(10 ** (e - 1) if e > 1 else 0, 10 ** e - 1)
-        if self.args.op == "-":
-            a, b = max(a, b, 1), max(min(a, b), 1)
-            if self.args.negative:
-                a, b = (b, a) if a != b else (b, a + 1)
+        if self.args.op == "-":  # operands >= 1 (a-0 reads like a+0), distinct for negatives
+            e = rng.randint(1, d)
+            while True:
+                a = rng.randint(10 ** (d - 1) if d > 1 else 1, 10 ** d - 1)
+                b = rng.randint(10 ** (e - 1) if e > 1 else 1, 10 ** e - 1)
+                if a != b or not self.args.negative:
+                    break
+            a, b = (min(a, b), max(a, b)) if self.args.negative else (max(a, b), min(a, b))
             result = a - b
         else:
+            a = rng.randint(10 ** (d - 1) if d > 1 else 0, 10 ** d - 1)
+            e = rng.randint(1, d)
+            b = rng.randint(10 ** (e - 1) if e > 1 else 0, 10 ** e - 1)
             if rng.random() < 0.5:
                 a, b = b, a
             result = a + b
