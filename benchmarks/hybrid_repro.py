@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -110,6 +111,7 @@ def main() -> None:
     ap.add_argument("--out", help="names the table and plot: runs/repro/OUT.md, OUT.png "
                     "(default: the study's name)")
     a = ap.parse_args()
+    os.chdir(ROOT)  # the recipes' paths, and their mlflow store, are relative to the checkout
     global FRESH
     FRESH = a.fresh
     arms_of, recipe, default, steps, base_name = STUDIES[a.study]

@@ -396,7 +396,7 @@ class Mixture:
     Parts that all have a length and no ``weight`` are concatenated (a fixed set, e.g. an eval
     set with an out-of-distribution part). Otherwise — or with ``stream: true`` — the mixture
     streams: each record comes from a part drawn with probability proportional to its
-    ``weight`` (seeded); a finite part starts again when spent. Compare
+    ``weight`` (seeded); a finite part is walked in passes, each reshuffled. Compare
     ``datasets.interleave_datasets``; this one mixes braid's own datasets too.
 
     >>> parts = [{"name": "add", "cls": "orchestrator.data:Arithmetic", "args": {"size": 2}},
@@ -433,8 +433,9 @@ class Mixture:
             cls = resolve(p.cls, f"parts[{i}].cls")
             try:
                 self.parts.append(cls(**p.args))
-            except Exception as e:
-                raise ValueError(f"parts[{i}] ({p.name}, {p.cls}): {e}") from e
+            except Exception as e:  # a DataMissing stays one (validate: "not on this machine")
+                kind = type(e) if isinstance(e, DataError) else ValueError
+                raise kind(f"parts[{i}] ({p.name}, {p.cls}): {e}") from e
         self.sizes = [_length(d) for d in self.parts]
         weighted = any("weight" in p.model_fields_set for p in self.args.parts)
         self.stream = self.args.stream if self.args.stream is not None else \
@@ -445,6 +446,8 @@ class Mixture:
                                          if n is None) + " never ends")
         if not self.stream and weighted:
             raise ValueError("stream: false concatenates the parts: a weight means nothing")
+        if empty := [p.name for p, n in zip(self.args.parts, self.sizes) if n == 0]:
+            raise ValueError(f"part {', '.join(empty)} has no records")
 
     def _tag(self, part: MixturePart, record: dict) -> dict:
         return {**record, "id": f"{part.name}/{record['id']}", "family": part.name}
@@ -455,16 +458,12 @@ class Mixture:
                 yield from (self._tag(part, r) for r in data)
             return
         rng = random.Random(self.args.seed)
-        its = [iter(d) for d in self.parts]
+        # each part walked as training walks a dataset: a finite one reshuffled every pass
+        cursors = [Cursor(d, self.args.seed + i) for i, d in enumerate(self.parts)]
         weights = [p.weight for p in self.args.parts]
         while True:
-            i = rng.choices(range(len(its)), weights)[0]
-            try:
-                record = next(its[i])
-            except StopIteration:  # a finite part in a stream starts again
-                its[i] = iter(self.parts[i])
-                record = next(its[i])
-            yield self._tag(self.args.parts[i], record)
+            i = rng.choices(range(len(cursors)), weights)[0]
+            yield self._tag(self.args.parts[i], cursors[i].next_batch(1)[0])
 
     def __len__(self) -> int:
         if self.stream:

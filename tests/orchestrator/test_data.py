@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from core.errors import DataError
+from core.errors import DataError, DataMissing
 from orchestrator.data import Arithmetic, Cursor, FileDataset
 
 ROWS = [{"question": f"What is {i} + 2?", "solution": {"steps": f"{i} + 2 = {i + 2}",
@@ -220,6 +220,9 @@ def test_mixture_streams_by_weight_and_restarts_finite_parts(infinite):
     assert 0.7 < share < 0.8  # 3:1
     subs = [r["id"] for r in recs if r["family"] == "sub"]
     assert len(set(subs)) == 4 and len(subs) > 4  # the 4-record part started again
+    passes = [subs[i:i + 4] for i in range(0, 40, 4)]
+    assert all(sorted(p) == sorted(passes[0]) for p in passes)  # each pass: every record once
+    assert len({tuple(p) for p in passes}) > 1                  # in a new order
 
 
 def test_mixture_errors_name_the_part():
@@ -238,3 +241,30 @@ def test_mixture_errors_name_the_part():
         _mixture(parts={1: {"name": "add"}})
     with pytest.raises(Exception, match="nowhere"):
         Mixture(parts=[{"name": "x", "cls": "nowhere.mod:Data"}])
+    with pytest.raises(DataMissing, match=r"parts\[1\] \(sub, orchestrator.data:FileDataset\)"):
+        _mixture(parts={1: {"cls": "orchestrator.data:FileDataset",
+                            "args": {"path": "/nonexistent/x.jsonl"}}})
+    with pytest.raises(ValueError, match="part sub has no records"):
+        _mixture(parts={1: {"cls": "tests.orchestrator.test_data:_Empty", "args": {}}})
+
+
+class _Empty:
+    def __iter__(self):
+        return iter(())
+
+    def __len__(self):
+        return 0
+
+
+def test_negative_subtraction_family():
+    recs = list(Arithmetic(op="-", negative=True, digits=[1, 3], size=300, seed=3, pad=True,
+                           width=3, operands_reversed=True))
+    for r in recs:
+        a, b = (int(x[::-1]) for x in r["prompt"][:-1].split("-"))
+        assert 0 < a < b and r["answer"] == "-" + f"{b - a:04d}" and len(r["prompt"]) == 8
+        assert r["demonstration"] == r["answer"][::-1] and r["demonstration"].endswith("-")
+        assert r["digits"] == len(str(b))
+    ones = [r for r in recs if r["digits"] == 1]  # 8 of the 36 pairs a < b <= 9 differ by 1
+    assert sum(r["answer"] == "-0001" for r in ones) < 0.35 * len(ones)  # no pile-up there
+    with pytest.raises(ValueError, match="negative answers need op"):
+        Arithmetic(negative=True)

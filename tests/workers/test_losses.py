@@ -323,3 +323,24 @@ def test_normalisers_count_nonempty_sequences_and_joint_terms_share_them():
     b = {"kind": "pg_off", "prompts": [[1]], "completions": [[5, 6, 7]], "advantages": [1.0]}
     assert learner._totals([a, b]) == [(3.0, 2.0), (3.0, 1.0)]
     assert learner._totals([a | {"joint": "luffy"}, b | {"joint": "luffy"}]) == [(6.0, 3.0)] * 2
+
+
+@pytest.mark.parametrize("chunk", [None, 8])
+def test_entropy_as_a_metric_has_no_graph_and_the_same_value(chunk):
+    """Without an entropy bonus the learner still reports the entropy: the same values, but no
+    graph (no vocabulary-wide tensor kept for the backward), and log-probs' gradients as ever."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=False)
+    hidden = torch.randn(37, 16, requires_grad=True)
+    targets = torch.randint(0, 50, (37,))
+    got = {}
+    for grad in (True, False):
+        hidden.grad = None
+        logp, ent = losses.token_logprobs(hidden, targets, head, 0.7, True, chunk,
+                                          entropy_grad=grad)
+        assert ent.requires_grad is grad
+        logp.sum().backward()
+        got[grad] = (logp.detach(), ent.detach(), hidden.grad.clone())
+    for a, b in zip(got[True], got[False]):
+        torch.testing.assert_close(a, b)
+    assert (got[False][1] > 0).all() and (got[False][1] < math.log(50)).all()

@@ -371,8 +371,10 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
 
             batch = pack(pick(prompts), pick(completions), self.pad_id, advantages=pick(adv),
                          old_logprobs=pick(old), ref_logprobs=pick(ref)).to(device)
-            # the entropy is always measured (rl/entropy, sft/entropy: a collapse shows there)
-            logp, ent = self.engine(batch, temperature, True, chunks)
+            # the entropy is always measured (rl/entropy, sft/entropy: a collapse shows there);
+            # without a bonus, as a metric: no graph is kept for it
+            logp, ent = self.engine(batch, temperature, True, chunks,
+                                    entropy_grad=bool(entropy_coef))
             w = batch.weight
             if kind == "pg":
                 per_token, diag = losses.policy_gradient_loss(self.policy_loss, logp, batch,

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 
 def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperature: float,
-                    with_entropy: bool, softcap: float | None):
+                    with_entropy: bool, softcap: float | None, entropy_grad: bool = True):
     logits = head(hidden).float()
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
@@ -23,14 +23,19 @@ def _chunk_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperatu
     logp = logp_all.gather(-1, targets[:, None]).squeeze(-1)
     if not with_entropy:
         return logp, None
-    return logp, -(logp_all.exp() * logp_all).sum(-1)
+    if entropy_grad:
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
+    with torch.no_grad():  # a metric: nothing of it is kept for the backward
+        return logp, -(logp_all.exp() * logp_all).sum(-1)
 
 
 def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperature: float = 1.0,
                    with_entropy: bool = False, chunk_tokens: int | None = None,
-                   softcap: float | None = None, n_chunks: int | None = None):
+                   softcap: float | None = None, n_chunks: int | None = None,
+                   entropy_grad: bool = True):
     """Log-prob of each target token [N] and, optionally, the entropy of each position [N],
-    from hidden states [N, H] and the vocabulary projection ``head``.
+    from hidden states [N, H] and the vocabulary projection ``head`` (``entropy_grad``
+    False: the entropy as a metric, without a graph).
 
     With ``chunk_tokens``, ``chunk_tokens`` positions at a time go through the head and the
     fp32 log-softmax, each chunk under activation checkpointing: no more than one chunk's
@@ -40,7 +45,8 @@ def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperatur
     ZeRO-3 each pass gathers the head's weight collectively, so every rank must run as many.
     """
     if not chunk_tokens:
-        return _chunk_logprobs(hidden, targets, head, temperature, with_entropy, softcap)
+        return _chunk_logprobs(hidden, targets, head, temperature, with_entropy, softcap,
+                               entropy_grad)
     from torch.utils.checkpoint import checkpoint
 
     logps, ents = [], []
@@ -49,7 +55,7 @@ def token_logprobs(hidden: torch.Tensor, targets: torch.Tensor, head, temperatur
         raise ValueError(f"{hidden.shape[0]} tokens need {needed} chunks, not {n_chunks}")
     for s in range(0, (n_chunks or needed) * chunk_tokens, chunk_tokens):
         args = (hidden[s:s + chunk_tokens], targets[s:s + chunk_tokens], head, temperature,
-                with_entropy, softcap)
+                with_entropy, softcap, entropy_grad)
         logp, ent = (checkpoint(_chunk_logprobs, *args, use_reentrant=False)
                      if torch.is_grad_enabled() else _chunk_logprobs(*args))
         logps.append(logp)

@@ -35,13 +35,13 @@ class TokenLogprobs(torch.nn.Module):
         self.chunk_tokens = chunk_tokens
 
     def forward(self, batch: PackedBatch, temperature: float = 1.0, with_entropy: bool = False,
-                n_chunks: int | None = None):
+                n_chunks: int | None = None, entropy_grad: bool = True):
         out = self.lm.get_decoder()(input_ids=batch.input_ids, position_ids=batch.position_ids,
                                     use_cache=False)
         hidden = out.last_hidden_state[0].index_select(0, batch.positions)
         return losses.token_logprobs(hidden, batch.targets, self.lm.get_output_embeddings(),
                                      temperature, with_entropy, self.chunk_tokens, self.softcap,
-                                     n_chunks)
+                                     n_chunks, entropy_grad)
 
     def chunks_for(self, tokens: int) -> int:
         """Passes through the vocabulary projection for ``tokens`` completion tokens."""
