@@ -273,7 +273,8 @@ def plot(results, out: str, study: str) -> None:
         means = [statistics.mean(r["eval"][-1][k] for r in runs) for k in keys]
         stds = [statistics.stdev([r["eval"][-1][k] for r in runs]) if len(runs) > 1 else 0
                 for k in keys]
-        ax.bar([j + i * width for j in range(len(keys))], means, width, yerr=stds, label=arm)
+        ax.bar([j + i * width for j in range(len(keys))], means, width, yerr=stds, label=arm,
+               color=f"C{i % 10}")
     ax.set_xticks([j + 0.4 - width / 2 for j in range(len(keys))])
     ax.set_xticklabels([_label(k) for k in keys])
     ax.set_ylabel("held-out greedy accuracy")
@@ -281,14 +282,14 @@ def plot(results, out: str, study: str) -> None:
     ax.legend(ncol=5, fontsize=8)
     if hidden:
         ax = axes[1]
-        for arm, runs in results.items():
+        for i, (arm, runs) in enumerate(results.items()):  # the colours of the bars
             curves = [c for c in (_curve(r, "train/avg_at_8/family_sub") for r in runs) if c]
             if not curves:  # SFT only: no rollouts
                 continue
             steps = sorted(set.intersection(*(set(c) for c in curves)))
             mean = [statistics.mean(c[t] for c in curves) for t in steps]
             smooth = [statistics.mean(mean[max(0, i - 4):i + 1]) for i in range(len(steps))]
-            ax.plot(steps, smooth, label=arm)
+            ax.plot(steps, smooth, label=arm, color=f"C{i % 10}")
         ax.set_xlabel("learner step")
         ax.set_ylabel("training success on sub (avg@8)")
         ax.set_title("the hidden family during training")
