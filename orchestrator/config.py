@@ -383,8 +383,12 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
                 raise RecipeError(f"override {bad[0]!r} is not of the form key.sub=value")
             for o in overrides:
                 key, _, value = o.partition("=")
+                value = yaml.safe_load(value)
+                # a mapping naming a class or a policy replaces the recipe's, as under extends:
+                # its args belong to it (schedule={policy: rl} drops relift's buffer_size)
+                whole = isinstance(value, dict) and ("cls" in value or "policy" in value)
                 # list indices (a.0.b=...) work with update, not with a dotlist merge
-                OmegaConf.update(cfg, key.strip(), yaml.safe_load(value), force_add=True)
+                OmegaConf.update(cfg, key.strip(), value, merge=not whole, force_add=True)
         data = OmegaConf.to_container(cfg, resolve=True)
     except OmegaConfBaseException as err:
         raise RecipeError(f"{path}: {str(err).splitlines()[0]}") from None

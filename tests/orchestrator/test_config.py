@@ -45,6 +45,19 @@ def test_overrides_and_interpolation(recipe_file):
         ("abc", "runs/abc-x", 3, 0.7)
 
 
+def test_an_override_naming_a_policy_or_class_replaces_the_mapping(monkeypatch):
+    """As under ``extends``: the recipe's relift args do not leak into the new policy, nor a
+    role's args into another class; a mapping without either merges."""
+    monkeypatch.chdir(ROOT)
+    path = ROOT / "recipes" / "smollm2_word_problems.yaml"
+    assert load_recipe(path).schedule.args == {"buffer_size": 8}
+    r = load_recipe(path, ["schedule={policy: rl}", 'roles.reward={cls: "x:Y"}',
+                           "sampling={temperature: 1.0}"])
+    assert (r.schedule.policy, r.schedule.args) == ("rl", {})
+    assert (r.roles.reward.cls, r.roles.reward.args) == ("x:Y", {})
+    assert (r.sampling.temperature, r.sampling.max_tokens) == (1.0, 96)  # merged
+
+
 def test_list_index_override():
     r = load_recipe(RECIPES[0], ["schedule.args.phases.0.steps=7"])
     assert r.schedule.args["phases"][0]["steps"] == 7
