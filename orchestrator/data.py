@@ -409,8 +409,6 @@ class Mixture:
     ['add', 'sub']
     """
 
-    Part = MixturePart
-
     class Args(BaseModel):
         model_config = ConfigDict(extra="forbid")
         parts: list[MixturePart] = Field(min_length=1)
@@ -436,7 +434,7 @@ class Mixture:
             except Exception as e:  # a DataMissing stays one (validate: "not on this machine")
                 kind = type(e) if isinstance(e, DataError) else ValueError
                 raise kind(f"parts[{i}] ({p.name}, {p.cls}): {e}") from e
-        self.sizes = [_length(d) for d in self.parts]
+        self.sizes = [dataset_size(d) for d in self.parts]
         weighted = any("weight" in p.model_fields_set for p in self.args.parts)
         self.stream = self.args.stream if self.args.stream is not None else \
             weighted or any(n is None for n in self.sizes)
@@ -471,7 +469,8 @@ class Mixture:
         return sum(self.sizes)
 
 
-def _length(dataset) -> int | None:
+def dataset_size(dataset) -> int | None:
+    """``len(dataset)``, or None for a stream (no ``__len__``, or one that refuses)."""
     try:
         return len(dataset)
     except TypeError:
@@ -495,10 +494,7 @@ class Cursor:
         self._it: Iterator[dict] | None = None
 
     def _size(self) -> int | None:
-        try:
-            return len(self.dataset)
-        except TypeError:  # no __len__, or a streaming dataset that refuses one
-            return None
+        return dataset_size(self.dataset)
 
     def _start(self):
         n = self._size()

@@ -19,6 +19,7 @@ from typing import Any
 from core.errors import MissingInput, RecipeError, validate_model
 from core.registry import resolve, user_code
 from orchestrator.config import Recipe
+from orchestrator.data import dataset_size
 from orchestrator.pipeline import check_schedule
 from orchestrator.schedules import Schedule, build_schedule
 from workers.base import ROLE_BASES
@@ -62,13 +63,6 @@ def first_records(dataset, where: str, path: str, n: int = 8) -> list[dict]:
                 raise RecipeError(f"{where}: record {i} of {path} has no {key!r} (fields: "
                                   f"{', '.join(r) or 'none'})")
     return records
-
-
-def dataset_size(dataset) -> int | None:
-    try:
-        return len(dataset)
-    except TypeError:
-        return None
 
 
 def model_problem(path: str | Path) -> str | None:
