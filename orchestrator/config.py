@@ -263,7 +263,33 @@ class ScoringConfig(_Strict):
         "this fraction, instead of training on noise (1: never)")
 
 
+class DeadlineConfig(_Strict):
+    """How long the controller waits for a call before treating its actor as hung: killed, then
+    replaced with the step's work issued again (rollout, reward, reference, teacher) or, for a
+    learner or critic rank, the run stops naming its checkpoint (``auto_resume`` resumes)."""
+
+    floor_s: float = Field(1800.0, gt=0, description="no call gets less than this")
+    factor: float = Field(
+        5.0, ge=1, description="otherwise a call may take this many times the slowest of the "
+        "role's last `window` calls of the same method")
+    window: int = Field(20, ge=1)
+    calls: dict[str, float] = Field(
+        default_factory=dict, description="fixed deadlines in seconds by 'role.method' (e.g. "
+        "rollout.generate, learner.update, reward.score) or by role; 0: none")
+
+    @model_validator(mode="after")
+    def _known_roles(self) -> DeadlineConfig:
+        for key, seconds in self.calls.items():
+            if key.split(".")[0] not in Roles.model_fields or seconds < 0:
+                raise ValueError(f"calls: {key}: {seconds} — keys are 'role' or 'role.method' "
+                                 f"with role one of {', '.join(Roles.model_fields)}, values "
+                                 "seconds >= 0 (0: no deadline)")
+        return self
+
+
 class FailuresConfig(_Strict):
+    deadline: DeadlineConfig | None = Field(
+        default_factory=DeadlineConfig, description="per-call deadlines (null: wait forever)")
     actor_restarts: int = Field(
         3, ge=0, description="per role: how many times a dead rollout, reward, reference or "
         "teacher actor is replaced (it rejoins the weight sync and gets the current weights)")

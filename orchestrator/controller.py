@@ -331,6 +331,7 @@ class Controller:
         version = self.version if resend and not self.stale else self.version + 1
         refs = self.learner.fanout("push_weights", version)
         recv = self.rollout.fanout("receive_weights", version)
+        self.rollout.await_with(recv, refs, "receive_weights")  # a hung engine holds the push
         out = self.learner.call(refs, "push_weights")[0]
         self.rollout.call(recv, "receive_weights")
         self.version, self.stale = version, False

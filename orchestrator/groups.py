@@ -7,12 +7,16 @@ unless a recipe asks for it). A WorkerGroup wraps the role's plain worker class 
 
 - ``fanout(method, ...)``: the same call on every replica (setup, weight sync, learner steps);
 - ``split(method, items, ...)``: items split across replicas, contiguous (rollout);
-- ``call(refs)``: gather, turning an actor failure into an error that names role and rank.
+- ``call(refs)``: gather, turning an actor failure into an error that names role and rank,
+  and an actor that does not answer within its deadline (``failures.deadline``) into a killed
+  one: a hung actor is handled as a dead one (orchestrator/recovery.py).
 """
 
 from __future__ import annotations
 
 import math
+import time
+from collections import deque
 from typing import Any
 
 from core.errors import user_frame
@@ -28,6 +32,30 @@ class WorkerError(RuntimeError):
         self.role, self.died = role, died
 
 
+class Deadlines:
+    """How long a role's call may take (``failures.deadline``): a fixed time from ``calls``
+    ("role.method", else "role"; 0: none), else the larger of ``floor_s`` and ``factor`` times
+    the slowest of the role's last ``window`` calls of that method. A call's method is the first
+    word of its description ("setup of replacement rank 1" is a "setup")."""
+
+    def __init__(self, cfg, role: str):
+        self.cfg, self.role = cfg, role
+        self.recent: dict[str, deque] = {}
+
+    def seconds(self, what: str) -> float | None:
+        method = what.split()[0] if what else ""
+        calls = self.cfg.calls
+        fixed = calls.get(f"{self.role}.{method}", calls.get(self.role))
+        if fixed is not None:
+            return fixed or None
+        past = self.recent.get(method)
+        return max(self.cfg.floor_s, self.cfg.factor * max(past)) if past else self.cfg.floor_s
+
+    def observe(self, what: str, seconds: float) -> None:
+        method = what.split()[0] if what else ""
+        self.recent.setdefault(method, deque(maxlen=self.cfg.window)).append(seconds)
+
+
 class WorkerGroup:
     def __init__(self, role: str, cfg, recipe, cls: type, args, env: dict[str, str],
                  ready_timeout_s: float = 300.0):
@@ -36,6 +64,7 @@ class WorkerGroup:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.role, self.cfg, self.ready_timeout_s = role, cfg, ready_timeout_s
+        self.deadlines: Deadlines | None = None  # set once the group is set up
         res = cfg.resources
         bundle = {"CPU": res.num_cpus} | ({"GPU": res.num_gpus} if res.num_gpus else {})
         self.pg = placement_group([dict(bundle) for _ in range(cfg.replicas)],
@@ -82,8 +111,14 @@ class WorkerGroup:
     def call(self, refs: list, what: str = "") -> list[Any]:
         import ray
 
+        deadline = self.deadlines.seconds(what) if self.deadlines else None
+        start = time.monotonic()
+        if deadline is not None and refs:
+            _, pending = ray.wait(refs, num_returns=len(refs), timeout=deadline)
+            if pending:
+                self.kill_hung(pending, what, deadline)
         try:
-            return ray.get(refs)
+            out = ray.get(refs)
         except ray.exceptions.RayActorError as err:
             raise WorkerError(f"{self.role} actor died{' during ' + what if what else ''}: "
                               f"{_first_line(err)}{self._where(err)}", self.role,
@@ -93,6 +128,42 @@ class WorkerGroup:
             raise WorkerError(f"{self.role}{' ' + what if what else ''} failed: "
                               f"{type(cause).__name__}: {_first_line(cause)}{self._where(err)}",
                               self.role) from err
+        if self.deadlines:
+            self.deadlines.observe(what, time.monotonic() - start)
+        return out
+
+    def kill_hung(self, pending: list, what: str, deadline: float) -> None:
+        """Kill the actors of this group that owe ``pending`` results past their deadline, and
+        raise the error of a dead actor (recovery replaces them, or stops on a learner)."""
+        import ray
+
+        # a result's task names the actor that runs it (Ray's ids of this group's actors)
+        owner = {a._actor_id: i for i, a in enumerate(self.actors)}
+        ranks = sorted({owner[r.task_id().actor_id()] for r in pending
+                        if r.task_id().actor_id() in owner})
+        for i in ranks:
+            ray.kill(self.actors[i], no_restart=True)
+        limit = f"failures.deadline.calls.{self.role}.{what.split()[0] if what else ''}"
+        raise WorkerError(f"{self.role} rank(s) {ranks} did not finish {what or 'a call'} within "
+                          f"{deadline:.0f}s (the deadline: {limit}, or floor_s and factor); "
+                          "killed as hung", self.role, died=bool(ranks))
+
+    def await_with(self, refs: list, others: list, what: str) -> None:
+        """Wait for ``refs`` of this group's actors that meet ``others`` (of another group) in
+        one collective — a weight broadcast, where an actor that never joins holds everyone.
+        At this group's deadline its unfinished actors are killed as hung; when the other side
+        was the one stuck (nothing finished), these were the cheap ones to replace, and the other
+        side's next call meets its own deadline."""
+        import ray
+
+        deadline = self.deadlines.seconds(what) if self.deadlines else None
+        if deadline is None or not refs:
+            return
+        every = list(refs) + list(others)
+        ready, _ = ray.wait(every, num_returns=len(every), timeout=deadline)
+        pending = [r for r in refs if r not in ready]
+        if pending:
+            self.kill_hung(pending, what, deadline)
 
     def _where(self, err: BaseException) -> str:
         """The user's frame in the remote traceback, and the class, when the class is not

@@ -336,7 +336,7 @@ def setup_controller(c) -> None:
 
     import ray
 
-    from orchestrator.groups import WorkerGroup
+    from orchestrator.groups import Deadlines, WorkerGroup
     from orchestrator.metrics import RunLogger
 
     recipe = c.recipe
@@ -382,6 +382,9 @@ def setup_controller(c) -> None:
 
         c.start_step = checkpoint.load(c, c.resume_path, state)
         print(f"resumed from {c.resume_path} at step {c.start_step}", flush=True)
+    if recipe.failures.deadline is not None:  # set-up (model loads, compiles) has none
+        for role, group in c.groups.items():
+            group.deadlines = Deadlines(recipe.failures.deadline, role)
 
 
 def prepare_driver(c):
@@ -415,17 +418,19 @@ def prepare_driver(c):
 
 
 def init_weight_sync(c) -> None:
-    import ray
-
     ws = c.recipe.weight_sync
     backend = ws.backend
     if backend == "auto":
         backend = "nccl" if c.recipe.roles.learner.resources.num_gpus > 0 else "gloo"
     tp = c.recipe.roles.rollout.args.get("tensor_parallel_size", 1)
     world = 1 + len(c.rollout) * tp
-    manifest = ray.get(c.learner.actors[0].weight_manifest.remote(int(ws.bucket_mb * 2**20)))
-    host, port = ray.get(c.learner.actors[0].master_address.remote())
+    first = c.learner.actors[0]
+    manifest, (host, port) = c.learner.call(
+        [first.weight_manifest.remote(int(ws.bucket_mb * 2**20)), first.master_address.remote()],
+        "weight_manifest")
     refs = c.learner.fanout("init_weight_sync", host, port, world, manifest, backend)
-    refs += [a.init_weight_sync.remote(host, port, world, 1 + i * tp, manifest, backend)
-             for i, a in enumerate(c.rollout.actors)]
+    recv = [a.init_weight_sync.remote(host, port, world, 1 + i * tp, manifest, backend)
+            for i, a in enumerate(c.rollout.actors)]
+    c.rollout.await_with(recv, refs, "init_weight_sync")
     c.learner.call(refs, "init_weight_sync")
+    c.rollout.call(recv, "init_weight_sync")

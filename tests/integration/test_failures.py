@@ -10,7 +10,10 @@ import sys
 import pytest
 import yaml
 
+from orchestrator.config import DeadlineConfig
 from orchestrator.controller import Controller
+from orchestrator.groups import Deadlines, WorkerError
+from orchestrator.recovery import LearnerLost, explain
 from tests.conftest import ROOT, recipe_dict
 from tests.fixtures.greedy import hf_greedy
 
@@ -28,12 +31,18 @@ def test_rollout_reward_and_reference_deaths_are_survived(ray_local, make_recipe
     recipe = make_recipe(**{
         "steps": 3, "data.prompts_per_step": 4, "algorithm.kl": 0.01,
         # generate calls: eval at step 0, step 1, step 2 (after the first sync: version 1);
-        # the replacement then dies receiving its second push (step 2's sync: mid-sync)
+        # the replacement then dies receiving its second push (step 2's sync: mid-sync); the
+        # next one hangs in its second (step 3's sync) and is killed at its deadline
         "roles.rollout": {**recipe_dict_role("rollout"),
                           **role("DyingRollout", "generate:3,receive_weights:2")},
+        "roles.rollout.env.BRAID_HANG_AT": "receive_weights:2",
         "roles.reward": {**recipe_dict_role("reward"), **role("DyingReward", "score:4")},
         "roles.reference": {**role("DyingReference", "logprobs:2"),
                             "resources": {"num_cpus": 0.5}},
+        # rank 1 hangs in its fourth update (step 4, run after the recipe's steps below)
+        "roles.learner.cls": "tests.fixtures.dying:DyingLearner",
+        "roles.learner.env": {"BRAID_HANG_AT": "update:4:1", "BRAID_DIE_DIR": die},
+        "failures.deadline.calls": {"rollout.receive_weights": 10},
     })
     c = Controller(recipe).setup()
     try:
@@ -42,21 +51,33 @@ def test_rollout_reward_and_reference_deaths_are_survived(ray_local, make_recipe
         for step in range(1, 4):
             per_step[step] = c.train_step(step)
         final = c.evaluate(3)
-        # the engine now running is the second replacement: it holds the learner's weights
+        # the engine now running is the third replacement: it holds the learner's weights
         records = [{"id": f"g{i}", "prompt": p} for i, p in enumerate(["12+7=", "3+4=", "9+9="])]
         greedy = c.rollout.call(c.generate(records, step=3, greedy=True)["refs"])[0]
         state = c.learner.call(c.learner.fanout("full_state_dict"))[0]
+        # a hung learner rank: killed at the deadline, and the run stops naming no checkpoint
+        c.learner.deadlines = Deadlines(DeadlineConfig(calls={"learner.update": 5}), "learner")
+        with pytest.raises(WorkerError) as hung:
+            try:
+                c.train_step(4)
+            except WorkerError as err:
+                raise explain(c, err) from err
     finally:
         c.shutdown()
     assert greedy.completion_ids == hf_greedy(recipe.model.path, [r["prompt"] for r in records],
                                               recipe.sampling.max_tokens, state)
-    assert c.restarts == {"rollout": 2, "reference": 1, "reward": 1}
-    assert sorted(os.listdir(die)) == ["reference-logprobs-0", "reward-score-0",
-                                       "rollout-generate-0", "rollout-receive_weights-0"]
+    assert isinstance(hung.value, LearnerLost) and hung.value.checkpoint is None
+    assert "learner rank(s) [0, 1] did not finish update within 5s" in str(hung.value)
+    assert "killed as hung" in str(hung.value) and "no checkpoint was written" in str(hung.value)
+    assert c.restarts == {"rollout": 3, "reference": 1, "reward": 1}
+    assert sorted(os.listdir(die)) == [
+        "learner-BRAID_HANG_AT-update-1", "reference-logprobs-0", "reward-score-0",
+        "rollout-BRAID_HANG_AT-receive_weights-0", "rollout-generate-0",
+        "rollout-receive_weights-0"]
     # the replacement engine generated step 2 with the weights of step 1's update
     assert per_step[2]["rollout/weight_version"] == 1.0
     assert per_step[3]["rollout/weight_version"] == 2.0
-    assert per_step[3]["restarts/rollout"] == 2.0 and per_step[3]["restarts/reward"] == 1.0
+    assert per_step[3]["restarts/rollout"] == 3.0 and per_step[3]["restarts/reward"] == 1.0
     for step in (1, 2, 3):
         assert per_step[step]["reward/unscored"] == 0.0
         assert "rl/loss" in per_step[step] and "rl/kl" in per_step[step]
