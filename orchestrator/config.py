@@ -310,6 +310,9 @@ class RayConfig(_Strict):
     address: str | None = Field(
         None, description="default: RAY_ADDRESS, else a private local cluster")
     num_cpus: int | None = Field(None, description="logical CPUs of a private local cluster")
+    autoscaling: bool = Field(
+        False, description="the cluster grows on demand (KubeRay enableInTreeAutoscaling): "
+        "wait for room rather than refuse a recipe larger than the cluster")
 
 
 class Recipe(_Strict):

@@ -56,11 +56,49 @@ class Deadlines:
         self.recent.setdefault(method, deque(maxlen=self.cfg.window)).append(seconds)
 
 
+def check_capacity(roles: dict, nodes: list[dict[str, float]], autoscaling: bool) -> None:
+    """Refuse at once what the cluster can never place (instead of waiting for it): a replica
+    bigger than every node, a STRICT_PACK role bigger than every node, a STRICT_SPREAD role with
+    more replicas than nodes that hold one, or roles that need more CPUs or GPUs in all than the
+    cluster has. ``roles``: role -> RoleConfig; ``nodes``: each live node's resources. With an
+    autoscaler the cluster may grow: nothing is refused."""
+    def fmt(res: dict) -> str:
+        return ", ".join(f"{v:g} {k}" for k, v in res.items() if v or k == "CPU")
+
+    def holds(node: dict, res: dict, times: float = 1) -> bool:
+        return all(node.get(k, 0.0) + 1e-9 >= v * times for k, v in res.items())
+
+    problems, need, parts = [], {"CPU": 0.0, "GPU": 0.0}, []
+    for role, cfg in roles.items():
+        one = {"CPU": cfg.resources.num_cpus, "GPU": cfg.resources.num_gpus}
+        for k in need:
+            need[k] += cfg.replicas * one[k]
+        parts.append(f"{role} {cfg.replicas} x {fmt(one)}")
+        fits = [n for n in nodes if holds(n, one)]
+        if not fits:
+            problems.append(f"roles.{role}: a replica needs {fmt(one)}; no node has that")
+        elif cfg.strategy == "STRICT_PACK" and not any(holds(n, one, cfg.replicas) for n in nodes):
+            whole = {k: v * cfg.replicas for k, v in one.items()}
+            problems.append(f"roles.{role}: STRICT_PACK puts its {cfg.replicas} replicas on one "
+                            f"node; no node has {fmt(whole)}")
+        elif cfg.strategy == "STRICT_SPREAD" and len(fits) < cfg.replicas:
+            problems.append(f"roles.{role}: STRICT_SPREAD needs {cfg.replicas} nodes that hold "
+                            f"{fmt(one)}; the cluster has {len(fits)}")
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for k in need}
+    if any(need[k] > total[k] + 1e-9 for k in need):
+        problems.append(f"the roles need {fmt(need)} in all ({'; '.join(parts)})")
+    if problems and not autoscaling:
+        raise WorkerError(
+            "the cluster can never run this recipe: " + "; ".join(problems) + f". It has "
+            f"{fmt(total)} on {len(nodes)} node(s) and no autoscaler (ray.autoscaling: false): "
+            "lower roles.<role>.replicas or resources, or add nodes")
+
+
 class WorkerGroup:
     def __init__(self, role: str, cfg, recipe, cls: type, args, env: dict[str, str],
                  ready_timeout_s: float = 300.0):
         import ray
-        from ray.util.placement_group import placement_group
+        from ray.util.placement_group import placement_group, remove_placement_group
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.role, self.cfg, self.ready_timeout_s = role, cfg, ready_timeout_s
@@ -69,12 +107,21 @@ class WorkerGroup:
         bundle = {"CPU": res.num_cpus} | ({"GPU": res.num_gpus} if res.num_gpus else {})
         self.pg = placement_group([dict(bundle) for _ in range(cfg.replicas)],
                                   strategy=cfg.strategy, name=f"braid-{recipe.name}-{role}")
-        ready, _ = ray.wait([self.pg.ready()], timeout=ready_timeout_s)
+        ready, waited = [], 0.0
+        while not ready and waited < ready_timeout_s:  # the cluster is busy, or still growing
+            step = min(30.0, ready_timeout_s - waited)
+            ready, _ = ray.wait([self.pg.ready()], timeout=step)
+            waited += step
+            if not ready and waited < ready_timeout_s:
+                print(f"braid: waiting {waited:.0f}s of {ready_timeout_s:.0f}s for the cluster "
+                      f"to place roles.{role}: {cfg.replicas} x {bundle} ({cfg.strategy}); "
+                      f"available now: {_resources(ray.available_resources())}", flush=True)
         if not ready:
+            remove_placement_group(self.pg)
             raise WorkerError(
                 f"roles.{role}: the cluster cannot place {cfg.replicas} x {bundle} "
                 f"({cfg.strategy}) within {ready_timeout_s:.0f}s; available: "
-                f"{ray.available_resources()}")
+                f"{_resources(ray.available_resources())}")
         remote = ray.remote(cls)
 
         def make(i: int):
@@ -200,7 +247,7 @@ class WorkerGroup:
         if not ready:  # e.g. its node is gone and no other has room for the bundle
             raise WorkerError(f"{self.role} rank {rank}: the replacement actor was not up "
                               f"within {self.ready_timeout_s:.0f}s; available: "
-                              f"{ray.available_resources()}", self.role)
+                              f"{_resources(ray.available_resources())}", self.role)
         self.call([ref], f"setup of replacement rank {rank}")
 
     def shutdown(self) -> None:
@@ -214,6 +261,11 @@ class WorkerGroup:
         for a in self.actors:
             ray.kill(a)
         remove_placement_group(self.pg)
+
+
+def _resources(res: dict) -> dict:
+    """The CPUs and GPUs of a Ray resource dict (not its memory, node and bundle entries)."""
+    return {k: round(v, 2) for k, v in res.items() if k in ("CPU", "GPU")}
 
 
 def _first_line(err: BaseException) -> str:

@@ -323,7 +323,12 @@ def _init_ray(recipe: Recipe) -> bool:
                          recipe.roles.reference, recipe.roles.teacher, recipe.roles.critic)
              if r is not None]
     need = sum(r.replicas * r.resources.num_cpus for r in roles)
-    cpus = recipe.ray.num_cpus or max(os.cpu_count() or 1, math.ceil(need))
+    have = os.cpu_count() or 1
+    cpus = recipe.ray.num_cpus or max(have, math.ceil(need))
+    if cpus > have:
+        print(f"braid: warning: the roles ask for {need:g} CPUs and this machine has {have}; "
+              f"the private Ray cluster counts {cpus}, so actors share cores (slower, and "
+              "more memory than the cores suggest)", flush=True)
     here = os.getcwd()
     pythonpath = os.pathsep.join(p for p in (here, os.environ.get("PYTHONPATH")) if p)
     ray.init(address="local", num_cpus=cpus, include_dashboard=False,
@@ -336,7 +341,7 @@ def setup_controller(c) -> None:
 
     import ray
 
-    from orchestrator.groups import Deadlines, WorkerGroup
+    from orchestrator.groups import Deadlines, WorkerGroup, check_capacity
     from orchestrator.metrics import RunLogger
 
     recipe = c.recipe
@@ -358,6 +363,8 @@ def setup_controller(c) -> None:
     base_env = {"TOKENIZERS_PARALLELISM": "false",
                 "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
                 "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning")}
+    check_capacity({role: getattr(recipe.roles, role) for role in resolved.roles},
+                   [n["Resources"] for n in ray.nodes() if n["Alive"]], recipe.ray.autoscaling)
     for role, (cls, args) in resolved.roles.items():
         cfg = getattr(recipe.roles, role)
         c.groups[role] = WorkerGroup(role, cfg, recipe, cls, args, base_env | cfg.env)

@@ -1,0 +1,82 @@
+"""Placement limits (what a cluster can never hold is refused at once) and per-call deadlines
+(failures.deadline: fixed by 'role.method' or role, else derived from recent calls with a floor)."""
+
+import pytest
+
+from core.errors import RecipeError
+from orchestrator.config import DeadlineConfig, load_recipe
+from orchestrator.groups import Deadlines
+from tests.conftest import ROOT
+
+
+def test_a_deadline_is_the_floor_until_calls_were_timed_then_factor_times_the_slowest():
+    d = Deadlines(DeadlineConfig(floor_s=60, factor=4, window=3), "rollout")
+    assert d.seconds("generate") == 60  # nothing timed yet
+    d.observe("generate", 10.0)
+    d.observe("generate", 30.0)
+    assert d.seconds("generate") == 120  # 4 x 30
+    d.observe("generate", 5.0)
+    d.observe("generate", 5.0)
+    d.observe("generate", 5.0)  # the window (3) forgot the 30 s call
+    assert d.seconds("generate") == 60  # 4 x 5 = 20 < the floor
+    assert d.seconds("receive_weights") == 60  # methods are timed apart
+    d.observe("setup of replacement rank 1", 200.0)  # the first word is the method
+    assert d.seconds("setup of replacement rank 0") == 800
+
+
+def test_fixed_deadlines_by_role_and_method_win_and_zero_means_none():
+    cfg = DeadlineConfig(floor_s=60, calls={"rollout": 30, "rollout.generate": 0,
+                                            "learner.update": 900})
+    rollout, learner = Deadlines(cfg, "rollout"), Deadlines(cfg, "learner")
+    rollout.observe("score", 100.0)
+    assert rollout.seconds("receive_weights") == 30  # the role's
+    assert rollout.seconds("generate") is None  # 0: no deadline
+    assert learner.seconds("update") == 900 and learner.seconds("push_weights") == 60
+
+
+def test_deadline_keys_name_roles_and_null_turns_deadlines_off():
+    with pytest.raises(ValueError, match="rolout.generate"):
+        DeadlineConfig(calls={"rolout.generate": 10})
+    with pytest.raises(ValueError, match="seconds >= 0"):
+        DeadlineConfig(calls={"reward": -1})
+    recipe = ROOT / "recipes" / "arith_grpo_cpu.yaml"
+    assert load_recipe(recipe).failures.deadline.floor_s == 1800
+    assert load_recipe(recipe, ["failures.deadline=null"]).failures.deadline is None
+    with pytest.raises(RecipeError, match="failures.deadline: .*calls: rewrd"):
+        load_recipe(recipe, ["failures.deadline.calls={reward.scor: 5, rewrd: 1}"])
+
+
+def _roles(**spec):
+    from orchestrator.config import RoleConfig
+
+    return {role: RoleConfig(cls="x:Y", replicas=n, resources={"num_cpus": cpus, "num_gpus": gpus},
+                             strategy=strategy)
+            for role, (n, cpus, gpus, strategy) in spec.items()}
+
+
+def test_a_recipe_the_cluster_can_never_hold_is_refused_at_once_naming_what_it_has():
+    from orchestrator.groups import WorkerError, check_capacity
+
+    one_node = [{"CPU": 4.0, "memory": 8e9}]
+    with pytest.raises(WorkerError) as err:  # a learner of 8 ranks on a 4-CPU cluster
+        check_capacity(_roles(rollout=(1, 1, 0, "PACK"), learner=(8, 1, 0, "PACK")),
+                       one_node, autoscaling=False)
+    assert str(err.value) == (
+        "the cluster can never run this recipe: the roles need 9 CPU in all (rollout 1 x 1 CPU; "
+        "learner 8 x 1 CPU). It has 4 CPU on 1 node(s) and no autoscaler (ray.autoscaling: "
+        "false): lower roles.<role>.replicas or resources, or add nodes")
+    # with an autoscaler the cluster may grow: the run waits for room instead
+    check_capacity(_roles(learner=(8, 1, 0, "PACK")), one_node, autoscaling=True)
+    gpu_nodes = [{"CPU": 8.0, "GPU": 1.0}, {"CPU": 8.0, "GPU": 1.0}]
+    with pytest.raises(WorkerError, match=r"roles.learner: a replica needs 1 CPU, 2 GPU; no node "
+                                          r"has that.*It has 16 CPU, 2 GPU on 2 node"):
+        check_capacity(_roles(learner=(1, 1, 2, "PACK")), gpu_nodes, autoscaling=False)
+    with pytest.raises(WorkerError, match="STRICT_PACK puts its 2 replicas on one node; no node "
+                                          "has 2 CPU, 2 GPU"):
+        check_capacity(_roles(learner=(2, 1, 1, "STRICT_PACK")), gpu_nodes, autoscaling=False)
+    with pytest.raises(WorkerError, match="STRICT_SPREAD needs 3 nodes that hold 1 CPU; the "
+                                          "cluster has 2"):
+        check_capacity(_roles(reward=(3, 1, 0, "STRICT_SPREAD")), gpu_nodes, autoscaling=False)
+    # what fits passes: 2 GPU learner ranks spread over the two nodes, fractional CPUs
+    check_capacity(_roles(rollout=(1, 4, 0, "PACK"), learner=(2, 1, 1, "SPREAD"),
+                          reward=(1, 0.25, 0, "PACK")), gpu_nodes, autoscaling=False)
