@@ -291,8 +291,12 @@ class FailuresConfig(_Strict):
     deadline: DeadlineConfig | None = Field(
         default_factory=DeadlineConfig, description="per-call deadlines (null: wait forever)")
     actor_restarts: int = Field(
-        3, ge=0, description="per role: how many times a dead rollout, reward, reference or "
-        "teacher actor is replaced (it rejoins the weight sync and gets the current weights)")
+        3, ge=0, description="per role and run (resumes included): how many times a dead or "
+        "hung rollout, reward, reference or teacher actor is replaced (it rejoins the weight "
+        "sync and gets the current weights)")
+    max_restarts: int | None = Field(
+        None, ge=0, description="all roles together, per run: replacements allowed (None: "
+        "only the per-role limit)")
     auto_resume: int = Field(
         0, ge=0, description="after a learner rank dies, restart the run from its latest "
         "checkpoint up to this many times (0: stop with a message naming the checkpoint)")

@@ -60,6 +60,10 @@ class RunLogger:
         self.recipe, self.run_dir = recipe, run_dir
         self.mlflow = None
         self.run_id: str | None = None
+        # after a resume: the last step of each metric the earlier attempts logged. The steps
+        # re-run since the checkpoint are not logged again, so no step of a metric has two
+        # values (a resume is exact: the re-run's values agree, but for timings)
+        self.logged: dict[str, int] = {}
 
     def start(self, recipe_yaml: str, run_id: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # only matters for file: URIs
@@ -77,6 +81,10 @@ class RunLogger:
         if run_id is not None:  # a resumed run continues its mlflow run
             run = mlflow.start_run(run_id=run_id)
             self.mlflow, self.run_id, self.uri = mlflow, run.info.run_id, uri
+            client = mlflow.MlflowClient()
+            self.logged = {key: max((m.step for m in client.get_metric_history(run_id, key)),
+                                    default=-1)
+                           for key in client.get_run(run_id).data.metrics}
             return
         run = mlflow.start_run(run_name=self.recipe.name)
         self.mlflow, self.run_id = mlflow, run.info.run_id
@@ -91,6 +99,7 @@ class RunLogger:
         if self.mlflow is not None:
             clean = {metric_name(k): float(v) for k, v in metrics.items()
                      if isinstance(v, (int, float))}
+            clean = {k: v for k, v in clean.items() if step > self.logged.get(k, -1)}
             # queued, written by mlflow's background thread instead of inside the step;
             # flushed when a step checkpoints and when the run ends
             self.mlflow.log_metrics(clean, step=step, synchronous=False)

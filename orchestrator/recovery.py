@@ -5,7 +5,10 @@
   replaced in their placement bundles and set up again, a new rollout engine rejoins the
   weight-sync group (the group is formed anew: a gloo or NCCL group cannot take a member back)
   and every engine receives the learner's current weights; then the method runs again. Each role
-  gets ``failures.actor_restarts`` replacements per run.
+  gets ``failures.actor_restarts`` replacements per run (``max_restarts`` all together); the
+  count survives resumes in ``<run_dir>/restarts.json``.
+- **An actor hangs** (alive, never answering): a call past its deadline (``failures.deadline``,
+  orchestrator/groups.py) kills it, and it is handled as a dead one.
 - **A learner rank dies**: its ZeRO-3 partitions and optimizer state are gone, so there is
   nothing to rejoin. The run stops with :class:`LearnerLost`, naming the checkpoint to resume
   from; with ``failures.auto_resume`` the CLI brings the run back up from it.
@@ -17,6 +20,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import signal
 import sys
@@ -62,16 +66,22 @@ def replace_dead(c, err: WorkerError) -> bool:
     dead = {role: ranks for role, ranks in dead.items() if ranks and role in RESTARTABLE}
     if not dead:
         return False
-    budget = c.recipe.failures.actor_restarts
+    f = c.recipe.failures
     for role, ranks in dead.items():
-        if c.restarts.get(role, 0) + len(ranks) > budget:
-            raise WorkerError(f"{err} — {role} actors died {c.restarts.get(role, 0) + len(ranks)}"
-                              f" times, more than failures.actor_restarts={budget}",
-                              role, died=True) from err
+        if c.restarts.get(role, 0) + len(ranks) > f.actor_restarts:
+            raise WorkerError(f"{err} — {role} actors failed {c.restarts.get(role, 0) + len(ranks)}"
+                              f" times in this run, more than failures.actor_restarts="
+                              f"{f.actor_restarts}", role, died=True) from err
+    total = sum(n for r, n in c.restarts.items() if r in RESTARTABLE)
+    if f.max_restarts is not None and total + sum(map(len, dead.values())) > f.max_restarts:
+        raise WorkerError(f"{err} — {total + sum(map(len, dead.values()))} actor failures in "
+                          f"this run, more than failures.max_restarts={f.max_restarts}",
+                          next(iter(dead)), died=True) from err
+    for role, ranks in dead.items():
         for rank in ranks:
-            print(f"braid: {role} rank {rank} died ({err}); starting a replacement", flush=True)
+            print(f"braid: {role} rank {rank} failed ({err}); starting a replacement", flush=True)
             c.groups[role].restart(rank)
-            c.restarts[role] = c.restarts.get(role, 0) + 1
+            count_restart(c, role)
     if "rollout" in dead:
         from orchestrator.setup import init_weight_sync
 
@@ -80,9 +90,27 @@ def replace_dead(c, err: WorkerError) -> bool:
     return True
 
 
+def count_restart(c, role: str) -> None:
+    """One more replacement (or, for a learner, a lost attempt) of ``role`` in this run, kept in
+    ``<run_dir>/restarts.json`` so that budgets and metrics count resumed attempts too."""
+    c.restarts[role] = c.restarts.get(role, 0) + 1
+    path = c.run_dir / "restarts.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(c.restarts))
+    os.replace(tmp, path)
+
+
+def restarts_so_far(run_dir: Path) -> dict[str, int]:
+    """The run's replacements before this attempt (a resume continues the count)."""
+    path = run_dir / "restarts.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def learner_lost(c, ranks: list[int], err: BaseException, role: str = "learner") -> LearnerLost:
     from orchestrator import checkpoint
 
+    count_restart(c, role)
     try:
         ckpt = checkpoint.find(c.run_dir, None)
         where = f"resume from {ckpt}"

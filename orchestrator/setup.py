@@ -389,6 +389,11 @@ def setup_controller(c) -> None:
 
         c.start_step = checkpoint.load(c, c.resume_path, state)
         print(f"resumed from {c.resume_path} at step {c.start_step}", flush=True)
+        logged = max(c.logger.logged.values(), default=-1)
+        if logged > c.start_step:
+            print(f"braid: note: mlflow holds steps up to {logged} from the earlier attempt; "
+                  f"steps {c.start_step + 1}-{logged} run again but are not logged again",
+                  flush=True)
     if recipe.failures.deadline is not None:  # set-up (model loads, compiles) has none
         for role, group in c.groups.items():
             group.deadlines = Deadlines(recipe.failures.deadline, role)
@@ -400,6 +405,7 @@ def prepare_driver(c):
     from orchestrator.data import Cursor
     from orchestrator.demos import DemoStore
     from orchestrator.pipeline import RolloutPipeline
+    from orchestrator.recovery import restarts_so_far
 
     recipe = c.recipe
     resolved = resolve_recipe(recipe)
@@ -421,6 +427,9 @@ def prepare_driver(c):
 
         c.resume_path = checkpoint.find(c.run_dir, c.resume or None)
         state = checkpoint.read_state(c.resume_path)
+        c.restarts = restarts_so_far(c.run_dir)  # budgets are per run
+    else:
+        (c.run_dir / "restarts.json").unlink(missing_ok=True)  # a new run in this folder
     return resolved, state
 
 

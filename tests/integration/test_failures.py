@@ -69,7 +69,7 @@ def test_rollout_reward_and_reference_deaths_are_survived(ray_local, make_recipe
     assert isinstance(hung.value, LearnerLost) and hung.value.checkpoint is None
     assert "learner rank(s) [0, 1] did not finish update within 5s" in str(hung.value)
     assert "killed as hung" in str(hung.value) and "no checkpoint was written" in str(hung.value)
-    assert c.restarts == {"rollout": 3, "reference": 1, "reward": 1}
+    assert c.restarts == {"rollout": 3, "reference": 1, "reward": 1, "learner": 1}
     assert sorted(os.listdir(die)) == [
         "learner-BRAID_HANG_AT-update-1", "reference-logprobs-0", "reward-score-0",
         "rollout-BRAID_HANG_AT-receive_weights-0", "rollout-generate-0",
@@ -130,8 +130,8 @@ def test_learner_death_names_the_checkpoint_and_auto_resumes(tiny_model, tmp_pat
     d["checkpoint"] = {"every": 2}
     d["failures"] = {"auto_resume": 1}
     d["roles"]["learner"]["cls"] = "tests.fixtures.dying:DyingLearner"
-    # rank 1 dies in its third update (step 3), after the checkpoint of step 2
-    d["roles"]["learner"]["env"] = {"BRAID_DIE_AT": "update:3:1",
+    # rank 1 dies in its fourth update (step 4), two steps after the checkpoint of step 2
+    d["roles"]["learner"]["env"] = {"BRAID_DIE_AT": "update:4:1",
                                     "BRAID_DIE_DIR": str(tmp_path)}
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(d))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -145,3 +145,16 @@ def test_learner_death_names_the_checkpoint_and_auto_resumes(tiny_model, tmp_pat
     assert (tmp_path / "learner-update-1").exists()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 4 and [e["step"] for e in summary["eval"]][-1] == 4
+    # the lost attempt counts in the run's restarts; step 3, logged by the first attempt and
+    # run again by the second, has one value per metric in mlflow
+    assert summary["restarts"] == {"learner": 1}
+    assert "steps 3-3 run again but are not logged again" in proc.stdout
+    import mlflow
+
+    client = mlflow.MlflowClient(summary["mlflow"]["uri"])
+    run = summary["mlflow"]["run_id"]
+    keys = client.get_run(run).data.metrics
+    steps = {k: [m.step for m in client.get_metric_history(run, k)] for k in keys}
+    assert sorted(steps["weight_version"]) == [1, 2, 3, 4]
+    assert sorted(steps["restarts/learner"]) == [3, 4]
+    assert all(len(s) == len(set(s)) for s in steps.values()), steps

@@ -80,3 +80,43 @@ def test_a_recipe_the_cluster_can_never_hold_is_refused_at_once_naming_what_it_h
     # what fits passes: 2 GPU learner ranks spread over the two nodes, fractional CPUs
     check_capacity(_roles(rollout=(1, 4, 0, "PACK"), learner=(2, 1, 1, "SPREAD"),
                           reward=(1, 0.25, 0, "PACK")), gpu_nodes, autoscaling=False)
+
+
+def test_restart_budgets_count_the_whole_run_per_role_and_in_all(tmp_path):
+    """Replacements are counted per run in restarts.json (a resumed attempt continues the
+    count); failures.actor_restarts limits each role, max_restarts all of them."""
+    from types import SimpleNamespace
+
+    from orchestrator.config import FailuresConfig
+    from orchestrator.groups import WorkerError
+    from orchestrator.recovery import replace_dead, restarts_so_far
+
+    class Group:
+        def __init__(self, dead):
+            self.down, self.restarted = list(dead), []
+
+        def dead(self):
+            return self.down
+
+        def restart(self, rank):
+            self.restarted.append(rank)
+
+    def attempt(failures, **dead):
+        c = SimpleNamespace(run_dir=tmp_path, restarts=restarts_so_far(tmp_path),
+                            recipe=SimpleNamespace(failures=failures),
+                            groups={role: Group(ranks) for role, ranks in dead.items()})
+        return c, replace_dead(c, WorkerError("boom", "reward", died=True))
+
+    budget = FailuresConfig(actor_restarts=2, max_restarts=3)
+    c, replaced = attempt(budget, reward=[0, 1], learner=[])
+    assert replaced and c.groups["reward"].restarted == [0, 1]
+    assert restarts_so_far(tmp_path) == {"reward": 2}
+    with pytest.raises(WorkerError, match="reward actors failed 3 times in this run, more than "
+                                          "failures.actor_restarts=2"):
+        attempt(budget, reward=[1])  # the next attempt (a resume) continues the count
+    c, replaced = attempt(budget, reference=[0])
+    assert restarts_so_far(tmp_path) == {"reward": 2, "reference": 1}
+    with pytest.raises(WorkerError, match="4 actor failures in this run, more than "
+                                          "failures.max_restarts=3"):
+        attempt(budget, rollout=[0])
+    assert not attempt(budget, reward=[])[1]  # nothing dead: the error stands
