@@ -66,6 +66,17 @@ def replace_dead(c, err: WorkerError) -> bool:
     dead = {role: ranks for role, ranks in dead.items() if ranks and role in RESTARTABLE}
     if not dead:
         return False
+    restart(c, dead, err)
+    if "rollout" in dead:
+        from orchestrator.setup import init_weight_sync
+
+        init_weight_sync(c)
+        c.sync_weights(resend=True)
+    return True
+
+
+def restart(c, dead: dict[str, list[int]], err: WorkerError) -> None:
+    """Replace (and set up) the ``dead`` ranks of restartable roles, within the run's budgets."""
     f = c.recipe.failures
     for role, ranks in dead.items():
         if c.restarts.get(role, 0) + len(ranks) > f.actor_restarts:
@@ -82,12 +93,21 @@ def replace_dead(c, err: WorkerError) -> bool:
             print(f"braid: {role} rank {rank} failed ({err}); starting a replacement", flush=True)
             c.groups[role].restart(rank)
             count_restart(c, role)
-    if "rollout" in dead:
-        from orchestrator.setup import init_weight_sync
 
-        init_weight_sync(c)
-        c.sync_weights(resend=True)
-    return True
+
+def set_up(c, group, refs: list) -> None:
+    """Wait for a group's ``setup`` calls (one per rank, in rank order); a rollout, reward,
+    reference or teacher actor that dies (or hangs) meanwhile is replaced and set up anew."""
+    while True:
+        try:
+            group.call(refs, "setup")
+            return
+        except WorkerError as err:
+            dead = group.dead() if err.died and group.role in RESTARTABLE else []
+            if not dead:
+                raise
+            restart(c, {group.role: dead}, err)
+            refs = [r for i, r in enumerate(refs) if i not in dead]
 
 
 def count_restart(c, role: str) -> None:

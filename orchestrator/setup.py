@@ -343,6 +343,7 @@ def setup_controller(c) -> None:
 
     from orchestrator.groups import Deadlines, WorkerGroup, check_capacity
     from orchestrator.metrics import RunLogger
+    from orchestrator.recovery import set_up
 
     recipe = c.recipe
     ensure_model(recipe)
@@ -382,7 +383,7 @@ def setup_controller(c) -> None:
     pending += [(g, g.fanout("setup")) for r, g in c.groups.items()
                 if r not in ("learner", "critic")]
     for group, refs in pending:
-        group.call(refs, "setup")
+        set_up(c, group, refs)
     init_weight_sync(c)
     if state is not None:
         from orchestrator import checkpoint

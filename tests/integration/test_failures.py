@@ -36,7 +36,8 @@ def test_rollout_reward_and_reference_deaths_are_survived(ray_local, make_recipe
         "roles.rollout": {**recipe_dict_role("rollout"),
                           **role("DyingRollout", "generate:3,receive_weights:2")},
         "roles.rollout.env.BRAID_HANG_AT": "receive_weights:2",
-        "roles.reward": {**recipe_dict_role("reward"), **role("DyingReward", "score:4")},
+        # the reward actor dies in its set-up, its replacement in its fourth score
+        "roles.reward": {**recipe_dict_role("reward"), **role("DyingReward", "setup:1,score:4")},
         "roles.reference": {**role("DyingReference", "logprobs:2"),
                             "resources": {"num_cpus": 0.5}},
         # rank 1 hangs in its fourth update (step 4, run after the recipe's steps below)
@@ -69,15 +70,16 @@ def test_rollout_reward_and_reference_deaths_are_survived(ray_local, make_recipe
     assert isinstance(hung.value, LearnerLost) and hung.value.checkpoint is None
     assert "learner rank(s) [0, 1] did not finish update within 5s" in str(hung.value)
     assert "killed as hung" in str(hung.value) and "no checkpoint was written" in str(hung.value)
-    assert c.restarts == {"rollout": 3, "reference": 1, "reward": 1, "learner": 1}
+    assert c.restarts == {"reward": 2, "rollout": 3, "reference": 1, "learner": 1}
     assert sorted(os.listdir(die)) == [
         "learner-BRAID_HANG_AT-update-1", "reference-logprobs-0", "reward-score-0",
+        "reward-setup-0",
         "rollout-BRAID_HANG_AT-receive_weights-0", "rollout-generate-0",
         "rollout-receive_weights-0"]
     # the replacement engine generated step 2 with the weights of step 1's update
     assert per_step[2]["rollout/weight_version"] == 1.0
     assert per_step[3]["rollout/weight_version"] == 2.0
-    assert per_step[3]["restarts/rollout"] == 3.0 and per_step[3]["restarts/reward"] == 1.0
+    assert per_step[3]["restarts/rollout"] == 3.0 and per_step[3]["restarts/reward"] == 2.0
     for step in (1, 2, 3):
         assert per_step[step]["reward/unscored"] == 0.0
         assert "rl/loss" in per_step[step] and "rl/kl" in per_step[step]
