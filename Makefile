@@ -35,8 +35,9 @@ demo-real: setup smollm2
 	$(BIN)/braid run recipes/smollm2_word_problems.yaml
 
 test: setup
-	$(BIN)/python -m pytest tests rewards orchestrator/data.py orchestrator/signals.py \
-		orchestrator/metrics.py orchestrator/advantages.py workers/learner/schedule.py
+	$(BIN)/python -m pytest --durations=25 tests rewards orchestrator/data.py \
+		orchestrator/signals.py orchestrator/metrics.py orchestrator/advantages.py \
+		workers/learner/schedule.py
 
 # the learner at Qwen2.5-1.5B's shape on a CUDA GPU (a toy size on CPU); see docs/gpu.md
 gpu-check: setup
