@@ -331,7 +331,8 @@ class Controller:
         version = self.version if resend and not self.stale else self.version + 1
         refs = self.learner.fanout("push_weights", version)
         recv = self.rollout.fanout("receive_weights", version)
-        self.rollout.await_with(recv, refs, "receive_weights")  # a hung engine holds the push
+        # a hung engine holds the push: killed once the learner's broadcast has given up
+        self.rollout.await_with(recv, refs, "receive_weights", self.recipe.weight_sync.timeout_s)
         out = self.learner.call(refs, "push_weights")[0]
         self.rollout.call(recv, "receive_weights")
         self.version, self.stale = version, False

@@ -30,6 +30,7 @@ class WorkerError(RuntimeError):
     def __init__(self, message: str, role: str = "", died: bool = False):
         super().__init__(message)
         self.role, self.died = role, died
+        self.killed: list[int] = []  # ranks braid killed as hung (orchestrator.groups)
 
 
 class Deadlines:
@@ -156,16 +157,30 @@ class WorkerGroup:
         return out
 
     def call(self, refs: list, what: str = "") -> list[Any]:
+        """The results of ``refs`` (calls on this group's actors). The first error raises as
+        soon as it arrives; past the deadline, the actors that still owe results are killed."""
         import ray
 
         deadline = self.deadlines.seconds(what) if self.deadlines else None
         start = time.monotonic()
-        if deadline is not None and refs:
-            _, pending = ray.wait(refs, num_returns=len(refs), timeout=deadline)
-            if pending:
+        pending, got = list(refs), {}
+        while pending:
+            left = None if deadline is None else max(0.0, start + deadline - time.monotonic())
+            ready, pending = ray.wait(pending, num_returns=1, timeout=left)
+            if not ready:
                 self.kill_hung(pending, what, deadline)
+            # a failed call raises now, not when its peers finish (or meet their deadline)
+            got.update(zip(ready, self._get(ready, what)))
+        out = [got[r] for r in refs]
+        if self.deadlines:
+            self.deadlines.observe(what, time.monotonic() - start)
+        return out
+
+    def _get(self, refs: list, what: str) -> list[Any]:
+        import ray
+
         try:
-            out = ray.get(refs)
+            return ray.get(refs)
         except ray.exceptions.RayActorError as err:
             raise WorkerError(f"{self.role} actor died{' during ' + what if what else ''}: "
                               f"{_first_line(err)}{self._where(err)}", self.role,
@@ -175,13 +190,11 @@ class WorkerGroup:
             raise WorkerError(f"{self.role}{' ' + what if what else ''} failed: "
                               f"{type(cause).__name__}: {_first_line(cause)}{self._where(err)}",
                               self.role) from err
-        if self.deadlines:
-            self.deadlines.observe(what, time.monotonic() - start)
-        return out
 
     def kill_hung(self, pending: list, what: str, deadline: float) -> None:
         """Kill the actors of this group that owe ``pending`` results past their deadline, and
-        raise the error of a dead actor (recovery replaces them, or stops on a learner)."""
+        raise the error of a dead actor (recovery replaces them, or stops on a learner); the
+        error's ``killed`` names them (Ray may not report them dead at once)."""
         import ray
 
         # a result's task names the actor that runs it (Ray's ids of this group's actors)
@@ -190,27 +203,38 @@ class WorkerGroup:
                         if r.task_id().actor_id() in owner})
         for i in ranks:
             ray.kill(self.actors[i], no_restart=True)
-        limit = f"failures.deadline.calls.{self.role}.{what.split()[0] if what else ''}"
-        raise WorkerError(f"{self.role} rank(s) {ranks} did not finish {what or 'a call'} within "
-                          f"{deadline:.0f}s (the deadline: {limit}, or floor_s and factor); "
-                          "killed as hung", self.role, died=bool(ranks))
+        limit = (f"the deadline: failures.deadline.calls.{self.role}."
+                 f"{what.split()[0] if what else ''}, or floor_s and factor")
+        if not ranks:  # results of no actor of this group (restored, or another group's)
+            raise WorkerError(f"{self.role}: {what or 'a call'} did not finish within "
+                              f"{deadline:.0f}s ({limit})", self.role)
+        err = WorkerError(f"{self.role} rank(s) {ranks} did not finish {what or 'a call'} within "
+                          f"{deadline:.0f}s ({limit}); killed as hung", self.role, died=True)
+        err.killed = ranks
+        raise err
 
-    def await_with(self, refs: list, others: list, what: str) -> None:
-        """Wait for ``refs`` of this group's actors that meet ``others`` (of another group) in
-        one collective — a weight broadcast, where an actor that never joins holds everyone.
-        At this group's deadline its unfinished actors are killed as hung; when the other side
-        was the one stuck (nothing finished), these were the cheap ones to replace, and the other
-        side's next call meets its own deadline."""
+    def await_with(self, refs: list, sender: list, what: str, at_least: float = 0.0) -> None:
+        """Wait for ``refs``, this group's side of a collective whose ``sender`` (another
+        group's calls) broadcasts to it — a weight sync, where a receiver that never joins holds
+        everyone. The sender's collective times out by itself after ``at_least`` seconds (its
+        own timeout) when a receiver is stuck; so once the sender has finished, receivers that
+        have not by this group's deadline (at least ``at_least`` + 10 s) are killed as hung.
+        A sender still busy at the deadline is the one stuck: its own call's deadline decides."""
         import ray
 
         deadline = self.deadlines.seconds(what) if self.deadlines else None
         if deadline is None or not refs:
             return
-        every = list(refs) + list(others)
-        ready, _ = ray.wait(every, num_returns=len(every), timeout=deadline)
-        pending = [r for r in refs if r not in ready]
+        deadline = max(deadline, at_least + 10.0)
+        start = time.monotonic()
+        _, busy = ray.wait(sender, num_returns=len(sender), timeout=deadline)
+        if busy:
+            return
+        left = max(0.0, start + deadline - time.monotonic())
+        _, pending = ray.wait(refs, num_returns=len(refs), timeout=left)
         if pending:
             self.kill_hung(pending, what, deadline)
+        self.deadlines.observe(what, time.monotonic() - start)
 
     def _where(self, err: BaseException) -> str:
         """The user's frame in the remote traceback, and the class, when the class is not
@@ -242,13 +266,15 @@ class WorkerGroup:
 
         ray.kill(self.actors[rank], no_restart=True)
         self.actors[rank] = self._make(rank)
-        ref = self.actors[rank].setup.remote(**setup_kwargs)
-        ready, _ = ray.wait([ref], timeout=self.ready_timeout_s)
+        up = self.actors[rank].__ray_ready__.remote()  # placed and constructed
+        ready, _ = ray.wait([up], timeout=self.ready_timeout_s)
         if not ready:  # e.g. its node is gone and no other has room for the bundle
+            ray.kill(self.actors[rank], no_restart=True)
             raise WorkerError(f"{self.role} rank {rank}: the replacement actor was not up "
                               f"within {self.ready_timeout_s:.0f}s; available: "
                               f"{_resources(ray.available_resources())}", self.role)
-        self.call([ref], f"setup of replacement rank {rank}")
+        self.call([up, self.actors[rank].setup.remote(**setup_kwargs)],
+                  f"setup of replacement rank {rank}")
 
     def shutdown(self) -> None:
         import ray

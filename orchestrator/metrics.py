@@ -60,9 +60,10 @@ class RunLogger:
         self.recipe, self.run_dir = recipe, run_dir
         self.mlflow = None
         self.run_id: str | None = None
-        # after a resume: the last step of each metric the earlier attempts logged. The steps
-        # re-run since the checkpoint are not logged again, so no step of a metric has two
-        # values (a resume is exact: the re-run's values agree, but for timings)
+        # the last step of each metric logged (after a resume: by the earlier attempts too).
+        # A metric is logged once per step: an eval's metrics go out when it ends, not again
+        # with its step's; the steps re-run since a checkpoint are not logged again (a resume
+        # is exact: the re-run's values agree, but for timings)
         self.logged: dict[str, int] = {}
 
     def start(self, recipe_yaml: str, run_id: str | None = None) -> None:
@@ -100,6 +101,7 @@ class RunLogger:
             clean = {metric_name(k): float(v) for k, v in metrics.items()
                      if isinstance(v, (int, float))}
             clean = {k: v for k, v in clean.items() if step > self.logged.get(k, -1)}
+            self.logged |= dict.fromkeys(clean, step)
             # queued, written by mlflow's background thread instead of inside the step;
             # flushed when a step checkpoints and when the run ends
             self.mlflow.log_metrics(clean, step=step, synchronous=False)

@@ -57,9 +57,16 @@ def recoverable(method):
     return wrapper
 
 
+def gone(group, err: WorkerError) -> list[int]:
+    """Ranks of ``group`` that are dead, or that braid killed as hung for ``err`` (Ray may not
+    report those dead yet)."""
+    killed = err.killed if err.role == group.role else []
+    return sorted(set(group.dead()) | set(killed))
+
+
 def replace_dead(c, err: WorkerError) -> bool:
     """Replace every dead restartable actor; False when none is dead (the error stands)."""
-    dead = {role: g.dead() for role, g in c.groups.items()}
+    dead = {role: gone(g, err) for role, g in c.groups.items()}
     for role in ZERO_GROUPS:
         if dead.get(role):
             raise learner_lost(c, dead[role], err, role) from err
@@ -76,38 +83,62 @@ def replace_dead(c, err: WorkerError) -> bool:
 
 
 def restart(c, dead: dict[str, list[int]], err: WorkerError) -> None:
-    """Replace (and set up) the ``dead`` ranks of restartable roles, within the run's budgets."""
-    f = c.recipe.failures
+    """Replace (and set up) the ``dead`` ranks of restartable roles, within the run's budgets;
+    a replacement that dies while it sets up is replaced in turn (and counted)."""
     for role, ranks in dead.items():
-        if c.restarts.get(role, 0) + len(ranks) > f.actor_restarts:
-            raise WorkerError(f"{err} — {role} actors failed {c.restarts.get(role, 0) + len(ranks)}"
-                              f" times in this run, more than failures.actor_restarts="
-                              f"{f.actor_restarts}", role, died=True) from err
-    total = sum(n for r, n in c.restarts.items() if r in RESTARTABLE)
-    if f.max_restarts is not None and total + sum(map(len, dead.values())) > f.max_restarts:
-        raise WorkerError(f"{err} — {total + sum(map(len, dead.values()))} actor failures in "
-                          f"this run, more than failures.max_restarts={f.max_restarts}",
-                          next(iter(dead)), died=True) from err
+        check_budget(c, {role: len(ranks)}, err)
+    check_budget(c, {role: len(ranks) for role, ranks in dead.items()}, err, total=True)
     for role, ranks in dead.items():
         for rank in ranks:
-            print(f"braid: {role} rank {rank} failed ({err}); starting a replacement", flush=True)
-            c.groups[role].restart(rank)
-            count_restart(c, role)
+            while True:
+                print(f"braid: {role} rank {rank} failed ({err}); starting a replacement",
+                      flush=True)
+                count_restart(c, role)
+                try:
+                    c.groups[role].restart(rank)
+                    break
+                except WorkerError as again:
+                    if not again.died:
+                        raise
+                    err = again
+                    check_budget(c, {role: 1}, err)
+                    check_budget(c, {role: 1}, err, total=True)
+
+
+def check_budget(c, more: dict[str, int], err: WorkerError, total: bool = False) -> None:
+    """Refuse ``more`` replacements per role (``failures.actor_restarts``), or in all
+    (``total``: ``failures.max_restarts``), past the run's budget."""
+    f = c.recipe.failures
+    if not total:
+        for role, n in more.items():
+            if c.restarts.get(role, 0) + n > f.actor_restarts:
+                raise WorkerError(f"{err} — {role} actors failed {c.restarts.get(role, 0) + n} "
+                                  f"times in this run, more than failures.actor_restarts="
+                                  f"{f.actor_restarts}", role, died=True) from err
+        return
+    done = sum(n for r, n in c.restarts.items() if r in RESTARTABLE)
+    if f.max_restarts is not None and done + sum(more.values()) > f.max_restarts:
+        raise WorkerError(f"{err} — {done + sum(more.values())} actor failures in this run, "
+                          f"more than failures.max_restarts={f.max_restarts}",
+                          next(iter(more)), died=True) from err
 
 
 def set_up(c, group, refs: list) -> None:
     """Wait for a group's ``setup`` calls (one per rank, in rank order); a rollout, reward,
-    reference or teacher actor that dies (or hangs) meanwhile is replaced and set up anew."""
-    while True:
+    reference or teacher actor that dies meanwhile is replaced and set up anew. (Set-up has no
+    deadline: loading a model may take long.)"""
+    waiting = dict(enumerate(refs))  # rank -> its setup call
+    while waiting:
         try:
-            group.call(refs, "setup")
+            group.call(list(waiting.values()), "setup")
             return
         except WorkerError as err:
-            dead = group.dead() if err.died and group.role in RESTARTABLE else []
+            dead = gone(group, err) if err.died and group.role in RESTARTABLE else []
             if not dead:
                 raise
             restart(c, {group.role: dead}, err)
-            refs = [r for i, r in enumerate(refs) if i not in dead]
+            for rank in dead:
+                waiting.pop(rank, None)
 
 
 def count_restart(c, role: str) -> None:
@@ -117,14 +148,19 @@ def count_restart(c, role: str) -> None:
     path = c.run_dir / "restarts.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(c.restarts))
+    run_id = getattr(getattr(c, "logger", None), "run_id", None)
+    tmp.write_text(json.dumps({"mlflow_run_id": run_id, "restarts": c.restarts}))
     os.replace(tmp, path)
 
 
-def restarts_so_far(run_dir: Path) -> dict[str, int]:
-    """The run's replacements before this attempt (a resume continues the count)."""
+def restarts_so_far(run_dir: Path, run_id: str | None = None) -> dict[str, int]:
+    """The run's replacements before this attempt (a resume continues the count); none when
+    the file belongs to another run (its mlflow run id differs from ``run_id``)."""
     path = run_dir / "restarts.json"
-    return json.loads(path.read_text()) if path.is_file() else {}
+    if not path.is_file():
+        return {}
+    saved = json.loads(path.read_text())
+    return dict(saved["restarts"]) if saved.get("mlflow_run_id") == run_id else {}
 
 
 def learner_lost(c, ranks: list[int], err: BaseException, role: str = "learner") -> LearnerLost:
@@ -146,7 +182,7 @@ def explain(c, err: WorkerError) -> WorkerError:
     if isinstance(err, LearnerLost):
         return err
     for role in ZERO_GROUPS:
-        dead = c.groups[role].dead() if role in c.groups else []
+        dead = gone(c.groups[role], err) if role in c.groups else []
         if dead:
             return learner_lost(c, dead, err, role)
     return err

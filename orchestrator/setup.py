@@ -364,8 +364,11 @@ def setup_controller(c) -> None:
     base_env = {"TOKENIZERS_PARALLELISM": "false",
                 "VLLM_LOGGING_LEVEL": os.environ.get("VLLM_LOGGING_LEVEL", "WARNING"),
                 "PYTHONWARNINGS": os.environ.get("PYTHONWARNINGS", "ignore::FutureWarning")}
+    # a cluster that lost a node may get it back (KubeRay replaces an evicted pod): wait then
+    nodes = ray.nodes()
     check_capacity({role: getattr(recipe.roles, role) for role in resolved.roles},
-                   [n["Resources"] for n in ray.nodes() if n["Alive"]], recipe.ray.autoscaling)
+                   [n["Resources"] for n in nodes if n["Alive"]],
+                   recipe.ray.autoscaling or not all(n["Alive"] for n in nodes))
     for role, (cls, args) in resolved.roles.items():
         cfg = getattr(recipe.roles, role)
         c.groups[role] = WorkerGroup(role, cfg, recipe, cls, args, base_env | cfg.env)
@@ -428,7 +431,7 @@ def prepare_driver(c):
 
         c.resume_path = checkpoint.find(c.run_dir, c.resume or None)
         state = checkpoint.read_state(c.resume_path)
-        c.restarts = restarts_so_far(c.run_dir)  # budgets are per run
+        c.restarts = restarts_so_far(c.run_dir, state.get("mlflow_run_id"))  # per run
     else:
         (c.run_dir / "restarts.json").unlink(missing_ok=True)  # a new run in this folder
     return resolved, state
@@ -448,6 +451,6 @@ def init_weight_sync(c) -> None:
     refs = c.learner.fanout("init_weight_sync", host, port, world, manifest, backend)
     recv = [a.init_weight_sync.remote(host, port, world, 1 + i * tp, manifest, backend)
             for i, a in enumerate(c.rollout.actors)]
-    c.rollout.await_with(recv, refs, "init_weight_sync")
+    c.rollout.await_with(recv, refs, "init_weight_sync", ws.timeout_s)
     c.learner.call(refs, "init_weight_sync")
     c.rollout.call(recv, "init_weight_sync")

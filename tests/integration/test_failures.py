@@ -43,7 +43,9 @@ def test_rollout_reward_and_reference_deaths_are_survived(ray_local, make_recipe
         # rank 1 hangs in its fourth update (step 4, run after the recipe's steps below)
         "roles.learner.cls": "tests.fixtures.dying:DyingLearner",
         "roles.learner.env": {"BRAID_HANG_AT": "update:4:1", "BRAID_DIE_DIR": die},
-        "failures.deadline.calls": {"rollout.receive_weights": 10},
+        # the hung engine is killed once the learner's broadcast gave up (10 s) and its own
+        # deadline passed (10 s after that)
+        "failures.deadline.calls": {"rollout.receive_weights": 10}, "weight_sync.timeout_s": 10,
     })
     c = Controller(recipe).setup()
     try:

@@ -92,8 +92,8 @@ def test_restart_budgets_count_the_whole_run_per_role_and_in_all(tmp_path):
     from orchestrator.recovery import replace_dead, restarts_so_far
 
     class Group:
-        def __init__(self, dead):
-            self.down, self.restarted = list(dead), []
+        def __init__(self, role, dead):
+            self.role, self.down, self.restarted = role, list(dead), []
 
         def dead(self):
             return self.down
@@ -104,7 +104,7 @@ def test_restart_budgets_count_the_whole_run_per_role_and_in_all(tmp_path):
     def attempt(failures, **dead):
         c = SimpleNamespace(run_dir=tmp_path, restarts=restarts_so_far(tmp_path),
                             recipe=SimpleNamespace(failures=failures),
-                            groups={role: Group(ranks) for role, ranks in dead.items()})
+                            groups={role: Group(role, r) for role, r in dead.items()})
         return c, replace_dead(c, WorkerError("boom", "reward", died=True))
 
     budget = FailuresConfig(actor_restarts=2, max_restarts=3)
@@ -120,3 +120,4 @@ def test_restart_budgets_count_the_whole_run_per_role_and_in_all(tmp_path):
                                           "failures.max_restarts=3"):
         attempt(budget, rollout=[0])
     assert not attempt(budget, reward=[])[1]  # nothing dead: the error stands
+    assert restarts_so_far(tmp_path, "another-run") == {}  # a file another run left
