@@ -8,7 +8,6 @@ last checkpoint, to the end."""
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
@@ -22,7 +21,7 @@ import yaml
 
 from core.weight_sync import free_port
 from tests.conftest import ROOT, recipe_dict
-from tests.integration.test_ray_job import _ours
+from tests.integration.test_ray_job import stop_nodes
 
 pytestmark = pytest.mark.slow
 
@@ -69,22 +68,7 @@ def two_nodes():
         manager_port = second[second.index("--node-manager-port") + 1]
         yield address, env, lambda: _raylet(manager_port)
     finally:
-        for n in nodes:
-            try:
-                os.killpg(n.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for n in nodes:
-            try:
-                n.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(n.pid, signal.SIGKILL)
-        deadline = time.time() + 20
-        while _ours(temp_dir) and time.time() < deadline:
-            time.sleep(1)
-        for pid in _ours(temp_dir):
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+        stop_nodes(nodes, temp_dir)
 
 
 def _wait_nodes(address: str, env: dict, alive: int, timeout_s: float = 120) -> None:

@@ -78,18 +78,29 @@ def ray_head():
             time.sleep(2)
         yield address, env
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
+        stop_nodes([head], temp_dir)
+
+
+def stop_nodes(nodes: list[subprocess.Popen], temp_dir: str) -> None:
+    """Stop the `ray start --block` processes a test started, then anything left that names
+    its temp dir (never `ray stop`: that kills every Ray on the machine)."""
+    for n in nodes:
         try:
-            head.wait(timeout=30)
+            os.killpg(n.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for n in nodes:
+        try:
+            n.wait(timeout=30)
         except subprocess.TimeoutExpired:
-            os.killpg(head.pid, signal.SIGKILL)
-        deadline = time.time() + 20
-        while _ours(temp_dir) and time.time() < deadline:
-            time.sleep(1)
-        for pid in _ours(temp_dir):
-            os.kill(pid, signal.SIGKILL)
-        assert not _ours(temp_dir)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+            os.killpg(n.pid, signal.SIGKILL)
+    deadline = time.time() + 20
+    while _ours(temp_dir) and time.time() < deadline:
+        time.sleep(1)
+    for pid in _ours(temp_dir):
+        os.kill(pid, signal.SIGKILL)
+    assert not _ours(temp_dir)
+    shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _ray(env, *args, check=True, timeout=600):
