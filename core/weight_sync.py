@@ -171,6 +171,17 @@ class SyncGroup:
             except Exception:  # already torn down by the watchdog
                 pass
 
+    def close(self) -> None:
+        """Tear the group down after a failed sync: its connections close, so members still
+        waiting in a broadcast (engines that outlived a dead one) fail at once instead of
+        after the timeout. The group is unusable after."""
+        import gc
+
+        if self.backend == "nccl":
+            self.abort()
+        self.pg = self.store = None
+        gc.collect()  # gloo closes its sockets when the last reference goes
+
 
 class _BufferPair:
     """Two byte buffers used alternately, bucket i in buffer i % 2, each the size of the
@@ -237,6 +248,11 @@ class WeightSender:
 
     def finish(self) -> None:
         self.buffers.settle()
+
+    def close(self) -> None:
+        """After a failed send: drop the broadcasts in flight and tear the group down."""
+        self.buffers.pending = [None, None]
+        self.group.close()
 
     def send(self, version: int, tensors: dict[str, torch.Tensor]) -> None:
         """All buckets from full tensors at hand (no gathering needed)."""

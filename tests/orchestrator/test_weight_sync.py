@@ -117,3 +117,46 @@ def test_many_buckets_stream_through_a_pair_of_buffers():
     # the sender broadcasts a one-tensor bucket from the tensor itself: no buffer for it
     multi = [n if len(b.tensors) > 1 else 0 for n, b in zip(sizes, manifest.buckets)]
     assert sender.buffers.nbytes == max(multi[0::2]) + max(multi[1::2]) <= receiver_bytes
+
+
+def _dying_receiver(port, manifest, rank, q):
+    """Rank 2 dies after the header (an engine lost mid-sync); rank 1 reports how long its
+    receive took to fail."""
+    import os
+    import time
+
+    group = SyncGroup("127.0.0.1", port, 3, rank, "gloo", timeout_s=60)
+    recv = WeightReceiver(Manifest.from_dict(manifest), group)
+    recv.begin(expected_version=1)
+    if rank == 2:
+        os._exit(1)
+    t0 = time.monotonic()
+    try:
+        for _ in recv.tensors(copy=False):
+            pass
+        q.put(("received", time.monotonic() - t0))
+    except Exception as err:
+        q.put((type(err).__name__, time.monotonic() - t0))
+
+
+def test_a_failed_send_releases_the_engines_still_receiving_at_once():
+    """An engine dies mid-sync: the sender's broadcast fails, and closing its group makes the
+    surviving engine's receive fail within seconds, not after the group's 60 s timeout."""
+    import pytest
+
+    p = {f"w{i}": torch.zeros(1_000_000) for i in range(8)}  # 32 MB: more than socket buffers
+    manifest = plan_buckets([(n, tuple(t.shape), t.dtype) for n, t in p.items()], 1 << 20)
+    port, ctx = free_port(), mp.get_context("spawn")
+    q = ctx.Queue()
+    procs = [ctx.Process(target=_dying_receiver, args=(port, manifest.to_dict(), r, q))
+             for r in (1, 2)]
+    for pr in procs:
+        pr.start()
+    sender = WeightSender(manifest, SyncGroup("127.0.0.1", port, 3, 0, "gloo", 60))
+    with pytest.raises(RuntimeError):
+        sender.send(1, p)
+    sender.close()
+    outcome, seconds = q.get(timeout=60)
+    for pr in procs:
+        pr.join(timeout=30)
+    assert outcome == "RuntimeError" and seconds < 20, (outcome, seconds)

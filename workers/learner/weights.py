@@ -67,7 +67,9 @@ class LearnerWeights:
             except Exception as err:
                 failed = err
         if failed is not None:
-            self.sender = None  # drop the broken group; the controller forms a new one
+            if self.sender is not None:  # engines still in the broadcast fail now, not at
+                self.sender.close()      # the timeout; the controller forms a new group
+            self.sender = None
             raise RuntimeError(f"weight sync to the engines failed: {failed}") from failed
         return {"sync/seconds": time.perf_counter() - t0, "sync/bytes": self.manifest.nbytes}
 
