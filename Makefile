@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.braid-setup
 SMOLLM2 := models/SmolLM2-135M-Instruct
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: setup demo demo-real smollm2 test repro gpu-check gpu-wheels lint clean
+.PHONY: setup demo demo-real smollm2 test test-long repro gpu-check gpu-wheels lint clean
 
 setup: $(STAMP)
 
@@ -35,9 +35,13 @@ demo-real: setup smollm2
 	$(BIN)/braid run recipes/smollm2_word_problems.yaml
 
 test: setup
-	$(BIN)/python -m pytest --durations=25 tests rewards orchestrator/data.py \
-		orchestrator/signals.py orchestrator/metrics.py orchestrator/advantages.py \
-		workers/learner/schedule.py
+	$(BIN)/python -m pytest -m "not gpu and not long" --durations=25 tests rewards \
+		orchestrator/data.py orchestrator/signals.py orchestrator/metrics.py \
+		orchestrator/advantages.py workers/learner/schedule.py
+
+# the variants `make test` leaves out to stay under 30 minutes (~6 minutes more)
+test-long: setup
+	$(BIN)/python -m pytest -m long tests
 
 # the learner at Qwen2.5-1.5B's shape on a CUDA GPU (a toy size on CPU); see docs/gpu.md
 gpu-check: setup

@@ -92,9 +92,10 @@ def recipe_dict_role(role: str) -> dict:
     return recipe_dict("m", "r")["roles"][role]
 
 
-@pytest.mark.parametrize("engine,how", [("DyingRollout", "BRAID_DIE_AT"),
-                                        ("DyingAsyncRollout", "BRAID_DIE_AT"),
-                                        ("DyingAsyncRollout", "BRAID_KILL_ENGINE_AT")])
+@pytest.mark.parametrize("engine,how", [
+    ("DyingRollout", "BRAID_DIE_AT"),
+    pytest.param("DyingAsyncRollout", "BRAID_DIE_AT", marks=pytest.mark.long),
+    pytest.param("DyingAsyncRollout", "BRAID_KILL_ENGINE_AT", marks=pytest.mark.long)])
 def test_an_engine_dying_with_a_step_in_flight_regenerates_it(ray_local, make_recipe, tmp_path,
                                                              engine, how):
     """rollout.max_staleness: 1 — step 2's rollouts are generating while step 1 learns when the

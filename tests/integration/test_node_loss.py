@@ -47,7 +47,11 @@ def two_nodes():
     env.pop("RAY_ADDRESS", None)
     common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
               "--min-worker-port", "0", "--max-worker-port", "0"]
+    # Ray counts a silent node dead after 3 missed health checks a second apart (default:
+    # 5, 3 s apart), so the test waits less for it
+    checks = '{"health_check_period_ms": 1000, "health_check_failure_threshold": 3}'
     head = _start([str(VENV_BIN / "ray"), "start", "--head", "--port", str(port),
+                   "--system-config", checks,
                    "--temp-dir", temp_dir, "--include-dashboard", "false", "--num-cpus", "4",
                    *common, *_ports("--ray-client-server-port", "--node-manager-port",
                                     "--object-manager-port", "--metrics-export-port",

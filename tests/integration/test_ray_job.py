@@ -91,7 +91,7 @@ def stop_nodes(nodes: list[subprocess.Popen], temp_dir: str) -> None:
             pass
     for n in nodes:
         try:
-            n.wait(timeout=30)
+            n.wait(timeout=10)
         except subprocess.TimeoutExpired:
             os.killpg(n.pid, signal.SIGKILL)
     deadline = time.time() + 20

@@ -65,7 +65,7 @@ def _run(recipe, resume=None, until=None):
         c.shutdown()
 
 
-@pytest.mark.parametrize("k", [0, 1])
+@pytest.mark.parametrize("k", [0, pytest.param(1, marks=pytest.mark.long)])
 def test_stop_and_resume_matches_a_straight_run(ray_local, make_chat_recipe, tmp_path,
                                                 problems, k):
     straight, w_a, sched_a, v_a = _run(_recipe(make_chat_recipe, tmp_path / "a", 4, problems, k))
