@@ -85,9 +85,7 @@ def replace_dead(c, err: WorkerError) -> bool:
 def restart(c, dead: dict[str, list[int]], err: WorkerError) -> None:
     """Replace (and set up) the ``dead`` ranks of restartable roles, within the run's budgets;
     a replacement that dies while it sets up is replaced in turn (and counted)."""
-    for role, ranks in dead.items():
-        check_budget(c, {role: len(ranks)}, err)
-    check_budget(c, {role: len(ranks) for role, ranks in dead.items()}, err, total=True)
+    check_budget(c, {role: len(ranks) for role, ranks in dead.items()}, err)
     for role, ranks in dead.items():
         for rank in ranks:
             while True:
@@ -102,20 +100,17 @@ def restart(c, dead: dict[str, list[int]], err: WorkerError) -> None:
                         raise
                     err = again
                     check_budget(c, {role: 1}, err)
-                    check_budget(c, {role: 1}, err, total=True)
 
 
-def check_budget(c, more: dict[str, int], err: WorkerError, total: bool = False) -> None:
-    """Refuse ``more`` replacements per role (``failures.actor_restarts``), or in all
-    (``total``: ``failures.max_restarts``), past the run's budget."""
+def check_budget(c, more: dict[str, int], err: WorkerError) -> None:
+    """Refuse ``more`` replacements (role -> count) past the run's budgets: per role
+    (``failures.actor_restarts``) and in all (``failures.max_restarts``)."""
     f = c.recipe.failures
-    if not total:
-        for role, n in more.items():
-            if c.restarts.get(role, 0) + n > f.actor_restarts:
-                raise WorkerError(f"{err} — {role} actors failed {c.restarts.get(role, 0) + n} "
-                                  f"times in this run, more than failures.actor_restarts="
-                                  f"{f.actor_restarts}", role, died=True) from err
-        return
+    for role, n in more.items():
+        if c.restarts.get(role, 0) + n > f.actor_restarts:
+            raise WorkerError(f"{err} — {role} actors failed {c.restarts.get(role, 0) + n} "
+                              f"times in this run, more than failures.actor_restarts="
+                              f"{f.actor_restarts}", role, died=True) from err
     done = sum(n for r, n in c.restarts.items() if r in RESTARTABLE)
     if f.max_restarts is not None and done + sum(more.values()) > f.max_restarts:
         raise WorkerError(f"{err} — {done + sum(more.values())} actor failures in this run, "
