@@ -7,6 +7,7 @@ import os
 import shutil
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import pytest
@@ -30,6 +31,19 @@ sys.path.insert(0, str(ROOT))
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(_BASE, ignore_errors=True)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """The innermost lines of each failure, printed last: a CI log kept only by its tail
+    (a hang's timeout included) still says where each test stopped."""
+    failed = [r for kind in ("failed", "error") for r in terminalreporter.stats.get(kind, [])]
+    if failed:
+        terminalreporter.section("where the failures stopped")
+    for rep in failed[:8]:
+        lines = [ln for ln in str(rep.longrepr).splitlines() if ln.strip()]
+        terminalreporter.write_line(f"{rep.nodeid} ({rep.when}):")
+        for ln in lines[-10:]:
+            terminalreporter.write_line("    " + ln[:200])
 
 
 @pytest.fixture(scope="session")
@@ -60,15 +74,63 @@ def tiny_chat_model(base_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
-def ray_local(base_dir):
-    """A private local Ray cluster for the session (never `ray stop`: that kills every Ray)."""
+def _ray_session(base_dir):
+    """A private local Ray cluster for the session (never `ray stop`: that kills every Ray),
+    and how to start it again."""
     import ray
 
-    ray.init(address="local", num_cpus=6, include_dashboard=False,
-             _temp_dir=str(base_dir / "ray"), log_to_driver=False,
-             runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # tests.fixtures in workers
-    yield ray
+    def start() -> None:
+        ray.init(address="local", num_cpus=6, include_dashboard=False,
+                 _temp_dir=str(base_dir / "ray"), log_to_driver=False,
+                 runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # tests.fixtures in workers
+
+    start()
+    yield ray, start
     ray.shutdown()
+
+
+@pytest.fixture
+def ray_local(_ray_session):
+    """The session's Ray cluster. A test must leave it as it found it — every CPU free, no
+    placement group or actor alive — or it errors at teardown naming what it left, and the
+    cluster is started afresh: a leak would otherwise starve every test after it until its
+    timeout."""
+    ray, start = _ray_session
+    left = _in_use(ray, wait_s=10)
+    if left:  # held by something outside the tests that use it (another cluster's test)
+        warnings.warn(f"the session's Ray cluster was found in use, started afresh: {left}",
+                      stacklevel=2)
+        ray.shutdown()
+        start()
+    yield ray
+    left = _in_use(ray)
+    if left:
+        ray.shutdown()
+        start()
+        pytest.fail(f"the test left the session's Ray cluster in use: {left}", pytrace=False)
+
+
+def _in_use(ray, wait_s: float = 60) -> str:
+    """What still holds the cluster after ``wait_s`` (kills and removals land asynchronously);
+    empty when nothing does."""
+    import time
+
+    from ray.util import placement_group_table
+
+    deadline = time.time() + wait_s
+    while True:
+        total = ray.cluster_resources().get("CPU", 0)
+        free = ray.available_resources().get("CPU", 0)
+        groups = [f"{g['placement_group_id'][:8]} {g['state']} {g['bundles']}"
+                  for g in placement_group_table().values() if g["state"] != "REMOVED"]
+        actors = [f"{a['ActorClassName']} {a['State']}"
+                  for a in ray._private.state.actors().values() if a["State"] != "DEAD"]
+        if (free == total and not groups and not actors) or time.time() > deadline:
+            break
+        time.sleep(1)
+    if free == total and not groups and not actors:
+        return ""
+    return f"{free:g} of {total:g} CPUs free; placement groups {groups}; actors {actors}"
 
 
 def recipe_dict(model_path: Path, default_run_dir: Path, **over) -> dict:

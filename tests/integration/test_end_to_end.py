@@ -42,7 +42,7 @@ def test_braid_run_end_to_end(tiny_model, tmp_path):
     (tmp_path / "recipe.yaml").write_text("# e2e test recipe\n" + yaml.safe_dump(d))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "recipe.yaml"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     out = proc.stdout
     assert "step    4/4 | rl" in out and "=== braid run summary: test ===" in out

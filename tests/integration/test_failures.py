@@ -141,7 +141,7 @@ def test_learner_death_names_the_checkpoint_and_auto_resumes(tiny_model, tmp_pat
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(d))
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", "recipe.yaml"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     ckpt = tmp_path / "run" / "checkpoints" / "step_000002"
     assert "learner rank(s) [1] died" in proc.stderr, proc.stderr[-3000:]
