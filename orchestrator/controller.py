@@ -435,9 +435,15 @@ class Controller:
 
     # --- set-up and tear-down --------------------------------------------------------------
     def setup(self) -> Controller:
+        """Start and set up every worker. A set-up that fails releases what it made (actors,
+        placement groups; the mlflow run ends FAILED, or KILLED when interrupted) and raises."""
         from orchestrator.setup import setup_controller
 
-        setup_controller(self)
+        try:
+            setup_controller(self)
+        except BaseException as err:
+            self.shutdown("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            raise
         return self
 
     def shutdown(self, status: str = "FINISHED") -> None:

@@ -36,3 +36,22 @@ def test_a_failing_user_worker_is_named(ray_local, monkeypatch, cls, expected):
     finally:
         group.shutdown()
     assert str(err.value) == expected
+
+
+def test_a_failed_set_up_releases_what_it_made(ray_local, make_recipe, monkeypatch):
+    """Controller.setup() raising leaves no actor or placement group behind (the caller has no
+    controller to shut down), and ends its mlflow run as FAILED."""
+    import mlflow
+
+    from orchestrator.controller import Controller
+    from tests.conftest import ROOT, _in_use
+
+    monkeypatch.chdir(ROOT)
+    recipe = make_recipe(**{"roles.reward.cls": "tests.fixtures.broken:FailsInSetup"})
+    c = Controller(recipe)
+    with pytest.raises(WorkerError, match="cannot reach the grading service"):
+        c.setup()
+    assert not c.groups
+    assert _in_use(ray_local) == ""
+    run = mlflow.MlflowClient(c.logger.uri).get_run(c.logger.run_id)
+    assert run.info.status == "FAILED"
