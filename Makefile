@@ -35,7 +35,7 @@ demo-real: setup smollm2
 	$(BIN)/braid run recipes/smollm2_word_problems.yaml
 
 test: setup
-	$(BIN)/python -m pytest -m "not gpu and not long" --durations=25 --timeout 600 tests rewards \
+	$(BIN)/python -m pytest -m "not gpu and not long" --durations=25 tests rewards \
 		orchestrator/data.py orchestrator/signals.py orchestrator/metrics.py \
 		orchestrator/advantages.py workers/learner/schedule.py
 

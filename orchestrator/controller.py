@@ -442,7 +442,10 @@ class Controller:
         try:
             setup_controller(self)
         except BaseException as err:
-            self.shutdown("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            try:
+                self.shutdown("KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED")
+            except Exception as also:  # the set-up's error is the one to raise
+                print(f"braid: warning: releasing a failed set-up: {also!r}", flush=True)
             raise
         return self
 

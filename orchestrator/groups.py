@@ -98,9 +98,7 @@ def check_capacity(roles: dict, nodes: list[dict[str, float]], autoscaling: bool
 class WorkerGroup:
     def __init__(self, role: str, cfg, recipe, cls: type, args, env: dict[str, str],
                  ready_timeout_s: float = 300.0):
-        import ray
         from ray.util.placement_group import placement_group, remove_placement_group
-        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         self.role, self.cfg, self.ready_timeout_s = role, cfg, ready_timeout_s
         self.deadlines: Deadlines | None = None  # set once the group is set up
@@ -108,6 +106,17 @@ class WorkerGroup:
         bundle = {"CPU": res.num_cpus} | ({"GPU": res.num_gpus} if res.num_gpus else {})
         self.pg = placement_group([dict(bundle) for _ in range(cfg.replicas)],
                                   strategy=cfg.strategy, name=f"braid-{recipe.name}-{role}")
+        try:  # interrupted or failing, the group releases its placement (and actors in it)
+            self._place_and_start(cls, cfg, recipe, args, env, bundle)
+        except BaseException:
+            remove_placement_group(self.pg)
+            raise
+
+    def _place_and_start(self, cls, cfg, recipe, args, env, bundle) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        role, res, ready_timeout_s = self.role, cfg.resources, self.ready_timeout_s
         ready, waited = [], 0.0
         while not ready and waited < ready_timeout_s:  # the cluster is busy, or still growing
             step = min(30.0, ready_timeout_s - waited)
@@ -118,7 +127,6 @@ class WorkerGroup:
                       f"to place roles.{role}: {cfg.replicas} x {bundle} ({cfg.strategy}); "
                       f"available now: {_resources(ray.available_resources())}", flush=True)
         if not ready:
-            remove_placement_group(self.pg)
             raise WorkerError(
                 f"roles.{role}: the cluster cannot place {cfg.replicas} x {bundle} "
                 f"({cfg.strategy}) within {ready_timeout_s:.0f}s; available: "

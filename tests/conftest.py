@@ -34,8 +34,9 @@ def pytest_sessionfinish(session, exitstatus):
 
 
 def pytest_terminal_summary(terminalreporter):
-    """The innermost lines of each failure, printed last: a CI log kept only by its tail
-    (a hang's timeout included) still says where each test stopped."""
+    """The innermost lines of each failure, at the end of the log (before pytest's short
+    summary): a CI log kept only by its tail (a hang's timeout included) still says where each
+    test stopped."""
     failed = [r for kind in ("failed", "error") for r in terminalreporter.stats.get(kind, [])]
     if failed:
         terminalreporter.section("where the failures stopped")

@@ -128,7 +128,7 @@ def test_a_node_lost_mid_step_is_survived_with_auto_resume(two_nodes, tiny_model
             os.kill(killed, signal.SIGKILL)
             _wait_nodes(address, env, alive=1)
             os.kill(proc.pid, signal.SIGCONT)
-    proc.wait(timeout=500)
+    proc.wait(timeout=900)
     stdout, stderr = "".join(out), "".join(err)
     assert killed is not None, stdout[-3000:] + stderr[-3000:]
     assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
