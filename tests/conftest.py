@@ -80,7 +80,8 @@ def _ray_session(base_dir):
     and how to start it again."""
     import ray
 
-    def start() -> None:
+    def start() -> None:  # also a restart: shutdown is a no-op before the first init
+        ray.shutdown()
         ray.init(address="local", num_cpus=6, include_dashboard=False,
                  _temp_dir=str(base_dir / "ray"), log_to_driver=False,
                  runtime_env={"env_vars": {"PYTHONPATH": str(ROOT)}})  # tests.fixtures in workers
@@ -101,12 +102,10 @@ def ray_local(_ray_session):
     if left:  # held by something outside the tests that use it (another cluster's test)
         warnings.warn(f"the session's Ray cluster was found in use, started afresh: {left}",
                       stacklevel=2)
-        ray.shutdown()
         start()
     yield ray
     left = _in_use(ray)
     if left:
-        ray.shutdown()
         start()
         pytest.fail(f"the test left the session's Ray cluster in use: {left}", pytrace=False)
 
@@ -126,12 +125,11 @@ def _in_use(ray, wait_s: float = 60) -> str:
                   for g in placement_group_table().values() if g["state"] != "REMOVED"]
         actors = [f"{a['ActorClassName']} {a['State']}"
                   for a in ray._private.state.actors().values() if a["State"] != "DEAD"]
-        if (free == total and not groups and not actors) or time.time() > deadline:
-            break
+        if free == total and not groups and not actors:
+            return ""
+        if time.time() > deadline:
+            return f"{free:g} of {total:g} CPUs free; placement groups {groups}; actors {actors}"
         time.sleep(1)
-    if free == total and not groups and not actors:
-        return ""
-    return f"{free:g} of {total:g} CPUs free; placement groups {groups}; actors {actors}"
 
 
 def recipe_dict(model_path: Path, default_run_dir: Path, **over) -> dict:
