@@ -29,7 +29,7 @@ def cmd_validate(args) -> int:
     from orchestrator.setup import resolve_recipe
 
     recipe = _load(args)
-    resolved = resolve_recipe(recipe, check_model=not args.skip_model, strict=False)
+    resolved = resolve_recipe(recipe, skip_model=args.skip_model, skip_data=args.skip_data)
     roles = ", ".join(f"{r}={cls.__module__}:{cls.__name__}"
                       for r, (cls, _) in resolved.roles.items())
     print(f"{args.recipe}: ok ({recipe.name}: {recipe.steps} steps; {roles}; "
@@ -126,8 +126,11 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("overrides", nargs="*", help="key.sub=value overrides")
         if name == "validate":
             p.add_argument("--skip-model", action="store_true",
-                           help="do not look at model folders (e.g. a GPU recipe checked on a "
-                                "machine without its model); says so in the output")
+                           help="a model folder that is not on this machine is a warning, not "
+                                "an error (a GPU recipe checked away from its cluster's volume)")
+            p.add_argument("--skip-data", action="store_true",
+                           help="a data file or folder that is not on this machine is a "
+                                "warning, not an error")
         if name == "run":
             p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                            help="continue from a checkpoint: DIR is a checkpoint or a run "

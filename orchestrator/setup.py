@@ -111,12 +111,15 @@ def prompt_budget(recipe: Recipe, rollout_args) -> int | None:
     return max_len - longest
 
 
-def resolve_recipe(recipe: Recipe, check_model: bool = True, strict: bool = True) -> Resolved:
-    """Everything ``braid validate`` checks: import paths, worker classes and arguments, the
-    schedule, the datasets' first records (and their size against prompts_per_step), and —
-    unless ``check_model`` is False — every model folder and the prompts its tokenizer makes
-    (the formatters come back in ``prompts``). ``strict`` False (``braid validate``): a model
-    folder or data file that is not on this machine is a warning, and what needs it is skipped."""
+def resolve_recipe(recipe: Recipe, skip_model: bool = False,
+                   skip_data: bool = False) -> Resolved:
+    """Everything ``braid validate`` checks — and ``braid run`` checks first: import paths,
+    worker classes and arguments, the schedule, the datasets' first records (and their size
+    against prompts_per_step), every model folder and the prompts its tokenizer makes (the
+    formatters come back in ``prompts``). A model folder or data file that is not on this
+    machine is an error (MissingInput), unless ``skip_model`` / ``skip_data`` (``braid
+    validate --skip-model / --skip-data``, checking a recipe away from its cluster) turn
+    exactly that into a warning — and what needs it is not checked."""
     roles = {}
     warnings: list[str] = []
     for role, base in ROLE_BASES.items():
@@ -138,10 +141,13 @@ def resolve_recipe(recipe: Recipe, check_model: bool = True, strict: bool = True
         raise RecipeError(f"prompt.chat_template: no such file: {template!r} (relative paths "
                           f"start at the working directory, {os.getcwd()})")
 
-    def absent(err: MissingInput) -> None:
-        if strict:
-            raise err
-        warnings.append(f"{err} — not on this machine; `braid run` needs it")
+    def absent(err: RecipeError, skipped: bool, flag: str) -> None:
+        """A model folder or data file this machine lacks: an error, or with ``flag`` a
+        warning (and what needs it goes unchecked)."""
+        if not skipped:
+            raise type(err)(f"{err} (`braid validate {flag}` checks a recipe away from the "
+                            "machine that has it)") from None
+        warnings.append(f"{err} — not checked ({flag}); `braid run` needs it")
 
     datasets: dict[str, Any] = {}
     for where, component in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
@@ -149,7 +155,7 @@ def resolve_recipe(recipe: Recipe, check_model: bool = True, strict: bool = True
             try:
                 datasets[where] = build_dataset(component, where)
             except MissingInput as err:
-                absent(err)
+                absent(err, skip_data, "--skip-data")
     samples = {where: first_records(ds, where, getattr(recipe.data, where[5:]).cls)
                for where, ds in datasets.items()}
     size = dataset_size(datasets.get("data.train"))
@@ -169,24 +175,25 @@ def resolve_recipe(recipe: Recipe, check_model: bool = True, strict: bool = True
         warnings.append(f"eval.bucket_key: none of the first eval records has a field "
                         f"{key!r}: every one would land in one bucket")
     prompts = {}
-    if check_model:
-        models = model_folders(recipe, roles)
-        for where, folder in models.items():
-            problem = model_problem(folder)
-            if problem == "no such folder":
-                absent(MissingInput(f"{where}: no model folder at {folder!r}"))
-            elif problem:
-                raise RecipeError(f"{where}: {folder!r} is not a Hugging Face model folder "
-                                  f"({problem}); `braid validate --skip-model` checks the rest")
-        tokenizers = {"rollout": models.get("model.path"),
-                      "teacher": models.get("roles.teacher.args.model", models.get("model.path"))}
-        for role, folder in tokenizers.items():
-            if role in roles and folder and model_problem(folder) is None:
-                who = "teacher " if role == "teacher" else ""
-                prompts[role] = formatter(recipe, folder, budgets[role], who)
-                notes += check_prompts(prompts[role], samples, who)
-    else:
-        notes.append("model folders not checked and prompts not tokenised (--skip-model)")
+    models = model_folders(recipe, roles)
+    for where, folder in models.items():
+        problem = model_problem(folder)
+        if problem == "no such folder":
+            absent(MissingInput(f"{where}: no model folder at {folder!r}"), skip_model,
+                   "--skip-model")
+        elif problem:
+            absent(RecipeError(f"{where}: {folder!r} is not a Hugging Face model folder "
+                               f"({problem})"), skip_model, "--skip-model")
+    tokenizers = {"rollout": models.get("model.path"),
+                  "teacher": models.get("roles.teacher.args.model", models.get("model.path"))}
+    for role, folder in tokenizers.items():
+        if role in roles and folder and model_problem(folder) is None:
+            who = "teacher " if role == "teacher" else ""
+            prompts[role] = formatter(recipe, folder, budgets[role], who)
+            notes += check_prompts(prompts[role], samples, who)
+        elif role in roles:
+            notes.append(f"{'teacher ' if role == 'teacher' else ''}prompts not tokenised: no "
+                         "model folder here (--skip-model)")
     return Resolved(roles, datasets.get("data.train"), datasets.get("data.eval"), schedule,
                     warnings, notes, prompts)
 

@@ -30,10 +30,10 @@ def recipe_file(tiny_model, tmp_path):
 def test_every_shipped_recipe_validates(path, monkeypatch):
     monkeypatch.chdir(ROOT)  # recipes name their data relative to the repository
     recipe = load_recipe(path)
-    # as `braid validate` does: models and data that live on a cluster volume, come from
-    # another recipe or from `make smollm2` are warnings here (tests/orchestrator/
-    # test_paper_recipes.py checks the paper recipes on sample files)
-    resolved = resolve_recipe(recipe, strict=False)
+    # as `braid validate --skip-model --skip-data` does: models and data that live on a
+    # cluster volume, come from another recipe or from `make smollm2` are warnings here
+    # (tests/orchestrator/test_paper_recipes.py checks the paper recipes on sample files)
+    resolved = resolve_recipe(recipe, skip_model=True, skip_data=True)
     assert {"rollout", "learner", "reward"} <= set(resolved.roles)
     assert path.read_text().startswith("#"), "a recipe opens with its purpose and launch line"
 
@@ -161,7 +161,9 @@ def test_an_empty_model_folder_fails_validate_unless_skipped(recipe_file, tmp_pa
         resolve_recipe(load_recipe(p))
     skipped = _validate(["--skip-model", str(p)], tmp_path)
     assert skipped.returncode == 0, skipped.stderr
-    assert "model folders not checked and prompts not tokenised (--skip-model)" in skipped.stdout
+    assert "warning: model.path: " in skipped.stdout and "not checked (--skip-model)" in \
+        skipped.stdout
+    assert "prompts not tokenised: no model folder here (--skip-model)" in skipped.stdout
 
 
 def test_a_user_dataset_that_raises_is_one_line_with_the_users_frame(recipe_file, tmp_path):
@@ -222,7 +224,7 @@ def test_a_missing_chat_template_file_is_named_even_without_the_model(make_recip
     recipe = make_recipe(**{"prompt.chat_template": "nowhere/template.jinja"})
     with pytest.raises(RecipeError, match="prompt.chat_template: no such file: "
                                           "'nowhere/template.jinja'"):
-        resolve_recipe(recipe, check_model=False)
+        resolve_recipe(recipe, skip_model=True)
 
 
 def test_one_shot_datasets_budgets_and_bucket_keys_are_checked(recipe_file, make_recipe,
@@ -243,18 +245,36 @@ def test_one_shot_datasets_budgets_and_bucket_keys_are_checked(recipe_file, make
                for w in warnings)
 
 
-def test_models_and_data_not_on_this_machine_warn_in_validate_and_stop_a_run(make_recipe):
+def test_models_and_data_not_on_this_machine_fail_validate_unless_skipped(make_recipe):
     from core.errors import MissingInput
 
     recipe = make_recipe(**{"model.path": "/nowhere/model", "data.eval": {
         "cls": "orchestrator.data:FileDataset", "args": {"path": "/nowhere/test.jsonl"}}})
-    warnings = resolve_recipe(recipe, strict=False).warnings
-    assert "model.path: no model folder at '/nowhere/model' — not on this machine; `braid run` " \
-           "needs it" in warnings
-    assert any(w.startswith("data.eval: /nowhere/test.jsonl: no such file or folder") for w in
-               warnings)
     with pytest.raises(MissingInput, match="data.eval: /nowhere/test.jsonl: no such file"):
         resolve_recipe(recipe)
+    with pytest.raises(MissingInput, match=r"model.path: no model folder at '/nowhere/model' "
+                                           r"\(`braid validate --skip-model` checks"):
+        resolve_recipe(recipe, skip_data=True)
+    warnings = resolve_recipe(recipe, skip_model=True, skip_data=True).warnings
+    assert "model.path: no model folder at '/nowhere/model' — not checked (--skip-model); " \
+           "`braid run` needs it" in warnings
+    assert any(w.startswith("data.eval: /nowhere/test.jsonl: no such file or folder") and
+               w.endswith("not checked (--skip-data); `braid run` needs it") for w in warnings)
+
+
+def test_a_mistyped_data_path_fails_braid_validate_in_one_line(recipe_file, tmp_path):
+    p = recipe_file(lambda d: d["data"].update(
+        train={"cls": "orchestrator.data:FileDataset", "args": {"path": "problms.jsonl"}}))
+    out = _validate([str(p)], tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stdout + out.stderr
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "braid: recipe error: data.train: problms.jsonl: no such file or folder"), lines
+    assert "--skip-data" in lines[0] and ": ok (" not in out.stdout
+    skipped = _validate(["--skip-data", str(p)], tmp_path)
+    assert skipped.returncode == 0 and ": ok (" in skipped.stdout, skipped.stderr
+    assert "warning: data.train: problms.jsonl: no such file or folder" in skipped.stdout
+    assert "not checked (--skip-data)" in skipped.stdout
 
 
 def test_training_sampling_that_hides_behaviour_log_probs_is_refused(tmp_path):
