@@ -1,4 +1,4 @@
-# braid — make demo | make demo-real | make test | make setup | make smollm2 | make gpu-check | make lint
+# braid — make demo | make demo-real | make test | make test-fast | make test-long | make setup | make smollm2 | make gpu-check | make lint
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.braid-setup
 SMOLLM2 := models/SmolLM2-135M-Instruct
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: setup demo demo-real smollm2 test test-long repro gpu-check gpu-wheels lint clean
+.PHONY: setup demo demo-real smollm2 test test-fast test-long repro gpu-check gpu-wheels lint clean
 
 setup: $(STAMP)
 
@@ -34,14 +34,19 @@ demo: setup
 demo-real: setup smollm2
 	$(BIN)/braid run recipes/smollm2_word_problems.yaml
 
-test: setup
-	$(BIN)/python -m pytest -m "not gpu and not long" --durations=25 tests rewards \
-		orchestrator/data.py orchestrator/signals.py orchestrator/metrics.py \
-		orchestrator/advantages.py workers/learner/schedule.py
+DOCTESTS := rewards orchestrator/data.py orchestrator/signals.py orchestrator/metrics.py \
+	orchestrator/advantages.py workers/learner/schedule.py
 
-# the variants `make test` leaves out to stay under 30 minutes (~6 minutes more)
+test: setup
+	$(BIN)/python -m pytest -m "not gpu and not long" --durations=25 tests $(DOCTESTS)
+
+# unit and contract tests: no Ray cluster, no engine, no learner (a few minutes; for iterating)
+test-fast: setup
+	$(BIN)/python -m pytest -m "not gpu and not long and not slow" tests $(DOCTESTS)
+
+# the variants `make test` leaves out to stay under 25 minutes; CI runs them after it
 test-long: setup
-	$(BIN)/python -m pytest -m long tests
+	$(BIN)/python -m pytest -m long --durations=10 tests
 
 # the learner at Qwen2.5-1.5B's shape on a CUDA GPU (a toy size on CPU); see docs/gpu.md
 gpu-check: setup

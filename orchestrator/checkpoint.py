@@ -25,24 +25,36 @@ import shutil
 from pathlib import Path
 
 from core.errors import RecipeError
+from orchestrator.groups import WorkerError
 
 
 def save(c, step: int) -> Path:
+    """Write the checkpoint of ``step``. A checkpoint that cannot be written (a full disk, a
+    learner that fails to save) is removed — freeing what it took — and the run stops with one
+    line naming the step, the path and the cause; ``latest`` still names the previous one."""
     root = c.run_dir.resolve() / "checkpoints"
     final = root / f"step_{step:06d}"
     tmp = root / (final.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for group in (c.learner, c.critic):
-        if group is not None:
-            group.call(group.fanout("save_state", str(tmp)), "save_state")
-    c.rollouts.save(tmp)  # steps in flight (rollout.max_staleness > 0)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        for group in (c.learner, c.critic):
+            if group is not None:
+                group.call(group.fanout("save_state", str(tmp)), "save_state")
+        c.rollouts.save(tmp)  # steps in flight (rollout.max_staleness > 0)
+        state = {"step": step, "weight_version": c.version, "cursor": c.cursor.state(),
+                 "schedule": c.schedule.state_dict(), "demos": c.demos.state_dict(),
+                 "history": c.history, "mlflow_run_id": c.logger.run_id, "rng": rng_state(),
+                 "model_path": str(Path(c.recipe.model.path).resolve())}
+        (tmp / "controller.json").write_text(json.dumps(state))
+    except (OSError, WorkerError) as err:
+        if isinstance(err, WorkerError) and err.died:
+            raise  # a learner rank lost while saving: recovery names the checkpoint
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise WorkerError(f"the checkpoint of step {step} could not be written to {tmp}: "
+                          f"{_why(root, err)}; the previous checkpoint is kept "
+                          f"({_latest(root)}, the one --resume uses)", "checkpoint") from err
     c.saved_step = step
-    state = {"step": step, "weight_version": c.version, "cursor": c.cursor.state(),
-             "schedule": c.schedule.state_dict(), "demos": c.demos.state_dict(),
-             "history": c.history, "mlflow_run_id": c.logger.run_id, "rng": rng_state(),
-             "model_path": str(Path(c.recipe.model.path).resolve())}
-    (tmp / "controller.json").write_text(json.dumps(state))
     if final.exists():  # the same step again: never leave `latest` naming a missing folder
         old = root / (final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -59,6 +71,25 @@ def save(c, step: int) -> Path:
     for old in kept[:-c.recipe.checkpoint.keep_last]:
         shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _why(root: Path, err: BaseException) -> str:
+    """'no space left on device (... free on ...)' when the disk is the cause (an OSError
+    ENOSPC here, or a learner's save failing with the disk full: torch's writer then reports
+    only 'unexpected pos'), else the error itself."""
+    import errno
+
+    free = shutil.disk_usage(root).free
+    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or \
+        "No space left" in str(err) or free < 16 * 2**20
+    if full:
+        return f"no space left on device ({free / 2**20:.1f} MiB free on {root})"
+    return str(err)
+
+
+def _latest(root: Path) -> str:
+    pointer = root / "latest"
+    return str(root / pointer.read_text().strip()) if pointer.is_file() else "none was written"
 
 
 def find(run_dir: Path, where: str | None) -> Path:

@@ -29,7 +29,8 @@ def cmd_validate(args) -> int:
     from orchestrator.setup import resolve_recipe
 
     recipe = _load(args)
-    resolved = resolve_recipe(recipe, skip_model=args.skip_model, skip_data=args.skip_data)
+    resolved = resolve_recipe(recipe, skip_model=args.skip_model, skip_data=args.skip_data,
+                              skip_mlflow=args.skip_mlflow)
     roles = ", ".join(f"{r}={cls.__module__}:{cls.__name__}"
                       for r, (cls, _) in resolved.roles.items())
     print(f"{args.recipe}: ok ({recipe.name}: {recipe.steps} steps; {roles}; "
@@ -49,11 +50,19 @@ def cmd_run(args) -> int:
     install_stop_handler()
     recipe = _load(args)
     text = OmegaConf.to_yaml(OmegaConf.create(recipe.model_dump(mode="json")))
-    resume, retries = args.resume, recipe.failures.auto_resume
+    resume, retries, ooms = args.resume, recipe.failures.auto_resume, 0
     while True:
         code, lost = _run_once(recipe, text, resume)
         if lost is None:
             return code
+        ooms += lost.oom
+        if ooms > 1:  # Ray's memory monitor killed a rank again: the next attempt would too
+            from orchestrator.recovery import LOWER_MEMORY
+
+            print(f"braid: run failed: {lost}\n  Ray's memory monitor killed a {lost.role} "
+                  f"rank in {ooms} attempts: lower its memory with {LOWER_MEMORY[lost.role]}, "
+                  "or run on nodes with more memory", file=sys.stderr)
+            return 1
         if retries == 0 or lost.checkpoint is None or STOP.requested:
             again = " ".join(["braid run", args.recipe, *args.overrides, "--resume",
                               str(lost.checkpoint)])
@@ -86,6 +95,13 @@ def _run_once(recipe, text: str, resume: str | None):
         return 1, err
     except WorkerError as err:
         print(f"braid: run failed: {err}", file=sys.stderr)
+        return 1, None
+    except Exception as err:  # Ray's own errors outside a worker call: one line, not a trace
+        if type(err).__module__ != "ray.exceptions":
+            raise
+        lines = [ln for ln in str(err).splitlines() if ln.strip()]
+        print(f"braid: run failed: Ray: {type(err).__name__}: {lines[0] if lines else ''}",
+              file=sys.stderr)
         return 1, None
     except KeyboardInterrupt:
         status = "KILLED"
@@ -131,6 +147,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--skip-data", action="store_true",
                            help="a data file or folder that is not on this machine is a "
                                 "warning, not an error")
+            p.add_argument("--skip-mlflow", action="store_true",
+                           help="a tracking server (logging.mlflow_uri) that does not answer "
+                                "from this machine is a warning, not an error")
         if name == "run":
             p.add_argument("--resume", nargs="?", const="", default=None, metavar="DIR",
                            help="continue from a checkpoint: DIR is a checkpoint or a run "

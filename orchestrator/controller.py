@@ -10,10 +10,13 @@ Launch:  braid run recipes/arith_grpo_cpu.yaml   (or under `ray job submit ... -
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from orchestrator import checkpoint
 from orchestrator.config import Recipe
@@ -37,6 +40,8 @@ class Controller:
         self.restarts: dict[str, int] = {}  # role -> actors replaced (orchestrator.recovery)
         self.saved_step: int | None = None  # step of the newest checkpoint (this process)
         self.critic = None  # PPO's value model (a worker group), when the recipe has one
+        self.lost_remade = 0  # engine shares generated again because Ray lost their rollouts
+        self.oom_kills: dict[str, int] = {}  # role -> times Ray's memory monitor killed it
 
     # --- the loop --------------------------------------------------------------------------
     def run(self) -> dict:
@@ -114,10 +119,10 @@ class Controller:
 
     def submit_generation(self, records: list[dict], step: int, greedy: bool = False,
                           n: int | None = None, sampling: dict | None = None, group=None,
-                          prompts=None, offset: int = 0) -> list:
-        """Start ``generate`` (arguments as there); (summary ref, rollouts ref) per engine.
-        ``offset``: the records follow that many others of the step (their prompt indices and
-        sampling seeds start there)."""
+                          prompts=None, offset: int = 0) -> list[Shard]:
+        """Start ``generate`` (arguments as there): one Shard per engine. ``offset``: the
+        records follow that many others of the step (their prompt indices and sampling seeds
+        start there)."""
         if greedy:
             n, sampling = 1, self.sampling("greedy")
         group, prompts = group or self.rollout, prompts or self.prompts
@@ -126,20 +131,74 @@ class Controller:
         sampling = (sampling or self.sampling()) | {"stop_token_ids": prompts.stop_token_ids}
         items = [{"prompt_ids": prompts.prompt_ids(r), "seed": base + offset + i}
                  for i, r in enumerate(records)]
-        return group.split("generate", items, n or self.recipe.sampling.n, sampling,
-                           num_returns=2, offset=offset)
+        n = n or self.recipe.sampling.n
+        refs = group.split("generate", items, n, sampling, num_returns=2, offset=offset)
+        return [Shard(group.role, rank, part, n, sampling, offset + first, *pair)
+                for (rank, part, first), pair in zip(group.shards(items), refs)]
 
-    def collect_generation(self, pairs: list, group=None) -> dict:
-        """Wait for the summaries of a submitted generation; the rollouts stay refs."""
-        summaries = (group or self.rollout).call([p[0] for p in pairs], "generate")
-        merged = {k: [x for sm in summaries for x in sm[k]]
-                  for k in ("prompt_index", "lengths", "truncated", "texts")}
-        # the oldest weights any sample came from (engines updated while generating — an
-        # asynchronous engine — may differ)
-        merged["weight_version"] = min(sm["weight_version"] for sm in summaries)
-        merged["spanning"] = sum(sm.get("spanning", 0) for sm in summaries)
-        merged["refs"] = [p[1] for p in pairs]
-        return merged
+    def collect_generation(self, shards: list[Shard], group=None) -> dict:
+        """Wait for the summaries of a submitted generation; the rollouts stay refs (``refs``,
+        one per engine; ``shards`` says how each was asked for, to ask again)."""
+        summaries = (group or self.rollout).call([s.summary for s in shards], "generate")
+        return merge_summaries(summaries) | {"refs": [s.rollouts for s in shards],
+                                             "shards": list(shards)}
+
+    @recoverable
+    def fetch_rollouts(self, gen: dict):
+        """The rollouts of a generation, fetched here (a checkpoint holds the steps in
+        flight); lost ones are made again."""
+        import ray
+
+        from workers.types import Rollouts
+
+        try:
+            return Rollouts.gather(gen["refs"])
+        except ray.exceptions.RayError as err:
+            group = self.groups[gen["shards"][0].role] if gen.get("shards") else self.rollout
+            raise group.error(err, "fetch of rollouts") from err
+
+    def remake_lost(self, gen: dict) -> int:
+        """Generate again the engine shares of ``gen`` whose rollouts Ray lost (their node or
+        owner gone), with the same prompts and seeds, on the same rank (replaced first if it
+        died); the step's summary follows the new rollouts, and its scores are computed again
+        if the samples came out different (an engine without per-request seeds, or newer
+        weights). Returns how many shares were made again."""
+        import ray
+
+        from orchestrator.recovery import replace_dead
+
+        lost = []
+        for i, ref in enumerate(gen.get("refs", [])):
+            try:
+                if isinstance(ref, ray.ObjectRef):
+                    ray.get(ref)
+            except ray.exceptions.ObjectLostError:
+                lost.append(i)
+            except ray.exceptions.RayError as err:  # its engine died with it: replace it
+                if not replace_dead(self, self.groups[gen["shards"][i].role].error(err)):
+                    raise
+                lost.append(i)
+        if not lost:
+            return 0
+        shards = gen["shards"]
+        for i in lost:
+            old = shards[i]
+            group = self.groups[old.role]
+            pair = group.actors[old.rank].generate.options(num_returns=2).remote(
+                old.items, old.n, old.sampling, index_offset=old.offset)
+            shards[i] = dataclasses.replace(old, summary=pair[0], rollouts=pair[1])
+        before = {k: gen[k] for k in ("prompt_index", "lengths", "texts")}
+        again = self.collect_generation(shards, self.groups[shards[0].role])
+        gen["refs"][:] = again.pop("refs")  # in place: loss terms built on it see the new ones
+        gen |= again
+        if any(gen[k] != v for k, v in before.items()):
+            for k in ("scores", "ref", "values", "critic_term"):
+                gen.pop(k, None)
+        self.logger.note(f"Ray lost the rollouts of {len(lost)} engine share(s); generated "
+                         f"again with the same prompts and seeds"
+                         f"{'' if 'scores' in gen else ' (different samples: scored again)'}")
+        self.lost_remade += len(lost)
+        return len(lost)
 
     def fill_groups(self, step: int, batch: list[dict], gen: dict, timer,
                     metrics: dict) -> tuple[list[dict], dict, dict]:
@@ -164,7 +223,7 @@ class Controller:
                 g["scores"] = self.score(g, batch, step)
             self.check_unscored(step, g["scores"])
             gen = {k: gen[k] + g[k] for k in ("prompt_index", "lengths", "truncated", "texts",
-                                               "refs")} | {
+                                               "refs", "shards")} | {
                 "weight_version": min(gen["weight_version"], g["weight_version"]),
                 "spanning": gen["spanning"] + g["spanning"],
                 "scores": Scores.concat([gen["scores"], g["scores"]])}
@@ -263,8 +322,7 @@ class Controller:
             if not terms:
                 return out | {"update/skipped": 1.0}
             with timer("learn"):
-                out |= self.learner.call(self.learner.fanout("update", terms, op.optimizer,
-                                                              step=step), "update")[0]
+                out |= self.learn(op, terms, step, gen)
             self.stale = True
             return out
         if isinstance(op, Sync):
@@ -278,6 +336,26 @@ class Controller:
                 checkpoint.save(self, step)
             return {}
         raise TypeError(f"step {step}: the schedule returned an unknown op {op!r}")
+
+    def learn(self, op, terms: list[dict], step: int, gen: dict | None) -> dict:
+        """The learner's update on ``terms``. Rollouts Ray lost before the learner fetched them
+        are made again (the same samples, under the same seeds and weights: the terms hold
+        the step's refs list, updated in place) and the update is sent again."""
+        from orchestrator.recovery import LOST_RETRIES
+
+        for attempt in range(LOST_RETRIES + 1):
+            try:
+                return self.learner.call(self.learner.fanout("update", terms, op.optimizer,
+                                                             step=step), "update")[0]
+            except WorkerError as err:
+                if not (err.lost and gen is not None and attempt < LOST_RETRIES):
+                    raise
+                self.remake_lost(gen)
+                if "scores" not in gen:
+                    raise WorkerError(f"{err}; generated again, the samples differ from those "
+                                      "this update's advantages came from, so the step cannot "
+                                      "be repeated", "learner") from err
+        raise AssertionError("unreachable")
 
     def ask_teacher(self, step: int, batch: list[dict], gen: dict) -> dict:
         """Demonstrations for prompts no sample solved and that have none: the teacher
@@ -386,6 +464,8 @@ class Controller:
         metrics |= self.schedule.metrics() | self.demos.metrics() | self.rollouts.metrics()
         metrics |= {"weight_version": float(self.version)}
         metrics |= {f"restarts/{role}": float(n) for role, n in self.restarts.items()}
+        if self.lost_remade:
+            metrics["restarts/lost_rollouts"] = float(self.lost_remade)
         self.logger.log(step, metrics)
         if Checkpoint() in ops:  # a resume starts after this step: its metrics are stored
             self.logger.flush()
@@ -455,6 +535,32 @@ class Controller:
         self.groups.clear()
         if getattr(self, "logger", None) is not None and self.logger.mlflow is not None:
             self.logger.finish({"status": status}, status)
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One engine's part of a generation: what it was asked (to ask it again, should Ray lose
+    the result) and the refs of its summary and rollouts."""
+
+    role: str
+    rank: int
+    items: list[dict]
+    n: int
+    sampling: dict
+    offset: int
+    summary: Any
+    rollouts: Any
+
+
+def merge_summaries(summaries: list[dict]) -> dict:
+    """One generation's summary from its engines' summaries (in shard order)."""
+    merged = {k: [x for sm in summaries for x in sm[k]]
+              for k in ("prompt_index", "lengths", "truncated", "texts")}
+    # the oldest weights any sample came from (engines updated while generating — an
+    # asynchronous engine — may differ)
+    merged["weight_version"] = min(sm["weight_version"] for sm in summaries)
+    merged["spanning"] = sum(sm.get("spanning", 0) for sm in summaries)
+    return merged
 
 
 def groups_with_signal(gen: dict, drop_unscored: bool) -> list[int]:

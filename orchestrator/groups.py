@@ -15,6 +15,7 @@ unless a recipe asks for it). A WorkerGroup wraps the role's plain worker class 
 from __future__ import annotations
 
 import math
+import re
 import time
 from collections import deque
 from typing import Any
@@ -25,12 +26,58 @@ from workers.base import WorkerContext
 
 class WorkerError(RuntimeError):
     """A worker call failed; the message names the role and the cause. ``died`` tells an
-    actor that is gone (restartable) from a method that raised (a bug or bad input)."""
+    actor that is gone (restartable) from a method that raised (a bug or bad input); ``lost``
+    a call whose input objects Ray lost (their node or owner gone: the rollouts are made
+    again); ``oom`` an actor Ray's memory monitor killed, with what each killed actor used
+    (``memory``: Ray's actor id -> GB, as the monitor measured it)."""
 
-    def __init__(self, message: str, role: str = "", died: bool = False):
+    def __init__(self, message: str, role: str = "", died: bool = False, lost: bool = False):
         super().__init__(message)
-        self.role, self.died = role, died
+        self.role, self.died, self.lost = role, died, lost
         self.killed: list[int] = []  # ranks braid killed as hung (orchestrator.groups)
+        self.oom = False
+        self.memory: dict[str, float] = {}
+
+
+# What each way Ray reports a failure means for a run (docs/cluster.md, "Failures"): the
+# actor is gone (replaced, or a learner's attempt ends), its inputs are gone (made again), or
+# the call itself failed (a bug, bad input, a full disk: one line, the run stops).
+DIED = ("RayActorError", "OutOfMemoryError", "WorkerCrashedError", "NodeDiedError",
+        "LocalRayletDiedError", "ActorUnschedulableError", "TaskUnschedulableError",
+        "ActorPlacementGroupRemoved", "TaskPlacementGroupRemoved")
+LOST = ("ObjectLostError",)  # OwnerDied, ObjectReconstructionFailed, ObjectFetchTimedOut, ...
+
+
+def ray_failure(err: BaseException) -> str:
+    """'died', 'lost' or 'error': what a Ray exception says of the call. A method that raised
+    a Ray error itself (it fetched a lost object) is judged by that error."""
+    import ray
+
+    if isinstance(err, ray.exceptions.RayTaskError) and isinstance(
+            getattr(err, "cause", None), ray.exceptions.RayError):
+        err = err.cause
+    names = {c.__name__ for c in type(err).__mro__}
+    if names & set(LOST):
+        return "lost"
+    return "died" if names & set(DIED) else "error"
+
+
+_NODE = re.compile(r"was ([\d.]+\s*\w+) used / ([\d.]+\s*\w+) limit \(([\d.]+)\)")
+_THRESHOLD = re.compile(r"exceeded threshold of \d+B \(([\d.]+)% of")
+_KILLED = re.compile(r"Actor\((\w+)\).*?actual memory used=([\d.]+)GB")
+
+
+def oom_details(err: BaseException) -> tuple[str, dict[str, float]]:
+    """From an OutOfMemoryError: '(node at 94% of 23.54GB, threshold 95%)' and what each
+    killed actor used (Ray's actor id -> GB)."""
+    text = str(err)
+    node, limit = _NODE.search(text), _THRESHOLD.search(text)
+    where = ""
+    if node:
+        where = f"node at {float(node.group(3)):.0%} of {node.group(2)}"
+        where += f", threshold {float(limit.group(1)):g}%" if limit else ""
+    used = {actor: float(gb) for actor, gb in _KILLED.findall(text)}
+    return (f" ({where})" if where else ""), used
 
 
 class Deadlines:
@@ -151,18 +198,20 @@ class WorkerGroup:
     def fanout(self, method: str, *args, **kwargs) -> list:
         return [getattr(a, method).remote(*args, **kwargs) for a in self.actors]
 
+    def shards(self, items: list) -> list[tuple[int, list, int]]:
+        """(rank, its contiguous shard of ``items``, the index of the shard's first item) for
+        each replica that gets items."""
+        per = math.ceil(len(items) / len(self.actors)) if items else 0
+        return [(i, items[i * per:(i + 1) * per], i * per) for i in range(len(self.actors))
+                if items[i * per:(i + 1) * per]]
+
     def split(self, method: str, items: list, *args, num_returns: int = 1,
               offset: int = 0) -> list:
-        """Contiguous shards of `items`, one call per replica:
+        """Contiguous shards of `items` (``shards``), one call per replica:
         ``method(shard, *args, index_offset=<index of the shard's first item, + offset>)``."""
-        per = math.ceil(len(items) / len(self.actors)) if items else 0
-        out = []
-        for i, a in enumerate(self.actors):
-            shard = items[i * per:(i + 1) * per]
-            if shard:
-                fn = getattr(a, method).options(num_returns=num_returns)
-                out.append(fn.remote(shard, *args, index_offset=offset + i * per))
-        return out
+        return [getattr(self.actors[i], method).options(num_returns=num_returns).remote(
+                    shard, *args, index_offset=offset + first)
+                for i, shard, first in self.shards(items)]
 
     def call(self, refs: list, what: str = "") -> list[Any]:
         """The results of ``refs`` (calls on this group's actors). The first error raises as
@@ -189,15 +238,45 @@ class WorkerGroup:
 
         try:
             return ray.get(refs)
-        except ray.exceptions.RayActorError as err:
-            raise WorkerError(f"{self.role} actor died{' during ' + what if what else ''}: "
-                              f"{_first_line(err)}{self._where(err)}", self.role,
-                              died=True) from err
-        except ray.exceptions.RayTaskError as err:
-            cause = err.cause if getattr(err, "cause", None) is not None else err
-            raise WorkerError(f"{self.role}{' ' + what if what else ''} failed: "
+        except ray.exceptions.RayError as err:
+            raise self.error(err, what) from err
+
+    def error(self, err: BaseException, what: str = "") -> WorkerError:
+        """One WorkerError for any way Ray reports a failed call on this group: its message
+        says what happened in a line (an actor killed by Ray's memory monitor, its node gone,
+        its inputs lost, or the exception the method raised, at the user's frame)."""
+        import ray
+
+        kind, during = ray_failure(err), f" during {what}" if what else ""
+        cause = err.cause if isinstance(err, ray.exceptions.RayTaskError) and getattr(
+            err, "cause", None) is not None else err
+        if isinstance(cause, ray.exceptions.OutOfMemoryError):
+            where, used = oom_details(cause)
+            mine = {i: used[a._actor_id.hex()] for i, a in enumerate(self.actors)
+                    if a._actor_id.hex() in used}
+            measured = "".join(f"; rank {i} used {gb:.2f} GB" for i, gb in mine.items())
+            out = WorkerError(f"{self.role} actor killed by Ray's memory monitor{during}"
+                              f"{where}{measured}", self.role, died=True)
+            out.oom, out.memory = True, used
+        elif kind == "died":
+            how = {"NodeDiedError": "its node died", "LocalRayletDiedError": "its node died",
+                   "WorkerCrashedError": "its worker process crashed",
+                   "ActorUnschedulableError": "it cannot be placed",
+                   "TaskUnschedulableError": "it cannot be placed",
+                   "ActorPlacementGroupRemoved": "its placement group was removed",
+                   "TaskPlacementGroupRemoved": "its placement group was removed",
+                   }.get(type(cause).__name__, "died")
+            out = WorkerError(f"{self.role} actor {how}{during}: {_first_line(cause)}"
+                              f"{self._where(err)}", self.role, died=True)
+        elif kind == "lost":
+            out = WorkerError(f"{self.role}{' ' + what if what else ''}: Ray lost its input "
+                              f"objects ({type(cause).__name__}: {_first_line(cause)})",
+                              self.role, lost=True)
+        else:
+            out = WorkerError(f"{self.role}{' ' + what if what else ''} failed: "
                               f"{type(cause).__name__}: {_first_line(cause)}{self._where(err)}",
-                              self.role) from err
+                              self.role)
+        return out
 
     def kill_hung(self, pending: list, what: str, deadline: float) -> None:
         """Kill the actors of this group that owe ``pending`` results past their deadline, and
@@ -262,10 +341,11 @@ class WorkerGroup:
         for i, ref in pings.items():
             try:
                 ray.get(ref, timeout=0)
-            except ray.exceptions.RayActorError:
-                out.append(i)
             except ray.exceptions.GetTimeoutError:
                 pass  # busy, not dead
+            except ray.exceptions.RayError as err:  # killed, crashed, its node gone, ...
+                if ray_failure(err) == "died":
+                    out.append(i)
         return out
 
     def restart(self, rank: int, **setup_kwargs) -> None:

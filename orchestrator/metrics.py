@@ -3,6 +3,7 @@ and a one-line-per-step console progress display."""
 
 from __future__ import annotations
 
+import logging
 import os
 import re
 import sys
@@ -55,6 +56,20 @@ class Timings:
             self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - t0
 
 
+class _OneLine(logging.Handler):
+    """mlflow's warnings and errors, each kind once, as a braid warning line."""
+
+    def __init__(self, owner: RunLogger):
+        super().__init__(logging.WARNING)
+        self.owner = owner
+
+    def emit(self, record: logging.LogRecord) -> None:
+        lines = [ln.strip() for ln in record.getMessage().splitlines() if ln.strip()]
+        cause = next((ln for ln in lines if re.search(r"\w+(Error|Exception)\b", ln)),
+                     lines[0] if lines else "")
+        self.owner.warn_once(f"logged an error ({record.name}): {cause[:300]}")
+
+
 class RunLogger:
     def __init__(self, recipe, run_dir: Path):
         self.recipe, self.run_dir = recipe, run_dir
@@ -65,10 +80,17 @@ class RunLogger:
         # with its step's; the steps re-run since a checkpoint are not logged again (a resume
         # is exact: the re-run's values agree, but for timings)
         self.logged: dict[str, int] = {}
+        self.failures: set[str] = set()  # the tracking store's failures, each said once
+        self.uri = ""
 
     def start(self, recipe_yaml: str, run_id: str | None = None) -> None:
         os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # only matters for file: URIs
         import mlflow
+
+        # mlflow's own errors (its background logging thread's, its store's) as one line each,
+        # said once, instead of its tracebacks
+        log = logging.getLogger("mlflow")
+        log.handlers, log.propagate = [_OneLine(self)], False
 
         default = f"sqlite:///{(self.run_dir / 'mlflow.db').resolve()}"
         uri = self.recipe.logging.mlflow_uri or default
@@ -104,20 +126,42 @@ class RunLogger:
             self.logged |= dict.fromkeys(clean, step)
             # queued, written by mlflow's background thread instead of inside the step;
             # flushed when a step checkpoints and when the run ends
-            self.mlflow.log_metrics(clean, step=step, synchronous=False)
+            with self.guard(f"log step {step}"):
+                self.mlflow.log_metrics(clean, step=step, synchronous=False)
 
     def flush(self) -> None:
         if self.mlflow is not None:
-            self.mlflow.flush_async_logging()
+            with self.guard("flush its queued metrics"):
+                self.mlflow.flush_async_logging()
+
+    @contextmanager
+    def guard(self, what: str):
+        """The tracking store failing (a full disk, a server gone) costs the run its metrics,
+        not the run: one line per kind of failure, not mlflow's tracebacks."""
+        try:
+            yield
+        except Exception as err:
+            lines = [ln for ln in str(err).splitlines() if ln.strip()]
+            self.warn_once(f"could not {what} ({self.uri}): {type(err).__name__}: "
+                           f"{lines[0] if lines else ''}")
+
+    def warn_once(self, line: str) -> None:
+        if line not in self.failures:
+            self.failures.add(line)
+            print(f"braid: warning: mlflow {line}", file=sys.stderr, flush=True)
 
     def note(self, message: str) -> None:
         """Something a user should see that is not a metric (a verifier's exception, dropped
         prompts): printed, and appended to ``<run_dir>/run.log`` (an mlflow artifact at the end)."""
         line = f"braid: {message}"
         print(line, flush=True)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.run_dir / "run.log", "a") as f:
-            f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.run_dir / "run.log", "a") as f:
+                f.write(f"{time.strftime('%Y-%m-%d %H:%M:%S')} {line}\n")
+        except OSError as err:  # a full disk: the note was printed
+            print(f"braid: warning: {self.run_dir / 'run.log'}: {err}", file=sys.stderr,
+                  flush=True)
 
     def console(self, step: int, total: int, kinds: str, m: dict[str, float]) -> None:
         parts = [f"step {step:>4}/{total}", f"{kinds:<7}"]
@@ -137,8 +181,10 @@ class RunLogger:
 
     def finish(self, summary: dict, status: str = "FINISHED") -> None:
         if self.mlflow is not None:
-            self.mlflow.log_dict(summary, "summary.json")
-            if (self.run_dir / "run.log").is_file():
-                self.mlflow.log_artifact(str(self.run_dir / "run.log"))
-            self.mlflow.end_run(status=status)
+            with self.guard("store the summary and run.log"):
+                self.mlflow.log_dict(summary, "summary.json")
+                if (self.run_dir / "run.log").is_file():
+                    self.mlflow.log_artifact(str(self.run_dir / "run.log"))
+            with self.guard(f"record the run's end as {status}"):
+                self.mlflow.end_run(status=status)
             self.mlflow = None

@@ -116,8 +116,9 @@ class RolloutPipeline:
                 with timer("generate"):
                     gen = c.collect_generation(work.pairs)
             except WorkerError as err:
-                # died: perhaps already replaced by the call that found it first
-                if not (replace_dead(c, err) or err.died):
+                # died (perhaps already replaced by the call that found it first), or its
+                # results lost: generated again below
+                if not (replace_dead(c, err) or err.died or err.lost):
                     raise
                 self.regenerated += 1
                 return None
@@ -131,14 +132,12 @@ class RolloutPipeline:
     def save(self, folder: Path) -> None:
         """The steps in flight — fetched and scored (the checkpoint waits for them) — and the
         counters, into ``folder/inflight.pkl``."""
-        from workers.types import Rollouts
-
         saved = {}
         for s, work in sorted(self.ahead.items()):
             gen = self._scored(s, work, Timings()) if work.pairs is not None else work.gen
             if gen is not None:
-                gen = {k: v for k, v in gen.items() if k not in ("refs", "ref")} | {
-                    "rollouts": Rollouts.gather(gen["refs"])}
+                gen = {k: v for k, v in gen.items() if k not in ("refs", "ref", "shards")} | {
+                    "rollouts": self.c.fetch_rollouts(gen)}
             saved[s] = {"batch": work.batch, "metrics": work.metrics, "gen": gen}
         if self.k or saved:
             state = {"ahead": saved, "regenerated": self.regenerated,

@@ -35,26 +35,41 @@ ZERO_GROUPS = ("learner", "critic")
 
 class LearnerLost(WorkerError):
     """A learner (or critic) rank died; ``checkpoint`` is the newest complete checkpoint (or
-    None)."""
+    None); ``oom``: Ray's memory monitor killed it."""
 
-    def __init__(self, message: str, checkpoint: Path | None, role: str = "learner"):
+    def __init__(self, message: str, checkpoint: Path | None, role: str = "learner",
+                 oom: bool = False):
         super().__init__(message, role, died=True)
-        self.checkpoint = checkpoint
+        self.checkpoint, self.oom = checkpoint, oom
 
 
 def recoverable(method):
-    """Run a controller method again after replacing the actors whose death made it fail."""
+    """Run a controller method again after replacing the actors whose death made it fail, or
+    after making again the rollouts Ray lost (those of a generation among its arguments; a
+    method that generates makes them anew by running again) — at most ``LOST_RETRIES`` times
+    in a row for lost objects."""
 
     @functools.wraps(method)
     def wrapper(c, *args, **kwargs):
+        lost = 0
         while True:
             try:
                 return method(c, *args, **kwargs)
             except WorkerError as err:
-                if isinstance(err, LearnerLost) or not replace_dead(c, err):
+                if isinstance(err, LearnerLost):
+                    raise
+                if err.lost and lost < LOST_RETRIES:
+                    lost += 1
+                    replace_dead(c, err)
+                    for gen in (a for a in args if isinstance(a, dict) and "shards" in a):
+                        c.remake_lost(gen)
+                elif not replace_dead(c, err):
                     raise
 
     return wrapper
+
+
+LOST_RETRIES = 3
 
 
 def gone(group, err: WorkerError) -> list[int]:
@@ -82,10 +97,46 @@ def replace_dead(c, err: WorkerError) -> bool:
     return True
 
 
+# the settings that lower each role's memory, named when Ray's memory monitor kills it twice
+LOWER_MEMORY = {
+    "rollout": "roles.rollout.args.cpu_kv_cache_gb (the engine's KV cache on CPU) or "
+               "gpu_memory_utilization, or a smaller max_model_len",
+    "teacher": "roles.teacher.args.cpu_kv_cache_gb or gpu_memory_utilization, or a smaller "
+               "max_model_len",
+    "reward": "what the verifiers hold (a sandbox's memory limit, a reward model's batch), or "
+              "more roles.reward.replicas so that each scores fewer samples",
+    "reference": "roles.reference.args.micro_batch_size or max_tokens_per_micro_batch",
+    "learner": "algorithm.micro_batch_size, or more roles.learner.replicas (ZeRO-3 splits "
+               "the model and optimizer state over them)",
+    "critic": "algorithm.micro_batch_size, or more roles.critic.replicas",
+}
+
+
+def oom_again(c, dead: dict[str, list[int]], err: WorkerError) -> None:
+    """Ray's memory monitor killed these actors: the first time a role is replaced like any
+    dead actor; a role killed so again after its replacement stops the run, naming what its
+    actors used and the setting that lowers it (the node cannot hold the role as set)."""
+    if not err.oom:
+        return
+    for role, ranks in dead.items():
+        ids = {c.groups[role].actors[r]._actor_id.hex(): r for r in ranks}
+        used = {r: err.memory[a] for a, r in ids.items() if a in err.memory}
+        if c.oom_kills.get(role):
+            measured = ", ".join(f"rank {r} {gb:.2f} GB" for r, gb in sorted(used.items()))
+            raise WorkerError(
+                f"{err} — {role} actors were killed by Ray's memory monitor again after their "
+                f"replacement (using {measured or 'what Ray did not report'} when killed): "
+                f"this node cannot hold the role as set. Lower it with "
+                f"{LOWER_MEMORY.get(role, f'roles.{role}.args')}, or run on nodes with more "
+                "memory", role) from err
+        c.oom_kills[role] = c.oom_kills.get(role, 0) + 1
+
+
 def restart(c, dead: dict[str, list[int]], err: WorkerError) -> None:
     """Replace (and set up) the ``dead`` ranks of restartable roles, within the run's budgets;
     a replacement that dies while it sets up is replaced in turn (and counted)."""
     check_budget(c, {role: len(ranks) for role, ranks in dead.items()}, err)
+    oom_again(c, dead, err)
     for role, ranks in dead.items():
         for rank in ranks:
             while True:
@@ -100,6 +151,7 @@ def restart(c, dead: dict[str, list[int]], err: WorkerError) -> None:
                         raise
                     err = again
                     check_budget(c, {role: 1}, err)
+                    oom_again(c, {role: [rank]}, err)
 
 
 def check_budget(c, more: dict[str, int], err: WorkerError) -> None:
@@ -167,8 +219,9 @@ def learner_lost(c, ranks: list[int], err: BaseException, role: str = "learner")
         where = f"resume from {ckpt}"
     except Exception:
         ckpt, where = None, "no checkpoint was written (set checkpoint.every to keep one)"
+    oom = getattr(err, "oom", False)
     return LearnerLost(f"{role} rank(s) {ranks} died: {err}; the run cannot continue without "
-                       f"its ZeRO-3 partitions — {where}", ckpt, role)
+                       f"its ZeRO-3 partitions — {where}", ckpt, role, oom)
 
 
 def explain(c, err: WorkerError) -> WorkerError:

@@ -111,15 +111,60 @@ def prompt_budget(recipe: Recipe, rollout_args) -> int | None:
     return max_len - longest
 
 
-def resolve_recipe(recipe: Recipe, skip_model: bool = False,
-                   skip_data: bool = False) -> Resolved:
+def check_run_dir(run_dir: str) -> None:
+    """run_dir can be made and written: its nearest existing folder is a writable folder."""
+    path = Path(run_dir).expanduser().resolve()
+    for parent in (path, *path.parents):
+        if parent.exists():
+            if not parent.is_dir():
+                raise RecipeError(f"run_dir: cannot make {run_dir!r}: {str(parent)!r} is a file")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise RecipeError(f"run_dir: cannot write under {str(parent)!r} (permission "
+                                  f"denied) to make {run_dir!r}")
+            return
+
+
+class MlflowUnreachable(RecipeError):
+    """logging.mlflow_uri names a tracking server that does not answer."""
+
+
+def preflight(recipe: Recipe) -> None:
+    """What a run needs of its surroundings, checked before anything starts (Ray included):
+    a run directory it can make, a tracking server that answers."""
+    check_run_dir(recipe.run_dir)
+    problem = mlflow_problem(recipe.logging.mlflow_uri)
+    if problem:
+        raise MlflowUnreachable(f"logging.mlflow_uri: {problem}")
+
+
+def mlflow_problem(uri: str | None) -> str | None:
+    """Why the tracking server at an http(s) ``logging.mlflow_uri`` cannot be reached, or None
+    (other URIs — a sqlite file, databricks — are not probed)."""
+    from urllib.parse import urlparse
+
+    if not uri or not uri.startswith(("http://", "https://")):
+        return None
+    import httpx
+
+    try:
+        httpx.get(uri.rstrip("/") + "/health", timeout=5.0)
+    except httpx.HTTPError as err:
+        return f"no tracking server answers at {uri} ({type(err).__name__}: {err})"
+    except ValueError as err:
+        return f"{uri} is not a URL ({err}; host {urlparse(uri).netloc!r})"
+    return None
+
+
+def resolve_recipe(recipe: Recipe, skip_model: bool = False, skip_data: bool = False,
+                   skip_mlflow: bool = False) -> Resolved:
     """Everything ``braid validate`` checks — and ``braid run`` checks first: import paths,
     worker classes and arguments, the schedule, the datasets' first records (and their size
     against prompts_per_step), every model folder and the prompts its tokenizer makes (the
     formatters come back in ``prompts``). A model folder or data file that is not on this
     machine is an error (MissingInput), unless ``skip_model`` / ``skip_data`` (``braid
     validate --skip-model / --skip-data``, checking a recipe away from its cluster) turn
-    exactly that into a warning — and what needs it is not checked."""
+    exactly that into a warning — and what needs it is not checked; so is a tracking server
+    that does not answer (``skip_mlflow``). ``run_dir`` must be a folder braid can make."""
     roles = {}
     warnings: list[str] = []
     for role, base in ROLE_BASES.items():
@@ -149,6 +194,10 @@ def resolve_recipe(recipe: Recipe, skip_model: bool = False,
                             "machine that has it)") from None
         warnings.append(f"{err} — not checked ({flag}); `braid run` needs it")
 
+    try:
+        preflight(recipe)
+    except MlflowUnreachable as err:
+        absent(err, skip_mlflow, "--skip-mlflow")
     datasets: dict[str, Any] = {}
     for where, component in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
         if component is not None:
@@ -322,6 +371,10 @@ def _keep_sigterm_handler():
 def _init_ray(recipe: Recipe) -> bool:
     import ray
 
+    # a group call raises its first failure at once (orchestrator/groups.py) and leaves its
+    # other results unread: Ray would print each of those as an "unhandled error" traceback
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+
     address = recipe.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address, log_to_driver=True)
@@ -353,6 +406,7 @@ def setup_controller(c) -> None:
     from orchestrator.recovery import set_up
 
     recipe = c.recipe
+    preflight(recipe)
     ensure_model(recipe)
     # Ray's start (process launches, seconds) overlaps checking the recipe against the model's
     # tokenizer and building the controller's state
@@ -388,7 +442,8 @@ def setup_controller(c) -> None:
     pending = []
     for group in (c.learner, c.critic):  # each its own torch.distributed world
         if group is not None:
-            addr, port = ray.get(group.actors[0].master_address.remote())
+            addr, port = group.call([group.actors[0].master_address.remote()],
+                                    "master_address")[0]
             pending.append((group, group.fanout("setup", master_addr=addr, master_port=port)))
     pending += [(g, g.fanout("setup")) for r, g in c.groups.items()
                 if r not in ("learner", "critic")]

@@ -18,8 +18,8 @@ for var, sub in (("TMPDIR", "tmp"), ("HF_HOME", "hf"), ("XDG_CONFIG_HOME", "conf
                  ("XDG_CACHE_HOME", "cache")):
     os.environ[var] = str(_BASE / sub)
     (_BASE / sub).mkdir(parents=True, exist_ok=True)
-# DeepSpeed JIT-compiles its CPU shared-memory collective op (~1 min): a build cache, kept with
-# the virtual environment rather than rebuilt by every test session.
+# DeepSpeed JIT-compiles native ops on first use (the learner turns off the one it would build,
+# workers/learner/deepspeed.py): a build cache kept with the virtual environment, not ~/.cache.
 os.environ["TORCH_EXTENSIONS_DIR"] = str(ROOT / ".venv" / "torch-extensions")
 tempfile.tempdir = os.environ["TMPDIR"]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
@@ -92,11 +92,14 @@ def _ray_session(base_dir):
 
 
 @pytest.fixture
-def ray_local(_ray_session):
+def ray_local(_ray_session, request):
     """The session's Ray cluster. A test must leave it as it found it — every CPU free, no
     placement group or actor alive — or it errors at teardown naming what it left, and the
     cluster is started afresh: a leak would otherwise starve every test after it until its
-    timeout."""
+    timeout. A test that uses it is marked slow (`make test-fast` runs none of them)."""
+    if request.node.get_closest_marker("slow") is None:
+        pytest.fail("a test on the Ray cluster must be marked slow (pytest.mark.slow)",
+                    pytrace=False)
     ray, start = _ray_session
     left = _in_use(ray, wait_s=10)
     if left:  # held by something outside the tests that use it (another cluster's test)

@@ -118,9 +118,12 @@ def test_an_engine_dying_with_a_step_in_flight_regenerates_it(ray_local, make_re
         c.shutdown()
     assert c.restarts == {"rollout": 1}
     # step 2's rollouts regenerated; the asynchronous engine runs step 1's and step 2's calls
-    # together, so it dies with both in flight and step 1's are regenerated too
-    assert per_step[2]["rollout/regenerated_total"] == (
-        1.0 if engine == "DyingRollout" else 2.0)
+    # together, so it dies with both in flight and step 1's are regenerated too. So may the
+    # synchronous one: it dies as step 2's call starts, and step 1's reply, already computed,
+    # may not have left the process yet (seen on a loaded machine) — either way one engine
+    # died and was replaced once, and step 2 trained on rollouts of the new weights
+    regenerated = per_step[2]["rollout/regenerated_total"]
+    assert regenerated == 2.0 or (engine == "DyingRollout" and regenerated == 1.0)
     assert per_step[2]["rollout/weight_version"] == 1.0 and per_step[2]["rollout/staleness"] == 0
     # step 3's rollouts were generated ahead again, during step 2 (under the asynchronous
     # engine, the sync after step 2 may reach it first)

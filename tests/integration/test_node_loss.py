@@ -3,7 +3,12 @@
 raylet killed by PID in the middle of a step — what a KubeRay pod eviction or a reclaimed spot
 instance looks like to Ray. The actors there die with it; the learner rank among them ends the
 attempt, and ``failures.auto_resume`` brings the run back up on the node that remains, from the
-last checkpoint, to the end."""
+last checkpoint, to the end. And an engine's node lost after it generated, before anyone read
+its rollouts: they are lost with the node's object store and generated again.
+
+The clusters are waited for by what they are (nodes the GCS counts alive, asked directly), with
+bounds for a loaded 2-core machine, and a wait that fails shows each node's own log tail
+(tests/integration/ray_nodes.py)."""
 
 import json
 import os
@@ -11,96 +16,24 @@ import re
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
-import time
-from pathlib import Path
 
 import pytest
 import yaml
 
-from core.weight_sync import free_port
 from tests.conftest import ROOT, recipe_dict
-from tests.integration.test_ray_job import stop_nodes
+from tests.integration.ray_nodes import two_nodes
 
 pytestmark = pytest.mark.slow
 
-VENV_BIN = Path(sys.executable).parent
+
+def test_a_node_lost_mid_step_is_survived_with_auto_resume(tiny_model, tmp_path):
+    with two_nodes(head_cpus=4, second_cpus=2) as (address, nodes, raylet):
+        _lose_a_learner_rank(address, nodes, raylet, tiny_model, tmp_path)
 
 
-def _ports(*names) -> list[str]:
-    return [x for name in names for x in (name, str(free_port()))]
-
-
-def _start(cmd: list[str], env: dict) -> subprocess.Popen:
-    return subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-
-
-@pytest.fixture
-def two_nodes():
-    """(GCS address, env, the second node's raylet PID finder); both nodes stopped after."""
-    temp_dir = tempfile.mkdtemp(prefix="rn", dir="/tmp")  # short: Ray's socket paths are long
-    port = free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", BRAID_TEST_HEAD=temp_dir,
-               PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    common = ["--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
-              "--min-worker-port", "0", "--max-worker-port", "0"]
-    # Ray counts a silent node dead after 3 missed health checks a second apart (default:
-    # 5, 3 s apart), so the test waits less for it
-    checks = '{"health_check_period_ms": 1000, "health_check_failure_threshold": 3}'
-    head = _start([str(VENV_BIN / "ray"), "start", "--head", "--port", str(port),
-                   "--system-config", checks,
-                   "--temp-dir", temp_dir, "--include-dashboard", "false", "--num-cpus", "4",
-                   *common, *_ports("--ray-client-server-port", "--node-manager-port",
-                                    "--object-manager-port", "--metrics-export-port",
-                                    "--runtime-env-agent-port",
-                                    "--dashboard-agent-listen-port",
-                                    "--dashboard-agent-grpc-port")], env)
-    nodes = [head]
-    address = f"127.0.0.1:{port}"
-    try:
-        second = _ports("--node-manager-port", "--object-manager-port", "--metrics-export-port",
-                        "--runtime-env-agent-port", "--dashboard-agent-listen-port",
-                        "--dashboard-agent-grpc-port")
-        _wait_nodes(address, env, alive=1)
-        nodes.append(_start([str(VENV_BIN / "ray"), "start", "--address", address,
-                             "--num-cpus", "2", *common, *second], env))
-        _wait_nodes(address, env, alive=2)
-        assert all(n.poll() is None for n in nodes), "ray start exited"
-        manager_port = second[second.index("--node-manager-port") + 1]
-        yield address, env, lambda: _raylet(manager_port)
-    finally:
-        stop_nodes(nodes, temp_dir)
-
-
-def _wait_nodes(address: str, env: dict, alive: int, timeout_s: float = 120) -> None:
-    """Until the cluster counts ``alive`` live nodes."""
-    probe = (f"import ray; ray.init(address='{address}', log_to_driver=False); "
-             "print(sum(n['Alive'] for n in ray.nodes()))")
-    deadline = time.time() + timeout_s
-    while subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True,
-                         text=True).stdout.strip() != str(alive):
-        assert time.time() < deadline, f"the cluster did not reach {alive} live node(s)"
-        time.sleep(2)
-
-
-def _raylet(manager_port: str) -> int:
-    """The PID of the raylet listening on ``manager_port`` (the second node's)."""
-    for p in Path("/proc").iterdir():
-        try:
-            cmd = (p / "cmdline").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if cmd and cmd[0].endswith(b"/raylet") and \
-                f"--node_manager_port={manager_port}".encode() in cmd:
-            return int(p.name)
-    raise AssertionError(f"no raylet with --node_manager_port={manager_port}")
-
-
-def test_a_node_lost_mid_step_is_survived_with_auto_resume(two_nodes, tiny_model, tmp_path):
-    address, env, raylet = two_nodes
+def _lose_a_learner_rank(address, nodes, raylet, tiny_model, tmp_path):
+    env = nodes.env
     d = recipe_dict(tiny_model, tmp_path / "run", steps=6)
     d["data"]["prompts_per_step"] = 4
     d["checkpoint"] = {"every": 2}
@@ -118,17 +51,23 @@ def test_a_node_lost_mid_step_is_survived_with_auto_resume(two_nodes, tiny_model
     err: list[str] = []
     threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
     out, killed = [], None
-    for line in proc.stdout:  # the kill lands while step 4 runs
-        out.append(line)
-        if killed is None and re.match(r"step\s+3/6", line):
-            # the driver held still while the node goes (a step here takes ~0.1 s, less than
-            # Ray needs to notice a lost node), released once the cluster counts it dead
-            os.kill(proc.pid, signal.SIGSTOP)
-            killed = raylet()
-            os.kill(killed, signal.SIGKILL)
-            _wait_nodes(address, env, alive=1)
-            os.kill(proc.pid, signal.SIGCONT)
-    proc.wait(timeout=900)
+    try:
+        for line in proc.stdout:  # the kill lands while step 4 runs
+            out.append(line)
+            if killed is None and re.match(r"step\s+3/6", line):
+                # the driver held still while the node goes (a step here takes ~0.1 s, less
+                # than Ray needs to notice a lost node), released once the GCS counts it dead
+                os.kill(proc.pid, signal.SIGSTOP)
+                try:
+                    killed = raylet()
+                    os.kill(killed, signal.SIGKILL)
+                    nodes.wait(address, alive=1, up=("head",))
+                finally:
+                    os.kill(proc.pid, signal.SIGCONT)
+        proc.wait(timeout=300)  # the stream ended: the run is exiting
+    finally:
+        if proc.poll() is None:
+            proc.kill()
     stdout, stderr = "".join(out), "".join(err)
     assert killed is not None, stdout[-3000:] + stderr[-3000:]
     assert proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
@@ -139,3 +78,54 @@ def test_a_node_lost_mid_step_is_survived_with_auto_resume(two_nodes, tiny_model
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["steps"] == 6 and summary["eval"][-1]["step"] == 6
     assert summary["restarts"].get("learner") == 1
+
+
+@pytest.mark.long
+def test_rollouts_lost_with_their_node_are_generated_again(tiny_model, tmp_path):
+    """Two engines, the second alone on the second node; step 4's rollouts are generated ahead
+    (rollout.max_staleness: 1) while step 3 learns, and the second node dies before anyone
+    fetched them. Its engine is replaced on the head, and its share of step 4's rollouts —
+    lost with the node's object store — is generated again and scored: no step lost. (Objects
+    above 1 KiB go to the object store here, as real rollouts of megabytes do; the summaries,
+    smaller, travel with the reply.)"""
+    with two_nodes(head_cpus=5, second_cpus=1,
+                   system_config={"max_direct_call_object_size": 1024}) as (address, nodes,
+                                                                            raylet):
+        d = recipe_dict(tiny_model, tmp_path / "run", steps=6)
+        d["rollout"] = {"max_staleness": 1}
+        d["ray"] = {"address": address}
+        # one engine per node (the second node holds one CPU); the rest packs on the head,
+        # which keeps room for the replacement engine
+        d["roles"]["rollout"] |= {"replicas": 2, "strategy": "SPREAD"}
+        (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(d))
+        proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", "recipe.yaml"],
+                                cwd=tmp_path, env=dict(nodes.env, PYTHONPATH=str(ROOT)),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        err: list[str] = []
+        threading.Thread(target=lambda: err.extend(proc.stderr), daemon=True).start()
+        out, killed = [], None
+        try:
+            for line in proc.stdout:
+                out.append(line)
+                if killed is None and re.match(r"step\s+3/6", line):
+                    # step 4's rollouts are done (the engines run their calls in order, and
+                    # step 3's sync came after them): held until the node is counted dead
+                    os.kill(proc.pid, signal.SIGSTOP)
+                    try:
+                        killed = raylet()
+                        os.kill(killed, signal.SIGKILL)
+                        nodes.wait(address, alive=1, up=("head",))
+                    finally:
+                        os.kill(proc.pid, signal.SIGCONT)
+            proc.wait(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    stdout, stderr = "".join(out), "".join(err)
+    assert killed is not None and proc.returncode == 0, stdout[-3000:] + stderr[-5000:]
+    assert "Ray lost the rollouts of 1 engine share(s); generated again with the same " \
+           "prompts and seeds" in stdout, stdout[-3000:] + stderr[-3000:]
+    assert "Traceback" not in stderr, stderr[-5000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["steps"] == 6 and len(summary["reward_curve"]) == 6
+    assert summary["restarts"] == {"rollout": 1}

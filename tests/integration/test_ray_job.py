@@ -6,25 +6,22 @@ Job 1 runs a recipe whose verifier lives in the submitted working directory, sho
 the job log, and is stopped with `ray job stop`: braid finishes the step, writes a checkpoint
 and exits. Job 2 resumes it to the end and succeeds."""
 
-import os
 import re
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
+from ray.job_submission import JobSubmissionClient
 
 from core.weight_sync import free_port
 from tests.conftest import recipe_dict
+from tests.integration.ray_nodes import VENV_BIN, Nodes, ports
 
 pytestmark = pytest.mark.slow
 
-VENV_BIN = Path(sys.executable).parent
 USER_VERIFIER = '''
 def exact(prompts, completions, answer, reverse=None, **_):
     """The user's own verifier, importable only from the submitted working directory."""
@@ -34,73 +31,37 @@ def exact(prompts, completions, answer, reverse=None, **_):
 '''
 
 
-def _ours(temp_dir: str) -> list[int]:
-    """Processes whose command line or environment mentions our head's temp dir."""
-    pids = []
-    for p in Path("/proc").iterdir():
-        if not p.name.isdigit() or int(p.name) == os.getpid():
-            continue
-        try:
-            text = (p / "cmdline").read_bytes() + (p / "environ").read_bytes()
-        except OSError:
-            continue
-        if temp_dir.encode() in text:
-            pids.append(int(p.name))
-    return pids
-
-
 @pytest.fixture(scope="module")
 def ray_head():
-    temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's socket paths are long
-    port, dash = free_port(), free_port()
-    env = dict(os.environ, RAY_AUTH_MODE="disabled", BRAID_TEST_HEAD=temp_dir,
-               PATH=f"{VENV_BIN}{os.pathsep}{os.environ['PATH']}")
-    env.pop("RAY_ADDRESS", None)
-    ports = {"--port": port, "--dashboard-port": dash, "--ray-client-server-port": free_port(),
-             "--dashboard-agent-listen-port": free_port(),
-             "--dashboard-agent-grpc-port": free_port(), "--node-manager-port": free_port(),
-             "--object-manager-port": free_port(), "--metrics-export-port": free_port(),
-             "--runtime-env-agent-port": free_port()}
-    cmd = [str(VENV_BIN / "ray"), "start", "--head", "--block", "--temp-dir", temp_dir,
-           "--node-ip-address", "127.0.0.1", "--dashboard-host", "127.0.0.1",
-           "--include-dashboard", "true", "--num-cpus", "4", "--disable-usage-stats",
-           "--min-worker-port", "0", "--max-worker-port", "0"]
-    cmd += [x for k, v in ports.items() for x in (k, str(v))]
-    head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    address = f"http://127.0.0.1:{dash}"
+    nodes = Nodes()
+    dash = free_port()
     try:
-        deadline = time.time() + 120
-        while subprocess.run([str(VENV_BIN / "ray"), "job", "list", "--address", address],
-                             env=env, capture_output=True).returncode != 0:
-            assert head.poll() is None, "ray start --head exited"
-            assert time.time() < deadline, "the head's dashboard did not come up in 120 s"
-            time.sleep(2)
-        yield address, env
+        nodes.start("head", [
+            "--head", "--temp-dir", nodes.temp_dir, "--node-ip-address", "127.0.0.1",
+            "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", "4",
+            "--min-worker-port", "0", "--max-worker-port", "0", "--dashboard-port", str(dash),
+            *ports("--port", "--ray-client-server-port", "--dashboard-agent-listen-port",
+                   "--dashboard-agent-grpc-port", "--node-manager-port",
+                   "--object-manager-port", "--metrics-export-port",
+                   "--runtime-env-agent-port")])
+        address = f"http://127.0.0.1:{dash}"
+        # the job API answers once the dashboard is up (bounded for a loaded machine; a
+        # failure shows what the head said)
+        deadline, seen = time.monotonic() + 300, ""
+        while True:
+            try:
+                with urllib.request.urlopen(f"{address}/api/version", timeout=10):
+                    break
+            except OSError as err:
+                seen = f"{type(err).__name__}: {err}"
+            up = nodes.procs["head"].poll() is None
+            assert up and time.monotonic() < deadline, (
+                f"the head's job API did not answer at {address} within 300 s (ray start "
+                f"{'running' if up else 'exited'}; last: {seen})\n{nodes.logs()}")
+            time.sleep(1)
+        yield address, nodes.env
     finally:
-        stop_nodes([head], temp_dir)
-
-
-def stop_nodes(nodes: list[subprocess.Popen], temp_dir: str) -> None:
-    """Stop the `ray start --block` processes a test started, then anything left that names
-    its temp dir (never `ray stop`: that kills every Ray on the machine)."""
-    for n in nodes:
-        try:
-            os.killpg(n.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    for n in nodes:
-        try:
-            n.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(n.pid, signal.SIGKILL)
-    deadline = time.time() + 20
-    while _ours(temp_dir) and time.time() < deadline:
-        time.sleep(1)
-    for pid in _ours(temp_dir):
-        os.kill(pid, signal.SIGKILL)
-    assert not _ours(temp_dir)
-    shutil.rmtree(temp_dir, ignore_errors=True)
+        nodes.stop()
 
 
 def _ray(env, *args, check=True, timeout=600):
@@ -130,13 +91,16 @@ def test_submit_stop_and_resume_a_job(ray_head, tiny_model, tmp_path):
                          cwd=project, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout + out.stderr
     job = re.search(r"raysubmit_\w+", out.stdout).group(0)
-    deadline, logs = time.time() + 420, ""
-    while not re.search(r"step\s+3/5000", logs):
-        assert time.time() < deadline, logs[-4000:]
-        status = _ray(env, "job", "status", "--address", address, job).stdout
-        assert "FAILED" not in status, _ray(env, "job", "logs", "--address", address, job).stdout
-        time.sleep(3)
-        logs = _ray(env, "job", "logs", "--address", address, job).stdout
+    # until the job's log shows step 3 (asked over the job API, not by a `ray` process a
+    # poll: those would load the machine the job runs on)
+    client = JobSubmissionClient(address)
+    deadline = time.monotonic() + 500
+    while not re.search(r"step\s+3/5000", logs := client.get_job_logs(job)):
+        status = client.get_job_status(job)
+        assert not status.is_terminal(), f"job {job} ended {status}: {logs[-4000:]}"
+        assert time.monotonic() < deadline, f"job {job} ({status}) did not log step 3 " \
+            f"within 500 s: {logs[-4000:]}"
+        time.sleep(2)
     _ray(env, "job", "stop", "--address", address, job)
     assert "stopped" in _ray(env, "job", "status", "--address", address, job).stdout.lower()
     logs = _ray(env, "job", "logs", "--address", address, job).stdout

@@ -121,3 +121,62 @@ def test_restart_budgets_count_the_whole_run_per_role_and_in_all(tmp_path):
         attempt(budget, rollout=[0])
     assert not attempt(budget, reward=[])[1]  # nothing dead: the error stands
     assert restarts_so_far(tmp_path, "another-run") == {}  # a file another run left
+
+
+# --- how Ray's failures are read (orchestrator/groups.py: ray_failure, WorkerGroup.error) ----
+
+# the text of a real OutOfMemoryError: Ray 2.60's memory monitor killing two actors (seen here
+# with a 0.27 threshold and an actor allocating past it; the object store lines cut)
+OOM = ("2 worker(s) were killed due to the node running low on memory. Memory on the node (IP: "
+       "192.0.2.2, ID: 12de3cf67f1) was 6.45GB used / 23.54GB limit (0.273856)\n"
+       "OOM kill reason: Memory usage 6867496960B exceeded threshold of 6865011200B (27.2% of "
+       "25276182528B limit)\nRay killed 2 worker(s) based on the killing policy\n"
+       "Considered workers: [\nSelected to kill: (Actor(3cfa12ba9a6b9087e16351a101000000): job "
+       "ID=01000000, lease ID=0100, task name=A.__init__, required resources={}, pid=6269, "
+       "actual memory used=0.06GB, worker ID=9f56)\nSelected to kill: (Actor(78087e77cd6eee72"
+       "fcbaf3201000000): job ID=01000000, lease ID=0000, task name=A.__init__, required "
+       "resources={}, pid=6268, actual memory used=0.92GB, worker ID=2480)\n]\n")
+
+
+def test_every_way_ray_reports_a_lost_worker_is_a_death_lost_data_or_an_error():
+    import ray.exceptions as rx
+
+    from orchestrator.groups import ray_failure
+
+    died = [rx.ActorDiedError(), rx.OutOfMemoryError(OOM), rx.WorkerCrashedError(),
+            rx.NodeDiedError("node gone"), rx.LocalRayletDiedError(),
+            rx.ActorUnschedulableError("no node"), rx.TaskUnschedulableError("no node"),
+            rx.ActorPlacementGroupRemoved(), rx.TaskPlacementGroupRemoved()]
+    lost = [rx.ObjectLostError("ab" * 14, None, ""), rx.OwnerDiedError("ab" * 14, None, ""),
+            rx.ObjectFetchTimedOutError("ab" * 14, None, ""),
+            rx.ObjectReconstructionFailedError("ab" * 14)]
+    errors = [rx.OutOfDiskError(), rx.ObjectStoreFullError(), rx.RaySystemError("x"),
+              rx.RayTaskError("update", "Traceback ...", ValueError("bad input"))]
+    assert [ray_failure(e) for e in died] == ["died"] * len(died)
+    assert [ray_failure(e) for e in lost] == ["lost"] * len(lost)
+    assert [ray_failure(e) for e in errors] == ["error"] * len(errors)
+    # a method that fetched a lost object (the learner's rollouts) is judged by that error
+    inner = rx.RayTaskError("update", "Traceback ...", rx.OwnerDiedError("ab" * 14, None, ""))
+    assert ray_failure(inner) == "lost"
+
+
+def test_an_oom_kill_names_the_node_the_threshold_and_what_each_killed_rank_used():
+    import ray.exceptions as rx
+
+    from orchestrator.groups import WorkerGroup, oom_details
+
+    where, used = oom_details(rx.OutOfMemoryError(OOM))
+    assert where == " (node at 27% of 23.54GB, threshold 27.2%)"
+    assert used == {"3cfa12ba9a6b9087e16351a101000000": 0.06,
+                    "78087e77cd6eee72fcbaf3201000000": 0.92}
+
+    class Actor:  # what error() reads of an actor handle: Ray's actor id
+        def __init__(self, hexid):
+            self._actor_id = type("Id", (), {"hex": lambda self: hexid})()
+
+    group = WorkerGroup.__new__(WorkerGroup)
+    group.role, group.actors = "reward", [Actor("78087e77cd6eee72fcbaf3201000000")]
+    err = group.error(rx.OutOfMemoryError(OOM), "score")
+    assert str(err) == ("reward actor killed by Ray's memory monitor during score (node at 27% "
+                        "of 23.54GB, threshold 27.2%); rank 0 used 0.92 GB")
+    assert err.died and err.oom and not err.lost and err.role == "reward"

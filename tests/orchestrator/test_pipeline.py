@@ -42,6 +42,9 @@ class Scripted:
     def score(self, gen, batch, step):
         return f"scores of {gen['texts'][0]}"
 
+    def fetch_rollouts(self, gen):
+        return Rollouts.gather(gen["refs"])
+
     def step(self, pipe, step, syncs=1):
         out = pipe.take(step, Timings())
         self.version += syncs

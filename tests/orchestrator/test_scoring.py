@@ -149,8 +149,11 @@ def test_extra_generations_take_prompt_indices_and_seeds_after_the_first(make_re
     c.prompts = CharPrompts()
     c.prompts.stop_token_ids = []
     c.rollout = WorkerGroup.__new__(WorkerGroup)
-    c.rollout.actors = [Actor(), Actor()]
-    c.submit_generation(BATCH, step=3)
+    c.rollout.actors, c.rollout.role = [Actor(), Actor()], "rollout"
+    shards = c.submit_generation(BATCH, step=3)
+    # each engine's share keeps what it was asked, to ask again should Ray lose its rollouts
+    assert [(s.rank, s.offset, len(s.items)) for s in shards] == [(0, 0, 1), (1, 1, 1)]
+    assert [s.items[0]["seed"] for s in shards] == calls[0][0] + calls[1][0]
     first = list(calls)
     calls.clear()
     c.submit_generation(BATCH, step=3, offset=2)

@@ -95,6 +95,10 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         from workers.learner.policy import attn_implementation
 
         backend = self.args.backend if self.args.backend != "auto" else ("nccl" if cuda else "gloo")
+        # DeepSpeed's CPU backend JIT-builds a shared-memory all-reduce on first use (~1 min of
+        # both cores on a fresh machine, every first run); it serves only inference tensor
+        # parallelism (inference_all_reduce), which a learner never calls
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=backend)
         torch.manual_seed(self.recipe.seed)
         algo, model_cfg = self.recipe.algorithm, self.recipe.model
