@@ -40,16 +40,33 @@ def tree_memory(p: psutil.Process) -> tuple[int, int]:
     return rss, uss
 
 
+def _ppid(p: psutil.Process) -> int | None:
+    try:
+        return p.ppid()
+    except psutil.NoSuchProcess:
+        return None
+
+
 def sample(driver: psutil.Process, peaks: dict, total: list, stop: threading.Event,
            every: float) -> None:
     while not stop.is_set():
         now = 0
         procs = {driver.pid: ("driver", driver)}
-        for p in psutil.process_iter(["pid", "cmdline"]):
-            cmd = " ".join(p.info["cmdline"] or [])
-            m = re.match(r"ray::(\w+)", cmd)
-            if m and m.group(1) in ROLES:
-                procs[p.pid] = (ROLES[m.group(1)], p)
+        try:  # this run's actors: its private cluster's raylet is the driver's child
+            mine = driver.children(recursive=True)
+        except psutil.NoSuchProcess:
+            break
+        for p in mine:
+            try:
+                m = re.match(r"ray::(\w+)", " ".join(p.cmdline()))
+                if m and m.group(1) in ROLES:
+                    procs[p.pid] = (ROLES[m.group(1)], p)
+            except psutil.NoSuchProcess:
+                pass
+        # an actor's children (a verifier process forked from it keeps its title) count in
+        # its tree, not as actors of their own
+        procs = {pid: v for pid, v in procs.items() if pid == driver.pid or
+                 _ppid(v[1]) not in procs}
         for pid, (role, p) in procs.items():
             try:
                 rss, uss = tree_memory(p) if role != "driver" else (

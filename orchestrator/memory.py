@@ -62,6 +62,13 @@ def parameters(model_path: str) -> tuple[int, int, int]:
     return sum(p.numel() for p in model.parameters()), hidden, layers
 
 
+def spec_parameters(spec) -> tuple[int, int, int]:
+    """``parameters()`` of a tiny Llama that ``model.build`` will make (its character
+    vocabulary is a few dozen tokens; the embeddings are tied)."""
+    h, i, n = spec.hidden_size, spec.intermediate_size, spec.num_layers
+    return 64 * h + n * (4 * h * h + 3 * h * i + 2 * h) + h, h, n
+
+
 def estimate_roles(recipe, roles: dict, model: tuple[int, int, int],
                    others: dict[str, tuple[int, int, int]] | None = None) -> list[Estimate]:
     """Each started role's estimate per replica. ``roles``: role -> (class, validated args);

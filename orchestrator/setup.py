@@ -20,6 +20,7 @@ from core.errors import MissingInput, RecipeError, validate_model
 from core.registry import resolve, user_code
 from orchestrator.config import Recipe
 from orchestrator.data import dataset_size
+from orchestrator.groups import WorkerError
 from orchestrator.pipeline import check_schedule
 from orchestrator.schedules import Schedule, build_schedule
 from workers.base import ROLE_BASES
@@ -34,6 +35,7 @@ class Resolved:
     warnings: list[str]
     notes: list[str] = field(default_factory=list)  # what was checked, for `braid validate`
     prompts: dict[str, Any] = field(default_factory=dict)  # role -> its PromptFormatter
+    memory: list = field(default_factory=list)  # each role's Estimate (orchestrator/memory.py)
 
 
 def build_dataset(component, where: str):
@@ -241,10 +243,35 @@ def resolve_recipe(recipe: Recipe, skip_model: bool = False, skip_data: bool = F
             prompts[role] = formatter(recipe, folder, budgets[role], who)
             notes += check_prompts(prompts[role], samples, who)
         elif role in roles:
-            notes.append(f"{'teacher ' if role == 'teacher' else ''}prompts not tokenised: no "
-                         "model folder here (--skip-model)")
+            why = ("the model is built when the run starts (model.build)"
+                   if recipe.model.build is not None else "no model folder here (--skip-model)")
+            notes.append(f"{'teacher ' if role == 'teacher' else ''}prompts not tokenised: "
+                         f"{why}")
+    memory = estimate_memory(recipe, roles, models)
+    if memory:
+        from orchestrator.memory import summary
+
+        notes.append(summary(memory))
     return Resolved(roles, datasets.get("data.train"), datasets.get("data.eval"), schedule,
-                    warnings, notes, prompts)
+                    warnings, notes, prompts, memory)
+
+
+def estimate_memory(recipe: Recipe, roles: dict, models: dict[str, str]) -> list:
+    """Each role's host-memory estimate (orchestrator/memory.py), when the model folders it
+    needs are here (none otherwise: what is not here was not checked)."""
+    from orchestrator.memory import estimate_roles, parameters, spec_parameters
+
+    policy = models.get("model.path")
+    if policy and not model_problem(policy):
+        model = parameters(policy)
+    elif recipe.model.build is not None:
+        model = spec_parameters(recipe.model.build)
+    else:
+        return []
+    others = {role: parameters(folder) for role in roles
+              if (folder := models.get(f"roles.{role}.args.model")) and not
+              model_problem(folder)}
+    return estimate_roles(recipe, roles, model, others)
 
 
 def check_algorithm(recipe: Recipe) -> list[str]:
@@ -433,7 +460,7 @@ def setup_controller(c) -> None:
     for role, (cls, args) in resolved.roles.items():
         cfg = getattr(recipe.roles, role)
         c.groups[role] = WorkerGroup(role, cfg, recipe, cls, args, base_env | cfg.env)
-    for w in resolved.warnings:
+    for w in resolved.warnings + check_memory(c.groups, resolved.memory):
         print(f"braid: note: {w}", flush=True)
     c.rollout, c.learner, c.reward = c.groups["rollout"], c.groups["learner"], c.groups["reward"]
     c.reference, c.teacher = c.groups.get("reference"), c.groups.get("teacher")
@@ -463,6 +490,32 @@ def setup_controller(c) -> None:
     if recipe.failures.deadline is not None:  # set-up (model loads, compiles) has none
         for role, group in c.groups.items():
             group.deadlines = Deadlines(recipe.failures.deadline, role)
+
+
+def check_memory(groups: dict, estimates: list) -> list[str]:
+    """Once every group is placed and before any worker sets up (loads a model): the memory
+    each node's share of the roles needs against what the node has. A node that cannot hold
+    its share fails the run now, naming the roles and the numbers; warnings for tight ones."""
+    import ray
+    from ray.util import placement_group_table
+
+    from orchestrator.memory import check_placement, summary
+
+    if not estimates:
+        return []
+    print(f"braid: {summary(estimates)}", flush=True)
+    placed = {role: [node for _, node in sorted(
+        placement_group_table(g.pg)["bundles_to_node_id"].items())]
+        for role, g in groups.items()}
+    nodes = {n["NodeID"]: (n["Resources"].get("memory", 0) +
+                           n["Resources"].get("object_store_memory", 0)) / 2**30
+             for n in ray.nodes() if n["Alive"]}
+    try:
+        return check_placement(estimates, placed, nodes, ray.get_runtime_context().get_node_id())
+    except MemoryError as err:
+        raise WorkerError(f"the cluster cannot hold this recipe: {err}. Lower the roles' memory "
+                          "(docs/cluster.md#memory) or place them on larger nodes", "memory") \
+            from None
 
 
 def prepare_driver(c):

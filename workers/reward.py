@@ -36,6 +36,21 @@ class VerifierSpec(BaseModel):
 _BUILT: dict[str, Any] = {}  # in the verifier process: factory verifiers, built once
 
 
+def _limit_memory(gb: float | None) -> None:
+    """In the verifier process: its address space capped at what it has now plus ``gb``, so an
+    allocation past that raises MemoryError in the verifier instead of growing the node."""
+    if gb is None:
+        return
+    import os
+    import resource
+
+    with open("/proc/self/statm") as f:
+        have = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    want = have + int(gb * 2**30)
+    resource.setrlimit(resource.RLIMIT_AS, (want if hard < 0 else min(want, hard), hard))
+
+
 def _call_verifier(spec: dict, prompts, completions, fields):
     import json
 
@@ -76,6 +91,11 @@ class RuleRewardWorker(RewardWorker):
         model_config = ConfigDict(extra="forbid")
         verifiers: list[VerifierSpec | str] = Field(min_length=1)
         timeout_s: float = Field(10.0, gt=0, description="per verifier call")
+        verifier_memory_gb: float | None = Field(
+            4.0, gt=0, description="memory the verifier process may take on top of what it "
+            "starts with; a call past it fails (its samples score None, counted). Ray's memory "
+            "monitor sees a reward actor's memory but not its verifier process's: a verifier "
+            "growing unbounded makes the monitor kill other actors. null: no limit")
 
     @classmethod
     def check_args(cls, args: dict, where: str):
@@ -100,7 +120,8 @@ class RuleRewardWorker(RewardWorker):
 
     def _pool_get(self):
         if self._pool is None:
-            self._pool = mp.get_context("fork").Pool(1)
+            self._pool = mp.get_context("fork").Pool(
+                1, initializer=_limit_memory, initargs=(self.args.verifier_memory_gb,))
         return self._pool
 
     def _kill_pool(self):

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -17,8 +18,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-
-from core.weight_sync import free_port
 
 VENV_BIN = Path(sys.executable).parent
 
@@ -105,9 +104,20 @@ def _describe(node) -> str:
 
 
 def ports(*names: str) -> list[str]:
-    """``--flag <free port>`` for each flag: Ray's defaults for these are fixed ports that the
-    session's cluster (or the other node) already holds."""
-    return [x for name in names for x in (name, str(free_port()))]
+    """``--flag <port>`` for each flag, ports free now and distinct: chosen together, each
+    socket held until all are (ports taken one at a time can repeat — two of a node's flags
+    once got the same port and its `ray start` exited, seen here). Only for flags whose Ray
+    default is a fixed port another cluster on this machine may hold; Ray picks the others."""
+    socks = []
+    try:
+        for _ in names:
+            s = socket.socket()
+            s.bind(("", 0))
+            socks.append(s)
+        return [x for name, s in zip(names, socks) for x in (name, str(s.getsockname()[1]))]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def _ours(temp_dir: str) -> list[int]:
@@ -153,40 +163,35 @@ def stop_nodes(nodes: list[subprocess.Popen], temp_dir: str) -> None:
 @contextmanager
 def two_nodes(head_cpus: int, second_cpus: int, system_config: dict | None = None):
     """A head (`ray start --head`) and a second node (`ray start --address`) on this machine,
-    each on ports of its own: yields (GCS address, the cluster, the second node's raylet PID
+    on ports of their own: yields (GCS address, the cluster, the second node's raylet PID
     finder); both stopped after."""
     import json
 
     nodes = Nodes()
-    address = f"127.0.0.1:{free_port()}"
     common = ["--node-ip-address", "127.0.0.1", "--min-worker-port", "0",
               "--max-worker-port", "0"]
-    agents = ("--node-manager-port", "--object-manager-port", "--metrics-export-port",
-              "--runtime-env-agent-port", "--dashboard-agent-listen-port",
-              "--dashboard-agent-grpc-port")
     # Ray counts a silent node dead after 3 missed health checks a second apart (default:
     # 5, 3 s apart), so a test waits less for it
     config = {"health_check_period_ms": 1000, "health_check_failure_threshold": 3} | (
         system_config or {})
+    head = ports("--port", "--ray-client-server-port", "--dashboard-agent-listen-port")
+    address = f"127.0.0.1:{head[1]}"
     try:
-        nodes.start("head", ["--head", "--port", address.split(":")[1], "--system-config",
-                             json.dumps(config), "--temp-dir", nodes.temp_dir,
-                             "--include-dashboard", "false", "--num-cpus", str(head_cpus),
-                             *common, *ports("--ray-client-server-port", *agents)])
-        nodes.wait(address, alive=1, up=("head",))
-        # the second node's ports chosen now, not before the head's processes took theirs
-        second = ports(*agents)
+        nodes.start("head", ["--head", "--system-config", json.dumps(config), "--temp-dir",
+                             nodes.temp_dir, "--include-dashboard", "false", "--num-cpus",
+                             str(head_cpus), *common, *head])
+        (first,) = nodes.wait(address, alive=1, up=("head",))
         nodes.start("second", ["--address", address, "--num-cpus", str(second_cpus), *common,
-                               *second])
-        nodes.wait(address, alive=2, up=("head", "second"))
-        manager_port = second[second.index("--node-manager-port") + 1]
-        yield address, nodes, lambda: raylet_pid(manager_port)
+                               *ports("--dashboard-agent-listen-port")])
+        second = [n for n in nodes.wait(address, alive=2, up=("head", "second"))
+                  if n.node_id != first.node_id][0]
+        yield address, nodes, lambda: raylet_pid(second.node_manager_port)
     finally:
         nodes.stop()
 
 
-def raylet_pid(manager_port: str) -> int:
-    """The PID of the raylet listening on ``manager_port``."""
+def raylet_pid(manager_port: int) -> int:
+    """The PID of the raylet listening on ``manager_port`` (as the GCS reports it)."""
     for p in Path("/proc").iterdir():
         try:
             cmd = (p / "cmdline").read_bytes().split(b"\0")

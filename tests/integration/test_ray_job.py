@@ -16,7 +16,6 @@ import pytest
 import yaml
 from ray.job_submission import JobSubmissionClient
 
-from core.weight_sync import free_port
 from tests.conftest import recipe_dict
 from tests.integration.ray_nodes import VENV_BIN, Nodes, ports
 
@@ -34,17 +33,14 @@ def exact(prompts, completions, answer, reverse=None, **_):
 @pytest.fixture(scope="module")
 def ray_head():
     nodes = Nodes()
-    dash = free_port()
+    fixed = ports("--dashboard-port", "--port", "--ray-client-server-port",
+                  "--dashboard-agent-listen-port")  # Ray picks free ports for the others
     try:
         nodes.start("head", [
             "--head", "--temp-dir", nodes.temp_dir, "--node-ip-address", "127.0.0.1",
             "--dashboard-host", "127.0.0.1", "--include-dashboard", "true", "--num-cpus", "4",
-            "--min-worker-port", "0", "--max-worker-port", "0", "--dashboard-port", str(dash),
-            *ports("--port", "--ray-client-server-port", "--dashboard-agent-listen-port",
-                   "--dashboard-agent-grpc-port", "--node-manager-port",
-                   "--object-manager-port", "--metrics-export-port",
-                   "--runtime-env-agent-port")])
-        address = f"http://127.0.0.1:{dash}"
+            "--min-worker-port", "0", "--max-worker-port", "0", *fixed])
+        address = f"http://127.0.0.1:{fixed[1]}"
         # the job API answers once the dashboard is up (bounded for a loaded machine; a
         # failure shows what the head said)
         deadline, seen = time.monotonic() + 300, ""

@@ -24,6 +24,10 @@ def short(prompts, completions, **_):
     return [1.0] * (len(completions) - 1)
 def thought(prompts, completions, **_):
     return [1.0 if c.startswith("<think>") and "</think>" in c else 0.0 for c in completions]
+def greedy(prompts, completions, **_):
+    if any(c == "grow" for c in completions):
+        held = [bytearray(256 * 2**20) for _ in range(8)]  # 2 GB
+    return [1.0] * len(completions)
 '''
 
 
@@ -38,9 +42,9 @@ def worker(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.syspath_prepend(str(tmp_path))
 
-    def make(verifiers, timeout_s=2.0):
-        args = RuleRewardWorker.check_args({"verifiers": verifiers, "timeout_s": timeout_s},
-                                           "roles.reward.args")
+    def make(verifiers, timeout_s=2.0, **more):
+        args = RuleRewardWorker.check_args({"verifiers": verifiers, "timeout_s": timeout_s}
+                                           | more, "roles.reward.args")
         w = RuleRewardWorker(WorkerContext("reward", 0, 1, None, args))
         w.setup()
         return w
@@ -96,4 +100,17 @@ def test_verifiers_see_the_response_prefix_the_prompt_ends_with(worker, make_rec
     s = w.score(_rollouts(["hmm</think> 4", "4"]), [{"id": "q0", "prompt": "x"},
                                                     {"id": "q1", "prompt": "y"}])
     assert s.rewards == [1.0, 0.0]
+    w.shutdown()
+
+
+def test_a_verifier_growing_past_its_memory_fails_its_samples_not_the_node(worker):
+    """Ray's memory monitor cannot see the verifier process's memory (seen here: a verifier
+    holding 3 GB made it kill every actor of the run, the reward actor counted at 0 GB), so
+    the verifier process has a cap of its own: past it, its samples score None."""
+    w = worker(["flaky_verifiers:greedy"], verifier_memory_gb=0.5)
+    records = [{"id": f"g{i}", "prompt": "x"} for i in range(2)]
+    s = w.score(_rollouts(["grow", "fine"]), records)
+    assert s.rewards == [None, 1.0] and s.failures == {"greedy": 1}
+    assert s.errors["greedy"].startswith("MemoryError") and "(sample g0#0)" in \
+        s.errors["greedy"]
     w.shutdown()
