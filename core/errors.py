@@ -25,6 +25,12 @@ class MissingInput(RecipeError):
     from another recipe) and checks the rest."""
 
 
+class InputsLost(RuntimeError):
+    """A worker could not fetch its inputs: Ray lost them (their node or owner gone). Raised
+    on every rank of a group together, before any collective, so that the call can be made
+    again once the inputs are (orchestrator/groups.py reads it as lost inputs)."""
+
+
 class DataError(ValueError):
     """A data file that cannot serve as a dataset; the message names the file and the field."""
 

@@ -47,14 +47,24 @@ def save(c, step: int) -> Path:
                  "history": c.history, "mlflow_run_id": c.logger.run_id, "rng": rng_state(),
                  "model_path": str(Path(c.recipe.model.path).resolve())}
         (tmp / "controller.json").write_text(json.dumps(state))
-    except (OSError, WorkerError) as err:
-        if isinstance(err, WorkerError) and err.died:
+        publish(root, tmp, final)
+    except BaseException as err:
+        shutil.rmtree(tmp, ignore_errors=True)  # frees what it took; `latest` is untouched
+        if not isinstance(err, (OSError, WorkerError)) or getattr(err, "died", False):
             raise  # a learner rank lost while saving: recovery names the checkpoint
-        shutil.rmtree(tmp, ignore_errors=True)
         raise WorkerError(f"the checkpoint of step {step} could not be written to {tmp}: "
                           f"{_why(root, err)}; the previous checkpoint is kept "
                           f"({_latest(root)}, the one --resume uses)", "checkpoint") from err
     c.saved_step = step
+    kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
+                  and not p.name.endswith(".tmp"))
+    for old in kept[:-c.recipe.checkpoint.keep_last]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def publish(root: Path, tmp: Path, final: Path) -> None:
+    """The complete checkpoint ``tmp`` becomes ``final`` and ``latest`` names it."""
     if final.exists():  # the same step again: never leave `latest` naming a missing folder
         old = root / (final.name + ".old")
         shutil.rmtree(old, ignore_errors=True)
@@ -66,24 +76,24 @@ def save(c, step: int) -> Path:
     pointer = root / "latest.tmp"
     pointer.write_text(final.name)
     os.replace(pointer, root / "latest")
-    kept = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_")
-                  and not p.name.endswith(".tmp"))
-    for old in kept[:-c.recipe.checkpoint.keep_last]:
-        shutil.rmtree(old, ignore_errors=True)
-    return final
 
 
 def _why(root: Path, err: BaseException) -> str:
-    """'no space left on device (... free on ...)' when the disk is the cause (an OSError
-    ENOSPC here, or a learner's save failing with the disk full: torch's writer then reports
-    only 'unexpected pos'), else the error itself."""
+    """'no space left on device (... free on ...)' when the disk is the cause — an OSError
+    ENOSPC here, or a learner's save failing on a disk left with (almost) nothing free:
+    torch's writer then reports only 'unexpected pos' — else the error itself."""
     import errno
 
-    free = shutil.disk_usage(root).free
-    full = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or \
-        "No space left" in str(err) or free < 16 * 2**20
-    if full:
-        return f"no space left on device ({free / 2**20:.1f} MiB free on {root})"
+    where = next((p for p in (root, *root.parents) if p.exists()), Path("/"))
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        free = None
+    enospc = (isinstance(err, OSError) and err.errno == errno.ENOSPC) or \
+        "No space left" in str(err)
+    if enospc or (free is not None and free < 2**20):
+        shown = f"{free / 2**20:.1f} MiB free on {where}" if free is not None else str(where)
+        return f"no space left on device ({shown})"
     return str(err)
 
 

@@ -317,6 +317,10 @@ class RayConfig(_Strict):
     autoscaling: bool = Field(
         False, description="the cluster grows on demand (KubeRay enableInTreeAutoscaling): "
         "wait for room rather than refuse a recipe larger than the cluster")
+    memory_check: Literal["refuse", "warn", "off"] = Field(
+        "refuse", description="a node whose share of the roles' estimated memory "
+        "(orchestrator/memory.py) exceeds what it has: refuse the run before any model loads, "
+        "only warn (the estimate is within ~25%), or do not check")
 
 
 class Recipe(_Strict):

@@ -159,46 +159,66 @@ class Controller:
 
     def remake_lost(self, gen: dict) -> int:
         """Generate again the engine shares of ``gen`` whose rollouts Ray lost (their node or
-        owner gone), with the same prompts and seeds, on the same rank (replaced first if it
-        died); the step's summary follows the new rollouts, and its scores are computed again
-        if the samples came out different (an engine without per-request seeds, or newer
-        weights). Returns how many shares were made again."""
-        import ray
-
+        owner gone, or their engine died before it answered), with the same prompts and seeds,
+        on the same rank (its replacement, if it died); reference log-probs it lost are
+        computed again. In place: loss terms built on the step's lists see the new refs.
+        Shares that come out different (newer weights, an engine without per-request seeds)
+        are fine before the step is scored, and an error after: the scores, and what the
+        schedule decided on them, were of the lost samples. Returns the shares made again."""
         from orchestrator.recovery import replace_dead
 
-        lost = []
-        for i, ref in enumerate(gen.get("refs", [])):
-            try:
-                if isinstance(ref, ray.ObjectRef):
-                    ray.get(ref)
-            except ray.exceptions.ObjectLostError:
-                lost.append(i)
-            except ray.exceptions.RayError as err:  # its engine died with it: replace it
-                if not replace_dead(self, self.groups[gen["shards"][i].role].error(err)):
-                    raise
-                lost.append(i)
-        if not lost:
-            return 0
-        shards = gen["shards"]
-        for i in lost:
-            old = shards[i]
-            group = self.groups[old.role]
-            pair = group.actors[old.rank].generate.options(num_returns=2).remote(
-                old.items, old.n, old.sampling, index_offset=old.offset)
-            shards[i] = dataclasses.replace(old, summary=pair[0], rollouts=pair[1])
-        before = {k: gen[k] for k in ("prompt_index", "lengths", "texts")}
-        again = self.collect_generation(shards, self.groups[shards[0].role])
-        gen["refs"][:] = again.pop("refs")  # in place: loss terms built on it see the new ones
-        gen |= again
-        if any(gen[k] != v for k, v in before.items()):
-            for k in ("scores", "ref", "values", "critic_term"):
-                gen.pop(k, None)
-        self.logger.note(f"Ray lost the rollouts of {len(lost)} engine share(s); generated "
-                         f"again with the same prompts and seeds"
-                         f"{'' if 'scores' in gen else ' (different samples: scored again)'}")
-        self.lost_remade += len(lost)
+        lost = [i for i, (ref, shard) in enumerate(zip(gen.get("refs", []),
+                                                       gen.get("shards", [])))
+                if shard is not None and self._gone(ref, self.groups[shard.role])]
+        if lost:
+            replace_dead(self, WorkerError("rollouts lost", "rollout", lost=True))
+            shards = gen["shards"]
+            for i in lost:
+                old = shards[i]
+                group = self.groups[old.role]
+                pair = group.actors[old.rank].generate.options(num_returns=2).remote(
+                    old.items, old.n, old.sampling, index_offset=old.offset)
+                shards[i] = dataclasses.replace(old, summary=pair[0], rollouts=pair[1])
+            again = self.collect_generation(shards, self.groups[shards[0].role])
+            again.pop("shards")
+            if "scores" in gen and any(again[k] != gen[k] for k in ("prompt_index", "texts")):
+                raise WorkerError(
+                    f"Ray lost the rollouts of {len(lost)} engine share(s) of a step already "
+                    "scored, and generated again they differ (newer weights, or an engine "
+                    "without per-request seeds): the step cannot be repeated as it was scored",
+                    shards[0].role)
+            gen["refs"][:] = again.pop("refs")
+            gen |= again
+            self.logger.note(f"Ray lost the rollouts of {len(lost)} engine share(s); generated "
+                             "again with the same prompts and seeds")
+            self.lost_remade += len(lost)
+        if self.reference is not None and any(self._gone(r, self.reference)
+                                               for r in gen.get("ref") or []):
+            gen["ref"][:] = self._reference_refs(gen)
+            self.logger.note("Ray lost reference log-probs; computed again")
         return len(lost)
+
+    @staticmethod
+    def _gone(ref, group) -> bool:
+        """Whether Ray lost the object ``ref`` (or the actor that was to make it died). One in
+        an object store somewhere is not fetched to find out."""
+        import ray
+        from ray.experimental import get_object_locations
+
+        from orchestrator.groups import ray_failure
+
+        if not isinstance(ref, ray.ObjectRef):
+            return False  # restored from a checkpoint: a value
+        where = get_object_locations([ref]).get(ref, {})
+        if where.get("node_ids") or where.get("did_spill"):
+            return False
+        try:
+            ray.get(ref)  # small ones travel with the reply: here already
+            return False
+        except ray.exceptions.RayError as err:
+            if ray_failure(err) == "error":
+                raise group.error(err, "fetch of its results") from err
+            return True
 
     def fill_groups(self, step: int, batch: list[dict], gen: dict, timer,
                     metrics: dict) -> tuple[list[dict], dict, dict]:
@@ -269,12 +289,15 @@ class Controller:
         if gen is None or self.recipe.algorithm.kl == 0 or self.reference is None:
             return None
         if "ref" not in gen:
-            n = len(self.reference)
-            refs = [a.logprobs.remote(gen["refs"], shard=(k, n))
-                    for k, a in enumerate(self.reference.actors)]
-            self.reference.call(refs, "logprobs")
-            gen["ref"] = refs
+            gen["ref"] = self._reference_refs(gen)
         return gen["ref"]
+
+    def _reference_refs(self, gen: dict) -> list:
+        n = len(self.reference)
+        refs = [a.logprobs.remote(gen["refs"], shard=(k, n))
+                for k, a in enumerate(self.reference.actors)]
+        self.reference.call(refs, "logprobs")
+        return refs
 
     def critic_values(self, gen: dict) -> list[list[float]]:
         """The critic's V(s_t) for every completion token of this step's samples (computed
@@ -290,8 +313,7 @@ class Controller:
         if term is None:
             return {}
         with timer("critic"):
-            return self.critic.call(self.critic.fanout("update", [term], step=step),
-                                    "update")[0]
+            return self.learn(self.critic, [term], step, gen)
 
     def complete(self, step: int, ops: list) -> list:
         """Add what the recipe's cadence asks for: a Sync after weight changes, Eval, Checkpoint."""
@@ -322,7 +344,7 @@ class Controller:
             if not terms:
                 return out | {"update/skipped": 1.0}
             with timer("learn"):
-                out |= self.learn(op, terms, step, gen)
+                out |= self.learn(self.learner, terms, step, gen, op.optimizer)
             self.stale = True
             return out
         if isinstance(op, Sync):
@@ -337,24 +359,24 @@ class Controller:
             return {}
         raise TypeError(f"step {step}: the schedule returned an unknown op {op!r}")
 
-    def learn(self, op, terms: list[dict], step: int, gen: dict | None) -> dict:
-        """The learner's update on ``terms``. Rollouts Ray lost before the learner fetched them
-        are made again (the same samples, under the same seeds and weights: the terms hold
-        the step's refs list, updated in place) and the update is sent again."""
+    def learn(self, group, terms: list[dict], step: int, gen: dict | None,
+              optimizer: str = "main") -> dict:
+        """An update of the learner (or the critic) ``group`` on ``terms``. Rollouts or
+        reference log-probs Ray lost before its ranks fetched them are made again (the same
+        samples, under the same seeds and weights: the terms hold the step's lists of refs,
+        updated in place) and the update is sent again."""
         from orchestrator.recovery import LOST_RETRIES
 
         for attempt in range(LOST_RETRIES + 1):
             try:
-                return self.learner.call(self.learner.fanout("update", terms, op.optimizer,
-                                                             step=step), "update")[0]
+                return group.call(group.fanout("update", terms, optimizer, step=step),
+                                  "update")[0]
             except WorkerError as err:
+                # every rank raised it together, before any collective (InputsLost): the
+                # update is whole to send again once its inputs are
                 if not (err.lost and gen is not None and attempt < LOST_RETRIES):
                     raise
                 self.remake_lost(gen)
-                if "scores" not in gen:
-                    raise WorkerError(f"{err}; generated again, the samples differ from those "
-                                      "this update's advantages came from, so the step cannot "
-                                      "be repeated", "learner") from err
         raise AssertionError("unreachable")
 
     def ask_teacher(self, step: int, batch: list[dict], gen: dict) -> dict:

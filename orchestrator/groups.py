@@ -45,17 +45,23 @@ class WorkerError(RuntimeError):
 DIED = ("RayActorError", "OutOfMemoryError", "WorkerCrashedError", "NodeDiedError",
         "LocalRayletDiedError", "ActorUnschedulableError", "TaskUnschedulableError",
         "ActorPlacementGroupRemoved", "TaskPlacementGroupRemoved")
-LOST = ("ObjectLostError",)  # OwnerDied, ObjectReconstructionFailed, ObjectFetchTimedOut, ...
+# OwnerDied, ObjectReconstructionFailed, ObjectFetchTimedOut, ...; InputsLost: a group's ranks
+# agreeing that one of them could not fetch its inputs (workers/learner/deepspeed.py)
+LOST = ("ObjectLostError", "InputsLost")
 
 
 def ray_failure(err: BaseException) -> str:
     """'died', 'lost' or 'error': what a Ray exception says of the call. A method that raised
-    a Ray error itself (it fetched a lost object) is judged by that error."""
+    an error of its own is judged by it: fetching a lost object is 'lost', and so is fetching
+    the result of an actor that died (its input is gone, not the actor that asked)."""
     import ray
 
-    if isinstance(err, ray.exceptions.RayTaskError) and isinstance(
-            getattr(err, "cause", None), ray.exceptions.RayError):
-        err = err.cause
+    cause = getattr(err, "cause", None)
+    if isinstance(err, ray.exceptions.RayTaskError) and cause is not None:
+        names = {c.__name__ for c in type(cause).__mro__}
+        if names & (set(LOST) | set(DIED)):
+            return "lost"
+        return "error"
     names = {c.__name__ for c in type(err).__mro__}
     if names & set(LOST):
         return "lost"
@@ -149,6 +155,7 @@ class WorkerGroup:
 
         self.role, self.cfg, self.ready_timeout_s = role, cfg, ready_timeout_s
         self.deadlines: Deadlines | None = None  # set once the group is set up
+        self.oom_killed: dict[int, bool] = {}  # rank -> Ray's memory monitor killed it (dead())
         res = cfg.resources
         bundle = {"CPU": res.num_cpus} | ({"GPU": res.num_gpus} if res.num_gpus else {})
         self.pg = placement_group([dict(bundle) for _ in range(cfg.replicas)],
@@ -346,6 +353,7 @@ class WorkerGroup:
             except ray.exceptions.RayError as err:  # killed, crashed, its node gone, ...
                 if ray_failure(err) == "died":
                     out.append(i)
+                    self.oom_killed[i] = isinstance(err, ray.exceptions.OutOfMemoryError)
         return out
 
     def restart(self, rank: int, **setup_kwargs) -> None:

@@ -146,8 +146,9 @@ def check_placement(estimates: list[Estimate], placed: dict[str, list[str]],
         counts: dict[str, int] = {}
         for role, _ in items:
             counts[role] = counts.get(role, 0) + 1
-        what = "; ".join(str(by_role[r]) if r in by_role else f"driver {OVERHEAD_GB['driver']}"
-                         f" GB" for r in counts)
+        what = "; ".join(f"{r} {k} x {by_role[r].gb:.2f} GB ({by_role[r].parts})"
+                         if r in by_role else f"driver {OVERHEAD_GB['driver']} GB"
+                         for r, k in counts.items())
         text = (f"node {node[:8]}: the roles placed there need ~{need:.1f} GB and it has "
                 f"{have:.1f} GB ({what})")
         if need > have:

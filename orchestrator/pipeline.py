@@ -154,9 +154,9 @@ class RolloutPipeline:
         self.ahead = {}
         for s, w in state.get("ahead", {}).items():
             gen = w["gen"]
-            if gen is not None:
+            if gen is not None:  # rollouts by value: nothing to lose, nothing to remake
                 gen = {k: v for k, v in gen.items() if k != "rollouts"} | {
-                    "refs": [gen["rollouts"]]}
+                    "refs": [gen["rollouts"]], "shards": [None]}
             self.ahead[int(s)] = Ahead(w["batch"], w["metrics"], gen=gen)
 
     def metrics(self) -> dict:

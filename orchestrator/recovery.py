@@ -52,8 +52,12 @@ def recoverable(method):
     @functools.wraps(method)
     def wrapper(c, *args, **kwargs):
         lost = 0
+        gens = [a for a in (*args, *kwargs.values()) if isinstance(a, dict) and "shards" in a]
         while True:
             try:
+                if lost:  # here, so that a failure while remaking is handled like any other
+                    for gen in gens:
+                        c.remake_lost(gen)
                 return method(c, *args, **kwargs)
             except WorkerError as err:
                 if isinstance(err, LearnerLost):
@@ -61,8 +65,6 @@ def recoverable(method):
                 if err.lost and lost < LOST_RETRIES:
                     lost += 1
                     replace_dead(c, err)
-                    for gen in (a for a in args if isinstance(a, dict) and "shards" in a):
-                        c.remake_lost(gen)
                 elif not replace_dead(c, err):
                     raise
 
@@ -116,11 +118,16 @@ def oom_again(c, dead: dict[str, list[int]], err: WorkerError) -> None:
     """Ray's memory monitor killed these actors: the first time a role is replaced like any
     dead actor; a role killed so again after its replacement stops the run, naming what its
     actors used and the setting that lowers it (the node cannot hold the role as set)."""
-    if not err.oom:
-        return
     for role, ranks in dead.items():
-        ids = {c.groups[role].actors[r]._actor_id.hex(): r for r in ranks}
+        group = c.groups[role]
+        killed = getattr(group, "oom_killed", {})
+        if not (err.oom or any(killed.get(r) for r in ranks)):
+            continue
+        ids = {group.actors[r]._actor_id.hex(): r for r in ranks} if err.memory else {}
         used = {r: err.memory[a] for a, r in ids.items() if a in err.memory}
+        # killed by the monitor: in its report, or its own death says so
+        if not (used or any(killed.get(r) for r in ranks) or role == err.role):
+            continue
         if c.oom_kills.get(role):
             measured = ", ".join(f"rank {r} {gb:.2f} GB" for r, gb in sorted(used.items()))
             raise WorkerError(
@@ -219,7 +226,11 @@ def learner_lost(c, ranks: list[int], err: BaseException, role: str = "learner")
         where = f"resume from {ckpt}"
     except Exception:
         ckpt, where = None, "no checkpoint was written (set checkpoint.every to keep one)"
-    oom = getattr(err, "oom", False)
+    group = c.groups.get(role)
+    oom = getattr(err, "oom", False) or any(
+        group is not None and group.oom_killed.get(r) for r in ranks)
+    if oom and "memory monitor" not in str(err):
+        err = f"{err} (Ray's memory monitor killed it)"
     return LearnerLost(f"{role} rank(s) {ranks} died: {err}; the run cannot continue without "
                        f"its ZeRO-3 partitions — {where}", ckpt, role, oom)
 

@@ -142,23 +142,24 @@ def preflight(recipe: Recipe) -> None:
 def mlflow_problem(uri: str | None) -> str | None:
     """Why the tracking server at an http(s) ``logging.mlflow_uri`` cannot be reached, or None
     (other URIs — a sqlite file, databricks — are not probed)."""
-    from urllib.parse import urlparse
-
     if not uri or not uri.startswith(("http://", "https://")):
         return None
-    import httpx
+    import requests
 
+    # the TLS settings mlflow's own client honours (REQUESTS_CA_BUNDLE too, by requests)
+    verify: bool | str = os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH") or True
+    if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true":
+        verify = False
     try:
-        httpx.get(uri.rstrip("/") + "/health", timeout=5.0)
-    except httpx.HTTPError as err:
-        return f"no tracking server answers at {uri} ({type(err).__name__}: {err})"
-    except ValueError as err:
-        return f"{uri} is not a URL ({err}; host {urlparse(uri).netloc!r})"
+        requests.get(uri.rstrip("/") + "/health", timeout=5.0, verify=verify)
+    except Exception as err:  # refused, unresolvable, TLS, a malformed URL: all say the same
+        text = str(err).splitlines()[0] if str(err) else ""
+        return f"no tracking server answers at {uri} ({type(err).__name__}: {text[:200]})"
     return None
 
 
 def resolve_recipe(recipe: Recipe, skip_model: bool = False, skip_data: bool = False,
-                   skip_mlflow: bool = False) -> Resolved:
+                   skip_mlflow: bool = False, check_surroundings: bool = True) -> Resolved:
     """Everything ``braid validate`` checks — and ``braid run`` checks first: import paths,
     worker classes and arguments, the schedule, the datasets' first records (and their size
     against prompts_per_step), every model folder and the prompts its tokenizer makes (the
@@ -166,7 +167,8 @@ def resolve_recipe(recipe: Recipe, skip_model: bool = False, skip_data: bool = F
     machine is an error (MissingInput), unless ``skip_model`` / ``skip_data`` (``braid
     validate --skip-model / --skip-data``, checking a recipe away from its cluster) turn
     exactly that into a warning — and what needs it is not checked; so is a tracking server
-    that does not answer (``skip_mlflow``). ``run_dir`` must be a folder braid can make."""
+    that does not answer (``skip_mlflow``; not asked again with ``check_surroundings``
+    False: set-up's preflight asked before Ray started), and a run_dir braid cannot make."""
     roles = {}
     warnings: list[str] = []
     for role, base in ROLE_BASES.items():
@@ -197,9 +199,14 @@ def resolve_recipe(recipe: Recipe, skip_model: bool = False, skip_data: bool = F
         warnings.append(f"{err} — not checked ({flag}); `braid run` needs it")
 
     try:
-        preflight(recipe)
-    except MlflowUnreachable as err:
-        absent(err, skip_mlflow, "--skip-mlflow")
+        check_run_dir(recipe.run_dir)
+    except RecipeError as err:  # a cluster volume this machine may not have or may not write
+        absent(err, skip_data, "--skip-data")
+    if check_surroundings:
+        problem = mlflow_problem(recipe.logging.mlflow_uri)
+        if problem:
+            absent(MlflowUnreachable(f"logging.mlflow_uri: {problem}"), skip_mlflow,
+                   "--skip-mlflow")
     datasets: dict[str, Any] = {}
     for where, component in (("data.train", recipe.data.train), ("data.eval", recipe.data.eval)):
         if component is not None:
@@ -261,16 +268,26 @@ def estimate_memory(recipe: Recipe, roles: dict, models: dict[str, str]) -> list
     needs are here (none otherwise: what is not here was not checked)."""
     from orchestrator.memory import estimate_roles, parameters, spec_parameters
 
+    def counted(folder: str):
+        try:  # a config transformers cannot build as a causal LM: no estimate for it
+            return parameters(folder)
+        except Exception:  # noqa: BLE001
+            return None
+
     policy = models.get("model.path")
     if policy and not model_problem(policy):
-        model = parameters(policy)
+        model = counted(policy)
     elif recipe.model.build is not None:
         model = spec_parameters(recipe.model.build)
     else:
         return []
-    others = {role: parameters(folder) for role in roles
-              if (folder := models.get(f"roles.{role}.args.model")) and not
-              model_problem(folder)}
+    if model is None:
+        return []
+    # a role's own model only counts where it is one the estimate uses (a teacher's engine);
+    # a reward model's is in its process overhead
+    others = {role: n for role in roles if role in ("teacher", "rollout", "reference")
+              and (folder := models.get(f"roles.{role}.args.model"))
+              and not model_problem(folder) and (n := counted(folder)) is not None}
     return estimate_roles(recipe, roles, model, others)
 
 
@@ -376,7 +393,12 @@ def init_ray(recipe: Recipe) -> bool:
     if ray.is_initialized():
         return False
     with _keep_sigterm_handler():
-        return _init_ray(recipe)
+        private = _init_ray(recipe)
+    # A group call raises its first failure at once (orchestrator/groups.py) and leaves its
+    # peers' results unread: Ray would print each as an "unhandled error" traceback. Set in
+    # the driver after the cluster started, so that its workers do not inherit it.
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+    return private
 
 
 @contextmanager
@@ -398,9 +420,6 @@ def _keep_sigterm_handler():
 def _init_ray(recipe: Recipe) -> bool:
     import ray
 
-    # a group call raises its first failure at once (orchestrator/groups.py) and leaves its
-    # other results unread: Ray would print each of those as an "unhandled error" traceback
-    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
 
     address = recipe.ray.address or os.environ.get("RAY_ADDRESS")
     if address:
@@ -460,7 +479,8 @@ def setup_controller(c) -> None:
     for role, (cls, args) in resolved.roles.items():
         cfg = getattr(recipe.roles, role)
         c.groups[role] = WorkerGroup(role, cfg, recipe, cls, args, base_env | cfg.env)
-    for w in resolved.warnings + check_memory(c.groups, resolved.memory):
+    for w in resolved.warnings + check_memory(c.groups, resolved.memory,
+                                              recipe.ray.memory_check):
         print(f"braid: note: {w}", flush=True)
     c.rollout, c.learner, c.reward = c.groups["rollout"], c.groups["learner"], c.groups["reward"]
     c.reference, c.teacher = c.groups.get("reference"), c.groups.get("teacher")
@@ -492,16 +512,17 @@ def setup_controller(c) -> None:
             group.deadlines = Deadlines(recipe.failures.deadline, role)
 
 
-def check_memory(groups: dict, estimates: list) -> list[str]:
+def check_memory(groups: dict, estimates: list, mode: str = "refuse") -> list[str]:
     """Once every group is placed and before any worker sets up (loads a model): the memory
     each node's share of the roles needs against what the node has. A node that cannot hold
-    its share fails the run now, naming the roles and the numbers; warnings for tight ones."""
+    its share fails the run now (``ray.memory_check: refuse``), naming the roles and the
+    numbers, or is warned about (``warn``); warnings for tight ones."""
     import ray
     from ray.util import placement_group_table
 
     from orchestrator.memory import check_placement, summary
 
-    if not estimates:
+    if not estimates or mode == "off":
         return []
     print(f"braid: {summary(estimates)}", flush=True)
     placed = {role: [node for _, node in sorted(
@@ -513,9 +534,11 @@ def check_memory(groups: dict, estimates: list) -> list[str]:
     try:
         return check_placement(estimates, placed, nodes, ray.get_runtime_context().get_node_id())
     except MemoryError as err:
+        if mode == "warn":
+            return [f"{err} (ray.memory_check: warn)"]
         raise WorkerError(f"the cluster cannot hold this recipe: {err}. Lower the roles' memory "
-                          "(docs/cluster.md#memory) or place them on larger nodes", "memory") \
-            from None
+                          "(docs/cluster.md#memory), place them on larger nodes, or set "
+                          "ray.memory_check: warn", "memory") from None
 
 
 def prepare_driver(c):
@@ -527,7 +550,7 @@ def prepare_driver(c):
     from orchestrator.recovery import restarts_so_far
 
     recipe = c.recipe
-    resolved = resolve_recipe(recipe)
+    resolved = resolve_recipe(recipe, check_surroundings=False)  # preflight asked
     c.run_dir.mkdir(parents=True, exist_ok=True)
     c.prompts, c.teacher_prompts = resolved.prompts["rollout"], resolved.prompts.get("teacher")
     c.cursor = Cursor(resolved.train, recipe.seed, keep=c.prompts.fits)

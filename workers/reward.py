@@ -37,18 +37,20 @@ _BUILT: dict[str, Any] = {}  # in the verifier process: factory verifiers, built
 
 
 def _limit_memory(gb: float | None) -> None:
-    """In the verifier process: its address space capped at what it has now plus ``gb``, so an
-    allocation past that raises MemoryError in the verifier instead of growing the node."""
+    """In the verifier process: its data memory (heap and private writable mappings: what
+    Linux counts in RLIMIT_DATA; not address space merely reserved, as a JVM or Go runtime a
+    verifier runs reserves it) capped at what it has now plus ``gb``, so an allocation past
+    that raises MemoryError in the verifier instead of growing the node."""
     if gb is None:
         return
-    import os
     import resource
 
-    with open("/proc/self/statm") as f:
-        have = int(f.read().split()[0]) * os.sysconf("SC_PAGE_SIZE")
-    _, hard = resource.getrlimit(resource.RLIMIT_AS)
+    with open("/proc/self/status") as f:
+        have = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmData:"))
+    _, hard = resource.getrlimit(resource.RLIMIT_DATA)
     want = have + int(gb * 2**30)
-    resource.setrlimit(resource.RLIMIT_AS, (want if hard < 0 else min(want, hard), hard))
+    resource.setrlimit(resource.RLIMIT_DATA,
+                       (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
 
 
 def _call_verifier(spec: dict, prompts, completions, fields):
@@ -93,7 +95,8 @@ class RuleRewardWorker(RewardWorker):
         timeout_s: float = Field(10.0, gt=0, description="per verifier call")
         verifier_memory_gb: float | None = Field(
             4.0, gt=0, description="memory the verifier process may take on top of what it "
-            "starts with; a call past it fails (its samples score None, counted). Ray's memory "
+            "starts with (heap and private mappings: RLIMIT_DATA, not reserved address "
+            "space); a call past it fails (its samples score None, counted). Ray's memory "
             "monitor sees a reward actor's memory but not its verifier process's: a verifier "
             "growing unbounded makes the monitor kill other actors. null: no limit")
 

@@ -24,12 +24,16 @@ def test_a_run_dir_under_a_file_is_one_line(tiny_model, tmp_path):
     (tmp_path / "taken").write_text("a file")
     d = recipe_dict(tiny_model, tmp_path / "taken" / "run")
     (tmp_path / "recipe.yaml").write_text(yaml.safe_dump(d))
+    said = (f"braid: recipe error: run_dir: cannot make '{tmp_path / 'taken' / 'run'}': "
+            f"'{tmp_path / 'taken'}' is a file")
     for cmd in ("validate", "run"):
         out = _braid([cmd, "recipe.yaml"], tmp_path)
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
-        assert out.stderr.strip() == (f"braid: recipe error: run_dir: cannot make "
-                                      f"'{tmp_path / 'taken' / 'run'}': "
-                                      f"'{tmp_path / 'taken'}' is a file"), out.stderr
+        line = out.stderr.strip()
+        assert line.startswith(said) and "\n" not in line, out.stderr
+    # validating away from the cluster whose volume the run_dir is on
+    skipped = _braid(["validate", "--skip-data", "recipe.yaml"], tmp_path)
+    assert skipped.returncode == 0 and "not checked (--skip-data)" in skipped.stdout
 
 
 def test_a_tracking_server_that_is_not_there_is_named_before_the_run(tiny_model, tmp_path):
@@ -42,7 +46,7 @@ def test_a_tracking_server_that_is_not_there_is_named_before_the_run(tiny_model,
         assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr[-3000:]
         line = out.stderr.strip()
         assert line.startswith(f"braid: recipe error: logging.mlflow_uri: no tracking server "
-                               f"answers at {uri} (ConnectError: ") and "\n" not in line, line
+                               f"answers at {uri} (ConnectionError: ") and "\n" not in line, line
     skipped = _braid(["validate", "--skip-mlflow", "recipe.yaml"], tmp_path)
     assert skipped.returncode == 0 and "not checked (--skip-mlflow)" in skipped.stdout
 
@@ -96,7 +100,8 @@ def test_a_full_disk_while_checkpointing_stops_in_one_line_and_keeps_the_last_on
     assert not (ckpts / "step_000004.tmp").exists()
     # the tracking store's failures are one line each, not mlflow's tracebacks
     warned = [ln for ln in stderr.splitlines() if ln.startswith("braid: warning: mlflow")]
-    assert warned and len(warned) == len(set(warned)), stderr[-3000:]
+    assert any("database or disk is full" in ln for ln in warned), stderr[-3000:]
+    assert not [ln for ln in stderr.splitlines() if "sqlalchemy" in ln.lower()], stderr[-3000:]
 
 
 def _fill(pid: int, disk) -> bool:

@@ -1,5 +1,6 @@
-"""Placement limits (what a cluster can never hold is refused at once) and per-call deadlines
-(failures.deadline: fixed by 'role.method' or role, else derived from recent calls with a floor)."""
+"""Placement limits (what a cluster can never hold is refused at once), per-call deadlines
+(failures.deadline: fixed by 'role.method' or role, else derived from recent calls with a floor),
+and how every way Ray reports a failure is read (a death, lost inputs, or the call's error)."""
 
 import pytest
 
@@ -155,9 +156,15 @@ def test_every_way_ray_reports_a_lost_worker_is_a_death_lost_data_or_an_error():
     assert [ray_failure(e) for e in died] == ["died"] * len(died)
     assert [ray_failure(e) for e in lost] == ["lost"] * len(lost)
     assert [ray_failure(e) for e in errors] == ["error"] * len(errors)
-    # a method that fetched a lost object (the learner's rollouts) is judged by that error
+    # a method that fetched a lost object (the learner's rollouts), or the result of an actor
+    # that died (its input is gone, not the actor that asked), is judged lost
     inner = rx.RayTaskError("update", "Traceback ...", rx.OwnerDiedError("ab" * 14, None, ""))
     assert ray_failure(inner) == "lost"
+    assert ray_failure(rx.RayTaskError("score", "Traceback ...", rx.ActorDiedError())) == "lost"
+    # the learner's ranks agreeing that one could not fetch its inputs
+    from core.errors import InputsLost
+
+    assert ray_failure(rx.RayTaskError("update", "Traceback ...", InputsLost("rank 1"))) == "lost"
 
 
 def test_an_oom_kill_names_the_node_the_threshold_and_what_each_killed_rank_used():

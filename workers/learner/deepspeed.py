@@ -198,7 +198,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         if lr is None:
             lr = self.base_lr(terms) * lr_factor(
                 algo, step if step is not None else self.steps + 1, self.recipe.steps)
-        terms = [self._resolved(t) for t in terms]  # refs fetched once, not per mini-batch
+        terms = self._fetched(terms)  # refs fetched once, not per mini-batch
         ppo = not probe and any(t["kind"] in ("pg", "value") for t in terms)
         steps = mini_batches(terms, algo.ppo_mini_batches, algo.ppo_epochs,
                              (self.recipe.seed, self.steps)) if ppo else [terms]
@@ -275,6 +275,36 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
     def _opt_steps(self, name: str, n: int = 1) -> int:
         self._step_counts[name] = self._step_counts.get(name, 0) + n
         return self._step_counts[name]
+
+    def _fetched(self, terms: list[dict]) -> list[dict]:
+        """The terms with their inputs fetched, by every rank before any collective. The ranks
+        agree on the outcome first: if Ray lost any rank's inputs, every rank raises
+        InputsLost (the driver makes them again and sends the update again); a rank that
+        failed otherwise raises its error and the others say so — none is left waiting in the
+        update's first collective for a rank that is gone."""
+        import torch
+        import torch.distributed as dist
+
+        from core.errors import InputsLost
+
+        out, failed, code = None, None, 0.0
+        try:
+            out = [self._resolved(t) for t in terms]
+        except Exception as err:  # noqa: BLE001 (every rank hears of it below)
+            failed = err
+            names = {c.__name__ for c in type(err).__mro__}
+            code = 1.0 if names & {"ObjectLostError", "RayActorError"} else 2.0
+        worst = torch.tensor([code], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+        if worst.item() == 1.0:
+            raise InputsLost(f"rank {self.ctx.rank}: " + (
+                f"{type(failed).__name__}: {str(failed).splitlines()[0] if str(failed) else ''}"
+                if failed is not None else "another rank's inputs were lost"))
+        if worst.item() == 2.0:
+            if failed is not None:
+                raise failed
+            raise RuntimeError("another rank could not fetch its inputs (its error says why)")
+        return out
 
     @staticmethod
     def _resolved(term: dict) -> dict:
