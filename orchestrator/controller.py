@@ -200,21 +200,21 @@ class Controller:
 
     @staticmethod
     def _gone(ref, group) -> bool:
-        """Whether Ray lost the object ``ref`` (or the actor that was to make it died). One in
-        an object store somewhere is not fetched to find out."""
+        """Whether Ray lost the object ``ref`` (or the actor that was to make it died): fetched
+        here to find out, on this failure path only. (Its locations cannot say: after a node
+        died, the owner listed its engine's rollouts on the live head, and the reward actor
+        there still could not fetch them — seen with two nodes on one machine.)"""
         import ray
-        from ray.experimental import get_object_locations
 
         from orchestrator.groups import ray_failure
 
         if not isinstance(ref, ray.ObjectRef):
             return False  # restored from a checkpoint: a value
-        where = get_object_locations([ref]).get(ref, {})
-        if where.get("node_ids") or where.get("did_spill"):
-            return False
         try:
-            ray.get(ref)  # small ones travel with the reply: here already
+            ray.get(ref, timeout=group.deadlines.seconds("fetch") if group.deadlines else None)
             return False
+        except ray.exceptions.GetTimeoutError:
+            return False  # not lost, still being made: a hung maker meets its call's deadline
         except ray.exceptions.RayError as err:
             if ray_failure(err) == "error":
                 raise group.error(err, "fetch of its results") from err

@@ -180,24 +180,28 @@ def two_nodes(head_cpus: int, second_cpus: int, system_config: dict | None = Non
         nodes.start("head", ["--head", "--system-config", json.dumps(config), "--temp-dir",
                              nodes.temp_dir, "--include-dashboard", "false", "--num-cpus",
                              str(head_cpus), *common, *head])
-        (first,) = nodes.wait(address, alive=1, up=("head",))
+        nodes.wait(address, alive=1, up=("head",))
         nodes.start("second", ["--address", address, "--num-cpus", str(second_cpus), *common,
                                *ports("--dashboard-agent-listen-port")])
-        second = [n for n in nodes.wait(address, alive=2, up=("head", "second"))
-                  if n.node_id != first.node_id][0]
-        yield address, nodes, lambda: raylet_pid(second.node_manager_port)
+        nodes.wait(address, alive=2, up=("head", "second"))
+        yield address, nodes, lambda: raylet_pid(nodes.procs["second"].pid)
     finally:
         nodes.stop()
 
 
-def raylet_pid(manager_port: int) -> int:
-    """The PID of the raylet listening on ``manager_port`` (as the GCS reports it)."""
+def raylet_pid(start_pid: int) -> int:
+    """The PID of the raylet that the `ray start` process ``start_pid`` launched (its child: the
+    raylet's own command line says only ``--node_manager_port=0`` when Ray picks the port)."""
+    seen = []
     for p in Path("/proc").iterdir():
         try:
             cmd = (p / "cmdline").read_bytes().split(b"\0")
-        except OSError:
+            ppid = int((p / "stat").read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, ValueError, IndexError):
             continue
-        if cmd and cmd[0].endswith(b"/raylet") and \
-                f"--node_manager_port={manager_port}".encode() in cmd:
-            return int(p.name)
-    raise AssertionError(f"no raylet with --node_manager_port={manager_port}")
+        if ppid == start_pid:
+            seen.append(f"{p.name}: {cmd[0].decode(errors='replace')}")
+            if cmd[0].endswith(b"/raylet"):
+                return int(p.name)
+    raise AssertionError(f"`ray start` (PID {start_pid}) has no raylet child; its children: "
+                         f"{seen or 'none'}")

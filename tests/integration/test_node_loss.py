@@ -27,6 +27,7 @@ from tests.integration.ray_nodes import two_nodes
 pytestmark = pytest.mark.slow
 
 
+@pytest.mark.long
 def test_a_node_lost_mid_step_is_survived_with_auto_resume(tiny_model, tmp_path):
     with two_nodes(head_cpus=4, second_cpus=2) as (address, nodes, raylet):
         _lose_a_learner_rank(address, nodes, raylet, tiny_model, tmp_path)
