@@ -3,8 +3,8 @@ runs of the same recipe.
 
     .venv/bin/python benchmarks/chaos.py [--seeds 0 1 2] [--kills 6] [--chaos-seed 0]
 
-Runs, alternating: the undisturbed demo (recipes/arith_grpo_cpu.yaml: 500 SFT steps, then 80
-GRPO steps) at each seed, and once, at the first seed, the same run under chaos: ``--kills``
+Runs, alternating: the undisturbed demo (recipes/arith_grpo_cpu.yaml: SFT steps, then GRPO
+steps) at each seed, and once, at the first seed, the same run under chaos: ``--kills``
 SIGKILLs of rollout and reward actor processes at random times while the run trains, and one
 SIGKILL of a random learner rank, all sent by this script (it finds the run's actors by their
 process titles, ``ray::VLLMRollout...``, among the driver's descendants). The chaos run

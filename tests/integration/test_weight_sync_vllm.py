@@ -69,6 +69,7 @@ def check_sync(recipe, big_batch: bool = True) -> None:
         c.shutdown()
 
 
+@pytest.mark.long
 def test_tensor_parallel_engine_takes_synced_weights(ray_local, make_chat_recipe):
     """tensor_parallel_size 2: vLLM's multiprocessing executor inside the rollout actor, both
     workers in the sync group, each loading the full weights it receives; the engine's greedy
