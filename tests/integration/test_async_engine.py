@@ -19,6 +19,7 @@ ASYNC = {"roles.rollout.cls": "workers.rollout.vllm_async:AsyncVLLMRollout",
          "algorithm.lr": 5e-2, "algorithm.sft_lr": 5e-2}
 
 
+@pytest.mark.long
 def test_async_engine_greedy_equals_learner_hf_after_sync(ray_local, make_chat_recipe):
     check_sync(make_chat_recipe(**ASYNC, **{"weight_sync.bucket_mb": 0.05}), big_batch=False)
 

@@ -132,6 +132,7 @@ def test_an_engine_dying_with_a_step_in_flight_regenerates_it(ray_local, make_re
     assert all("rl/loss" in per_step[s] for s in (1, 2, 3))
 
 
+@pytest.mark.long
 def test_learner_death_names_the_checkpoint_and_auto_resumes(tiny_model, tmp_path):
     d = recipe_dict(tiny_model, tmp_path / "run", steps=4)
     d["data"]["prompts_per_step"] = 4
