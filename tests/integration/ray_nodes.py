@@ -36,12 +36,13 @@ class Nodes:
         env.pop("RAY_ADDRESS", None)
         return env
 
-    def start(self, name: str, args: list[str]) -> subprocess.Popen:
-        """``ray start --block ARGS``, its output in ``<temp_dir>/<name>.log``."""
+    def start(self, name: str, args: list[str], env: dict | None = None) -> subprocess.Popen:
+        """``ray start --block ARGS``, its output in ``<temp_dir>/<name>.log``; ``env``: more
+        environment for this node (e.g. its memory monitor's ``RAY_*`` settings)."""
         log = open(Path(self.temp_dir) / f"{name}.log", "wb")  # noqa: SIM115 (the child's)
         self.procs[name] = subprocess.Popen(
             [str(VENV_BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
-            env=self.env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+            env=self.env | (env or {}), start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
         log.close()
         return self.procs[name]
 
@@ -161,9 +162,10 @@ def stop_nodes(nodes: list[subprocess.Popen], temp_dir: str) -> None:
 
 
 @contextmanager
-def two_nodes(head_cpus: int, second_cpus: int, system_config: dict | None = None):
-    """A head (`ray start --head`) and a second node (`ray start --address`) on this machine,
-    on ports of their own: yields (GCS address, the cluster, the second node's raylet PID
+def two_nodes(head_cpus: int, second_cpus: int, system_config: dict | None = None,
+              head_env: dict | None = None):
+    """A head (`ray start --head`, with ``head_env`` added to its environment) and a second
+    node (`ray start --address`) on this machine, on ports of their own: yields (GCS address, the cluster, the second node's raylet PID
     finder); both stopped after."""
     import json
 
@@ -179,7 +181,7 @@ def two_nodes(head_cpus: int, second_cpus: int, system_config: dict | None = Non
     try:
         nodes.start("head", ["--head", "--system-config", json.dumps(config), "--temp-dir",
                              nodes.temp_dir, "--include-dashboard", "false", "--num-cpus",
-                             str(head_cpus), *common, *head])
+                             str(head_cpus), *common, *head], env=head_env)
         nodes.wait(address, alive=1, up=("head",))
         nodes.start("second", ["--address", address, "--num-cpus", str(second_cpus), *common,
                                *ports("--dashboard-agent-listen-port")])
