@@ -215,12 +215,29 @@ def run(run_dir: Path, seed: int, chaos: dict | None = None) -> dict:
     proc.wait()
     reader.join(timeout=10)
     text = "".join(lines)
+    (run_dir.parent / f"{run_dir.name}.log").write_text(text)
     if proc.returncode:
         raise SystemExit(f"braid run failed ({run_dir}):\n{text[-5000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
     resumed = [int(m) for m in re.findall(r"resumed from \S+ at step (\d+)", text)]
     return summary | {"wall_s": time.time() - t0, "faults": faults.log if faults else [],
                       "resumed_at": resumed, "log": text}
+
+
+def regenerated_steps(summary: dict) -> list[int]:
+    """Steps at which the run's ``rollout/regenerated_total`` went up (from its mlflow run)."""
+    import mlflow
+
+    client = mlflow.MlflowClient(summary["mlflow"]["uri"])
+    hist = sorted(client.get_metric_history(summary["mlflow"]["run_id"],
+                                            "rollout/regenerated_total"),
+                  key=lambda m: (m.timestamp, m.step))
+    out, last = [], 0.0
+    for m in hist:
+        if m.value > last:
+            out.append(m.step)
+        last = m.value
+    return out
 
 
 def said(log: str, pattern: str) -> str:
@@ -291,6 +308,13 @@ def report(args, base: dict, chaos: dict, out: Path) -> None:
                              r"memory monitor[^\n]*")
     lost = said(chaos["log"], r"Ray lost the rollouts of[^\n]*")
     print(f"OOM: {oom}\nlost objects: {lost}")
+    remade = regenerated_steps(chaos)
+    print(f"steps whose rollouts were generated again (an engine lost with them in flight: "
+          f"remade under newer weights, so their rewards may differ): {remade}")
+    notes = [line.strip() for line in chaos["log"].splitlines()
+             if line.startswith("braid:") or "Ray lost" in line or "resumed from" in line]
+    print("what braid said (log: " + str(out / f"chaos-{seed}.log") + "):\n  " +
+          "\n  ".join(notes[:40]))
     print(f"wall time: {chaos['wall_s']:.0f}s against {base[seed]['wall_s']:.0f}s undisturbed "
           f"(ratio {chaos['wall_s'] / base[seed]['wall_s']:.2f})")
     print(f"held-out accuracy: {acc:.3f} under chaos; undisturbed seeds {args.seeds}: "
@@ -301,7 +325,7 @@ def report(args, base: dict, chaos: dict, out: Path) -> None:
     (out / "chaos.json").write_text(json.dumps(
         {"faults": chaos["faults"], "restarts": chaos["restarts"],
          "steps_lost": len(ref) - len(got), "steps_differ": differ, "rerun": rerun,
-         "oom": oom, "lost_objects": lost, "wall_s": chaos["wall_s"],
+         "oom": oom, "lost_objects": lost, "regenerated_steps": remade, "wall_s": chaos["wall_s"],
          "base_wall_s": {s: b["wall_s"] for s, b in base.items()}, "accuracy": acc,
          "base_accuracy": dict(zip(base, accs))}, indent=2))
 
