@@ -36,6 +36,30 @@ class VerifierSpec(BaseModel):
 _BUILT: dict[str, Any] = {}  # in the verifier process: factory verifiers, built once
 
 
+def _child_init(parent: int, gb: float | None) -> None:
+    """In the verifier process: end with the reward actor's process, and cap its memory."""
+    _die_with_parent(parent)
+    _limit_memory(gb)
+
+
+def _die_with_parent(parent: int) -> None:
+    """End this process when ``parent`` ends, even by SIGKILL (Linux's PR_SET_PDEATHSIG). A
+    forked verifier process holds the reward actor's connections to Ray: while it lives, Ray
+    does not see the actor die (seen: an actor SIGKILLed by the chaos benchmark left its
+    verifier process behind, and the run waited on the dead actor's score call for 5
+    minutes, until the orphan was killed)."""
+    import ctypes
+    import os
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the actor's shutdown ends the pool
+        return
+    if os.getppid() != parent:  # the parent died before the call above
+        os._exit(1)
+
+
 def _limit_memory(gb: float | None) -> None:
     """In the verifier process: its data memory (heap and private writable mappings: what
     Linux counts in RLIMIT_DATA; not address space merely reserved, as a JVM or Go runtime a
@@ -88,10 +112,31 @@ def shard_with_ids(rollout_parts, records: list[dict],
     return r, ids[offset:offset + len(r)]
 
 
+def environment_rewards(r: Rollouts, ids: list[str], scores: Scores) -> None:
+    """The rewards the environment gave each trajectory (verifier ``env``; its named components
+    as ``env/<name>``). A trajectory the environment failed (status env_error) is unscored:
+    counted, and out of its group's baseline — never scored 0."""
+    scores.per_verifier["env"] = list(r.env_rewards)
+    comps = sorted({k for info in r.env_info for k in info.get("reward_components", {})})
+    for k in comps:
+        scores.per_verifier[f"env/{k}"] = [info.get("reward_components", {}).get(k)
+                                           for info in r.env_info]
+    failed = [i for i, v in enumerate(r.env_rewards) if v is None]
+    if failed:
+        scores.failures["env"] = len(failed)
+        scores.failed_ids.extend(ids[i] for i in failed)
+        scores.errors["env"] = f"{r.env_info[failed[0]].get('error', 'environment error')} " \
+                               f"(sample {ids[failed[0]]})"
+    for i, v in enumerate(r.env_rewards):
+        scores.rewards[i] = None if v is None else scores.rewards[i] + v
+
+
 class RuleRewardWorker(RewardWorker):
     class Args(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        verifiers: list[VerifierSpec | str] = Field(min_length=1)
+        verifiers: list[VerifierSpec | str] = Field(
+            default_factory=list, description="at least one, unless the recipe's environment "
+            "scores the samples (its rewards come first, as the verifier ``env``)")
         timeout_s: float = Field(10.0, gt=0, description="per verifier call")
         verifier_memory_gb: float | None = Field(
             4.0, gt=0, description="memory the verifier process may take on top of what it "
@@ -123,8 +168,11 @@ class RuleRewardWorker(RewardWorker):
 
     def _pool_get(self):
         if self._pool is None:
+            import os
+
             self._pool = mp.get_context("fork").Pool(
-                1, initializer=_limit_memory, initargs=(self.args.verifier_memory_gb,))
+                1, initializer=_child_init,
+                initargs=(os.getpid(), self.args.verifier_memory_gb))
         return self._pool
 
     def _kill_pool(self):
@@ -156,6 +204,8 @@ class RuleRewardWorker(RewardWorker):
         keys = sorted({k for rec in recs for k in rec} - {"prompt", "id", "demonstration"})
         fields = {k: [rec.get(k) for rec in recs] for k in keys}
         scores = Scores(rewards=[0.0] * len(r))
+        if r.multi_turn:
+            environment_rewards(r, ids, scores)
         for spec, name in zip(self.specs, self.names):
             out, why = self._run(spec, prompts, texts, fields)
             first = ""  # the first failure, for the console and the run log

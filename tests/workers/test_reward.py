@@ -114,3 +114,34 @@ def test_a_verifier_growing_past_its_memory_fails_its_samples_not_the_node(worke
     assert s.errors["greedy"].startswith("MemoryError") and "(sample g0#0)" in \
         s.errors["greedy"]
     w.shutdown()
+
+
+def test_the_verifier_process_ends_with_a_sigkilled_reward_actor():
+    """The verifier process is forked from the reward actor and holds its connections to Ray:
+    if it outlived an actor killed with SIGKILL, Ray would not see the actor die."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    from tests.conftest import ROOT
+
+    script = ("import multiprocessing as mp, os, time\n"
+              "from workers.reward import _child_init\n"
+              "pool = mp.get_context('fork').Pool(1, initializer=_child_init,"
+              " initargs=(os.getpid(), None))\n"
+              "print(pool.apply(os.getpid), flush=True)\n"
+              "time.sleep(120)\n")
+    proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                            cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    child = int(proc.stdout.readline())
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 30
+    while psutil.pid_exists(child) and psutil.Process(child).status() != "zombie":
+        assert time.monotonic() < deadline, \
+            f"the verifier process {child} outlived its actor by 30 s: {psutil.Process(child)}"
+        time.sleep(0.1)
