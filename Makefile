@@ -1,4 +1,4 @@
-# braid — make demo | make demo-real | make test | make test-fast | make test-long | make setup | make smollm2 | make gpu-check | make lint
+# braid — make demo | make demo-real | make demo-agent | make test | make test-fast | make test-long | make setup | make smollm2 | make gpu-check | make lint
 PY      ?= python3
 VENV    := .venv
 BIN     := $(VENV)/bin
@@ -6,7 +6,7 @@ STAMP   := $(VENV)/.braid-setup
 SMOLLM2 := models/SmolLM2-135M-Instruct
 export PIP_CONSTRAINT := $(CURDIR)/constraints.txt
 
-.PHONY: setup demo demo-real smollm2 test test-fast test-long repro gpu-check gpu-wheels lint clean
+.PHONY: setup demo demo-real demo-agent smollm2 test test-fast test-long repro gpu-check gpu-wheels lint clean
 
 setup: $(STAMP)
 
@@ -33,6 +33,10 @@ demo: setup
 
 demo-real: setup smollm2
 	$(BIN)/braid run recipes/smollm2_word_problems.yaml
+
+# SmolLM2 learns to call a Python tool: SFT on tool-use demonstrations, then RL with the tool live
+demo-agent: setup smollm2
+	$(BIN)/braid run recipes/agent_tools_smollm2.yaml
 
 DOCTESTS := rewards orchestrator/data.py orchestrator/signals.py orchestrator/metrics.py \
 	orchestrator/advantages.py workers/learner/schedule.py

@@ -92,6 +92,10 @@ class PromptConfig(_Strict):
         default_factory=dict, description="extra arguments of the chat template, e.g. "
         "{enable_thinking: false}")
     add_generation_prompt: bool = Field(True, description="end with the assistant header (chat)")
+    tools: list[str] = Field(
+        default_factory=list, description="function tools (import paths) whose JSON schemas "
+        "the chat template gets as tools= in every prompt, RL and SFT alike "
+        "(docs/environments.md)")
     response_prefix: str = Field("", description="text the response starts with, appended to "
                                  "the prompt (e.g. '<think>\\n'); a demonstration that starts "
                                  "with it has it removed")
@@ -254,6 +258,30 @@ class CheckpointConfig(_Strict):
     keep_last: int = Field(2, ge=1)
 
 
+class EnvironmentConfig(_Strict):
+    """Multi-turn trajectories (workers/agent): the rollout engines run an environment per
+    sample — its turns, tools and rewards — under these budgets (docs/environments.md)."""
+
+    cls: str = Field(description="import path of the environment class, `module:Name` "
+                     "(workers.agent.env: reset, step, close)")
+    args: dict[str, Any] = Field(default_factory=dict, description="its constructor's arguments")
+    max_turns: int = Field(8, ge=1, description="policy turns per trajectory")
+    max_tokens_per_turn: int | None = Field(
+        None, gt=0, description="tokens one turn may sample (default: sampling.max_tokens); a "
+        "turn cut by it ends the trajectory as truncated")
+    max_total_tokens: int | None = Field(
+        None, gt=0, description="tokens after the prompt, the environment's included (default: "
+        "what the engine's max_model_len leaves)")
+    max_env_tokens: int | None = Field(
+        512, gt=0, description="tokens of one environment message (a tool's output); longer "
+        "ones are cut, and the message says so")
+    wall_s: float | None = Field(120.0, gt=0, description="wall clock per trajectory; past it "
+                                 "the trajectory ends as truncated")
+    tool_parser: str | None = Field(
+        None, description="vLLM's tool-call parser for the policy's turns (hermes, "
+        "llama3_json, ... : vllm/tool_parsers); None: no tool calls are parsed")
+
+
 class ScoringConfig(_Strict):
     unscored: Literal["zero", "drop"] = Field(
         "zero", description="a sample no verifier could score (None): counts as reward 0, or "
@@ -344,11 +372,29 @@ class Recipe(_Strict):
     scoring: ScoringConfig = Field(default_factory=ScoringConfig)
     failures: FailuresConfig = Field(default_factory=FailuresConfig)
     ray: RayConfig = Field(default_factory=RayConfig)
+    environment: EnvironmentConfig | None = Field(
+        None, description="multi-turn trajectories with an environment (None: one completion "
+        "per sample, scored by the reward role's verifiers)")
+
+    def _check_environment(self) -> None:
+        if "unscored" not in self.scoring.model_fields_set:
+            # an environment's failure is not a wrong answer: out of the group baseline
+            self.scoring.unscored = "drop"
+        if self.algorithm.advantage == "gae":
+            raise ValueError("environment: PPO's critic (algorithm.advantage gae) does not "
+                             "take multi-turn trajectories yet (its values and GAE would run "
+                             "over the environment's tokens); use a group estimator (grpo, "
+                             "rloo, ...)")
+        if self.algorithm.dynamic_sampling:
+            raise ValueError("environment: algorithm.dynamic_sampling does not take multi-turn "
+                             "trajectories yet")
 
     @model_validator(mode="after")
     def _checks(self) -> Recipe:
         if self.run_dir is None:
             self.run_dir = str(Path("runs") / self.name)
+        if self.environment is not None:
+            self._check_environment()
         if self.algorithm.kl > 0 and self.roles.reference is None:
             raise ValueError("algorithm.kl > 0 needs roles.reference")
         if self.algorithm.advantage == "gae" and self.roles.critic is None:

@@ -131,6 +131,9 @@ class Controller:
         sampling = (sampling or self.sampling()) | {"stop_token_ids": prompts.stop_token_ids}
         items = [{"prompt_ids": prompts.prompt_ids(r), "seed": base + offset + i}
                  for i, r in enumerate(records)]
+        if self.recipe.environment is not None and group is self.rollout:
+            for item, r in zip(items, records):  # the engines run the environment on it
+                item["record"] = r
         n = n or self.recipe.sampling.n
         refs = group.split("generate", items, n, sampling, num_returns=2, offset=offset)
         return [Shard(group.role, rank, part, n, sampling, offset + first, *pair)
@@ -478,6 +481,7 @@ class Controller:
             m[f"reward/{name}"] = sum(got) / max(len(got), 1)
         for name, count in scores.failures.items():
             m[f"reward/failures/{name}"] = float(count)
+        m |= agent_metrics(gen.get("agent"))
         self.history["reward"].append(sig.reward_mean)
         return m
 
@@ -574,6 +578,25 @@ class Shard:
     rollouts: Any
 
 
+def agent_metrics(counts: dict | None) -> dict:
+    """Multi-turn metrics of a generation: turns, tool calls and errors per trajectory, and
+    the fraction of trajectories by status."""
+    if not counts:
+        return {}
+    n = max(counts.get("samples", 0.0), 1.0)
+    out = {}
+    for k, v in counts.items():
+        if k.startswith("status_"):
+            out[f"agent/{k[len('status_'):]}_frac"] = v / n
+        elif k != "samples":
+            out[f"agent/{k}_per_traj"] = v / n
+    calls, malformed = counts.get("tool_calls", 0.0), counts.get("malformed_tool_calls", 0.0)
+    if calls + malformed:  # calls run as asked, of all the calls the policy tried
+        out["agent/valid_tool_call_rate"] = \
+            (calls - counts.get("invalid_tool_calls", 0.0)) / (calls + malformed)
+    return out
+
+
 def merge_summaries(summaries: list[dict]) -> dict:
     """One generation's summary from its engines' summaries (in shard order)."""
     merged = {k: [x for sm in summaries for x in sm[k]]
@@ -582,6 +605,11 @@ def merge_summaries(summaries: list[dict]) -> dict:
     # asynchronous engine — may differ)
     merged["weight_version"] = min(sm["weight_version"] for sm in summaries)
     merged["spanning"] = sum(sm.get("spanning", 0) for sm in summaries)
+    if any("agent" in sm for sm in summaries):  # multi-turn: counts over the trajectories
+        merged["agent"] = {}
+        for sm in summaries:
+            for k, v in sm.get("agent", {}).items():
+                merged["agent"][k] = merged["agent"].get(k, 0.0) + v
     return merged
 
 

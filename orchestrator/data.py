@@ -11,6 +11,8 @@ in shuffled passes and resumes exactly.
 from __future__ import annotations
 
 import decimal
+import itertools
+import json
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -378,6 +380,53 @@ class Arithmetic:
     def __len__(self) -> int:
         if self.args.size is None:
             raise TypeError("a streaming Arithmetic dataset has no length")
+        return self.args.size
+
+
+class ToolArithmetic:
+    """Multiplications too long to do in one's head (``What is 4821 * 93?``), each with a
+    demonstration that uses the python tool (workers/agent/tools.py): a call in the hermes
+    format, the tool's output, the answer — a multi-turn demonstration, for SFT on tool use
+    before RL with the tool live (recipes/agent_tools_smollm2.yaml). ``digits``: the operands'
+    lengths, each drawn from [min, max]; the record's ``digits`` bucket is the longer one's.
+
+    >>> r = next(iter(ToolArithmetic(size=1, seed=0)))
+    >>> a, b = r["prompt"][len("What is "):-1].split(" * ")
+    >>> r["answer"] == str(int(a) * int(b)) == r["demonstration"][-1]["content"]
+    True
+    >>> [m["role"] for m in r["demonstration"]]
+    ['assistant', 'tool', 'assistant']
+    """
+
+    class Args(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        digits: tuple[int, int] = Field((2, 4), description="min and max operand length")
+        size: int | None = Field(None, gt=0, description="a fixed set of this many problems; "
+                                 "None streams fresh problems forever")
+        seed: int = 0
+
+    def __init__(self, **kwargs):
+        self.args = self.Args(**kwargs)
+
+    def _problem(self, rng: random.Random, index: int) -> dict:
+        lo, hi = self.args.digits
+        da, db = rng.randint(lo, hi), rng.randint(lo, hi)
+        a, b = rng.randint(10 ** (da - 1), 10 ** da - 1), rng.randint(10 ** (db - 1), 10 ** db - 1)
+        call = json.dumps({"name": "python", "arguments": {"code": f"print({a} * {b})"}})
+        return {"id": f"toolarith-{self.args.seed}-{index}", "prompt": f"What is {a} * {b}?",
+                "answer": str(a * b), "digits": max(da, db), "demonstration": [
+                    {"role": "assistant", "content": f"<tool_call>\n{call}\n</tool_call>"},
+                    {"role": "tool", "content": f"{a * b}\n"},
+                    {"role": "assistant", "content": str(a * b)}]}
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = random.Random(self.args.seed)
+        for i in itertools.count() if self.args.size is None else range(self.args.size):
+            yield self._problem(rng, i)
+
+    def __len__(self) -> int:
+        if self.args.size is None:
+            raise TypeError("a streaming ToolArithmetic dataset has no length")
         return self.args.size
 
 

@@ -44,6 +44,16 @@ class PromptFormatter:
         stop = [self.end_of_turn, eos, *generation_eos, *extra_stop_ids]
         self.stop_token_ids = list(dict.fromkeys(i for i in stop if i is not None))
         self._cache: OrderedDict[str, list[int]] = OrderedDict()
+        self.tools = None  # the JSON schemas of prompt.tools, for the chat template's tools=
+        if getattr(cfg, "tools", None):
+            from core.registry import resolve
+            from workers.agent.tools import tool_schema
+
+            try:
+                self.tools = [tool_schema(resolve(t, f"prompt.tools.{i}"))
+                              for i, t in enumerate(cfg.tools)]
+            except ValueError as err:
+                raise PromptError(f"prompt.tools: {err}") from None
 
     @classmethod
     def for_model(cls, model_path: str, recipe, max_prompt_tokens: int | None = None):
@@ -78,11 +88,13 @@ class PromptFormatter:
                 raise PromptError(f"record {record.get('id')!r}: a prompt that is a list of "
                                   "chat messages needs a chat template (prompt.style)")
             return self._fill(record) + self.cfg.response_prefix
-        kwargs = {"add_generation_prompt": self.cfg.add_generation_prompt} | \
-            self.cfg.template_kwargs
-        text = self.tok.apply_chat_template(self.messages(record), tokenize=False,
-                                            chat_template=self.chat_template, **kwargs)
-        return text + self.cfg.response_prefix
+        return self._render(self.messages(record), self.cfg.add_generation_prompt) + \
+            self.cfg.response_prefix
+
+    def _render(self, messages: list[dict], generation: bool) -> str:
+        return self.tok.apply_chat_template(
+            messages, tools=self.tools, tokenize=False, chat_template=self.chat_template,
+            **({"add_generation_prompt": generation} | self.cfg.template_kwargs))
 
     def prompt_ids(self, record: dict) -> list[int]:
         """Token ids of a record's formatted prompt (the tokenisation cached by text)."""
@@ -114,6 +126,41 @@ class PromptFormatter:
         ids = self.tok(self.strip_prefix(text), add_special_tokens=False).input_ids
         return ids + [self.end_of_turn]
 
+    def demonstration(self, record: dict) -> tuple[list[int], list[int] | None]:
+        """A record's demonstration as completion ids after its prompt, and its loss mask
+        (None: every token). A text is one assistant turn (``completion_ids``). A list of chat
+        messages is a multi-turn demonstration — assistant turns, tool calls and their outputs,
+        the last an assistant's answer — rendered message by message with the chat template as
+        the engines would see it: the assistant's content and its end of turn are trained on
+        (mask 1), the template's other tokens and every other message's are not (mask 0)."""
+        demo = record["demonstration"]
+        if isinstance(demo, str):
+            return self.completion_ids(demo), None
+        where = f"record {record.get('id')!r}: a demonstration that is a list of messages"
+        if not self.chat:
+            raise PromptError(f"{where} needs a chat template (prompt.style)")
+        if not demo or demo[-1].get("role") != "assistant":
+            raise PromptError(f"{where} must end with an assistant message")
+        msgs = self.messages(record)
+        prev = self._render(msgs, True)
+        ids: list[int] = []
+        mask: list[int] = []
+        for k, m in enumerate(demo):
+            nxt = demo[k + 1]["role"] if k + 1 < len(demo) else None
+            text = self._render(msgs + demo[:k + 1], nxt == "assistant")
+            if not text.startswith(prev):
+                raise PromptError(f"{where}: the chat template renders its earlier messages "
+                                  f"differently once message {k} follows")
+            seg = self.tok(text[len(prev):], add_special_tokens=False).input_ids
+            trained = 0
+            if m.get("role") == "assistant":  # up to and including its end of turn
+                trained = seg.index(self.end_of_turn) + 1 if self.end_of_turn in seg \
+                    else len(seg)
+            ids += seg
+            mask += [1] * trained + [0] * (len(seg) - trained)
+            prev = text
+        return ids, mask
+
     # --- helpers -------------------------------------------------------------------------
     def _fill(self, record: dict) -> str:
         try:
@@ -141,3 +188,10 @@ class PromptFormatter:
             if i in special:
                 return i
         return None
+
+
+def answer_text(record: dict) -> str:
+    """A demonstration's final answer as text (its last assistant message, when it is a
+    conversation): what verifiers score."""
+    demo = record["demonstration"]
+    return demo if isinstance(demo, str) else str(demo[-1].get("content", ""))

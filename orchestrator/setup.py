@@ -47,6 +47,33 @@ def build_dataset(component, where: str):
         return cls(**component.args)
 
 
+def check_environment(cfg) -> None:
+    """The environment class resolves and takes ``environment.args``; the tool parser exists."""
+    import inspect
+
+    cls = resolve(cfg.cls, "environment.cls")
+    for name in ("reset", "step"):
+        if not callable(getattr(cls, name, None)):
+            raise RecipeError(f"environment.cls: {cfg.cls} has no {name}() "
+                              "(workers/agent/env.py: reset, step, close)")
+    try:
+        inspect.signature(cls).bind(**cfg.args)
+    except TypeError as err:
+        raise RecipeError(f"environment.args: {err} ({cfg.cls})") from None
+    with user_code("environment", cfg.cls):  # its tools, verifiers, files: named now
+        cls(**cfg.args)
+    if cfg.tool_parser:
+        try:
+            from vllm.tool_parsers import ToolParserManager
+        except ImportError:  # validating away from the engines: checked at set-up
+            return
+        try:
+            ToolParserManager.get_tool_parser(cfg.tool_parser)
+        except KeyError:
+            raise RecipeError(f"environment.tool_parser: vLLM has no tool parser "
+                              f"{cfg.tool_parser!r}") from None
+
+
 def first_records(dataset, where: str, path: str, n: int = 8) -> list[dict]:
     """The first records of a dataset, each checked for what braid needs (``id``, ``prompt``)."""
     with user_code(where, path):
@@ -185,6 +212,23 @@ def resolve_recipe(recipe: Recipe, skip_model: bool = False, skip_data: bool = F
             continue
         cls = resolve(cfg.cls, f"roles.{role}.cls", base=base)
         roles[role] = (cls, cls.check_args(cfg.args, f"roles.{role}.args"))
+    if recipe.environment is not None:
+        check_environment(recipe.environment)
+        reward_cls = roles["reward"][0]
+        from workers.reward import RuleRewardWorker
+
+        if not issubclass(reward_cls, RuleRewardWorker):
+            raise RecipeError(f"roles.reward.cls: {recipe.roles.reward.cls} does not read an "
+                              "environment's rewards; with an environment the reward role is "
+                              "workers.reward:RuleRewardWorker (its verifiers add to them)")
+        if getattr(roles["reward"][1], "verifiers", None) == [] and (
+                recipe.roles.teacher is not None or recipe.schedule.policy == "luffy"):
+            raise RecipeError("roles.reward.args.verifiers: none given, but the teacher's or "
+                              "LUFFY's demonstrations are scored by verifiers, not by the "
+                              "environment: name the verifier that scores a final answer")
+    elif getattr(roles["reward"][1], "verifiers", None) == []:
+        raise RecipeError("roles.reward.args.verifiers: none given, and no environment scores "
+                          "the samples: name at least one verifier")
     template = recipe.prompt.chat_template
     if template and not Path(template).expanduser().is_file():
         raise RecipeError(f"prompt.chat_template: no such file: {template!r} (relative paths "

@@ -8,13 +8,17 @@ refs; only ids, rewards and advantages are computed here.
 from __future__ import annotations
 
 from orchestrator.advantages import advantages, estimator, gae
+from orchestrator.prompts import answer_text
 from orchestrator.schedules import MixedUpdate, RLUpdate, SFTUpdate
 
 
-def tokenize_demos(prompts, records: list[dict]) -> tuple[list, list]:
-    """Prompt ids (formatted as the engines see them) and demonstration ids, ending the turn."""
-    return ([prompts.prompt_ids(r) for r in records],
-            [prompts.completion_ids(r["demonstration"]) for r in records])
+def tokenize_demos(prompts, records: list[dict]) -> tuple[list, list, list | None]:
+    """Prompt ids (formatted as the engines see them), demonstration ids (ending the turn) and
+    their loss masks (None when every demonstration is one turn, trained on whole)."""
+    demos = [prompts.demonstration(r) for r in records]
+    masks = [m for _, m in demos]
+    return ([prompts.prompt_ids(r) for r in records], [ids for ids, _ in demos],
+            masks if any(m is not None for m in masks) else None)
 
 
 def sft_term(c, op: SFTUpdate, batch: list[dict], peek: bool = False,
@@ -27,9 +31,9 @@ def sft_term(c, op: SFTUpdate, batch: list[dict], peek: bool = False,
     recs = c.demos.take(ids, peek=peek)
     if not recs:
         return None
-    prompts, completions = tokenize_demos(c.prompts, recs)
-    return {"kind": "nll", "prompts": prompts, "completions": completions, "coef": op.coef,
-            "token_weight": op.token_weight, "entropy": op.entropy}
+    prompts, completions, masks = tokenize_demos(c.prompts, recs)
+    return {"kind": "nll", "prompts": prompts, "completions": completions, "masks": masks,
+            "coef": op.coef, "token_weight": op.token_weight, "entropy": op.entropy}
 
 
 def samples_term(op: SFTUpdate, batch: list[dict], gen: dict | None) -> dict | None:
@@ -76,7 +80,7 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
     if op.demos_in_group and algo.advantage == "gae":
         raise ValueError("algorithm.advantage gae has no values for demonstrations in the "
                          "group (LUFFY): use a group-baseline estimator such as grpo")
-    demo_recs, demo_ids = [], ([], [])
+    demo_recs, demo_ids = [], ([], [], None)
     if op.demos_in_group:
         prompts_here = sorted({index[i] for i in rows})
         candidates = c.demos.take([batch[p]["id"] for p in prompts_here], peek=True)
@@ -84,7 +88,7 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
         # scored as the engine's samples are: after the response prefix (added back by the
         # reward worker, as for every rollout); an unscorable one follows scoring.unscored,
         # and only the ones trained on count against data.demo_budget
-        scored = c.score_texts(candidates, [c.prompts.strip_prefix(r["demonstration"])
+        scored = c.score_texts(candidates, [c.prompts.strip_prefix(answer_text(r))
                                             for r in candidates])
         usable = [r["id"] for r, s in zip(candidates, scored) if not (drop and s is None)]
         taken = {r["id"] for r in c.demos.take(usable)}
@@ -93,7 +97,8 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
         demo_ids = tokenize_demos(c.prompts, demo_recs)
         rewards += [scored[k] if scored[k] is not None else 0.0 for k in kept]
         groups += [by_id[r["id"]] for r in demo_recs]
-        lengths += [len(ids) for ids in demo_ids[1]]
+        lengths += [len(ids) if m is None else sum(m)
+                    for ids, m in zip(demo_ids[1], demo_ids[2] or [None] * len(demo_ids[1]))]
     select = None if len(rows) == len(index) else rows
     if algo.advantage == "gae":
         adv = gae_terms(c, gen, rows, rewards, select)
@@ -109,8 +114,8 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
         # LUFFY: one token mean over the policy's samples and the demonstrations
         terms[0]["joint"] = "luffy"
         terms.append({"kind": "pg_off", "prompts": demo_ids[0], "completions": demo_ids[1],
-                      "advantages": adv[len(rows):], "gamma": op.gamma, "coef": op.coef,
-                      "joint": "luffy"})
+                      "masks": demo_ids[2], "advantages": adv[len(rows):], "gamma": op.gamma,
+                      "coef": op.coef, "joint": "luffy"})
     return terms
 
 

@@ -75,6 +75,18 @@ def tiny_chat_model(base_dir) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bpe_chat_model(base_dir) -> Path:
+    """The chat model with ~400 merged (BPE) tokens: a decoded text re-tokenises to other ids
+    than the ones sampled, as with real tokenizers."""
+    from workers.models import TinyModelSpec, build_tiny_model
+
+    return build_tiny_model(base_dir / "tiny-bpe-chat-model",
+                            TinyModelSpec(hidden_size=64, intermediate_size=128, num_layers=2,
+                                          num_heads=2, max_position_embeddings=256, seed=0,
+                                          chat=True, bpe_merges=400))
+
+
+@pytest.fixture(scope="session")
 def _ray_session(base_dir):
     """A private local Ray cluster for the session (never `ray stop`: that kills every Ray),
     and how to start it again."""

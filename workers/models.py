@@ -37,19 +37,34 @@ class TinyModelSpec(BaseModel):
     seed: int = 0
     chat: bool = Field(False, description="a tokenizer with ChatML turn markers and a chat "
                        "template, and the characters of natural-language prompts")
+    bpe_merges: int = Field(0, ge=0, description="merge pairs of characters into this many "
+                            "tokens more, trained (BPE) on arithmetic and chat text: a text "
+                            "then has other tokenisations than the one the tokenizer picks, "
+                            "as with real tokenizers")
 
 
 def build_char_tokenizer(out_dir: str | Path, chars: list[str] = ARITH_CHARS,
-                         chat: bool = False):
+                         chat: bool = False, bpe_merges: int = 0):
     """A byte-free, character-level tokenizer: one token per character, `<s>` prepended;
-    ``chat`` adds ChatML turn markers, a chat template and natural-language characters."""
-    from tokenizers import AddedToken, Tokenizer, decoders, models, processors
+    ``chat`` adds ChatML turn markers, a chat template and natural-language characters;
+    ``bpe_merges`` that many merged tokens, trained on a small generated corpus."""
+    from tokenizers import AddedToken, Tokenizer, decoders, models, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials = SPECIALS + (CHAT_SPECIALS if chat else [])
     chars = chars + [c for c in CHAT_CHARS if c not in chars] if chat else chars
     vocab = {tok: i for i, tok in enumerate(specials + chars)}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    if bpe_merges:
+        import random
+
+        rng = random.Random(0)
+        corpus = [f"{a}+{b}={a + b}. What is {a} * {b}? The answer is {a * b}."
+                  for a, b in ((rng.randint(0, 999), rng.randint(0, 999)) for _ in range(2000))]
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.train_from_iterator(corpus, trainers.BpeTrainer(
+            vocab_size=len(vocab) + bpe_merges, special_tokens=specials,
+            initial_alphabet=chars, show_progress=False, limit_alphabet=len(chars)))
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
     tok.decoder = decoders.Fuse()
     tok.post_processor = processors.TemplateProcessing(
@@ -73,7 +88,7 @@ def build_tiny_model(out_dir: str | Path, spec: TinyModelSpec | None = None) -> 
     spec = spec or TinyModelSpec()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    tok = build_char_tokenizer(out, chat=spec.chat)
+    tok = build_char_tokenizer(out, chat=spec.chat, bpe_merges=spec.bpe_merges)
     torch.manual_seed(spec.seed)
     LlamaForCausalLM(_llama_config(spec, tok)).save_pretrained(str(out))
     (out / "braid_build.json").write_text(json.dumps(spec.model_dump(), indent=2))

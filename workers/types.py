@@ -31,15 +31,38 @@ class Rollouts:
     # per sample: the weight versions of its first and last token (they differ when an
     # asynchronous engine took new weights while it ran); empty: all at weight_version
     versions: list[tuple[int, int]] = field(default_factory=list)
+    # Trajectories (workers/agent: several turns with an environment), per sample; all empty
+    # for single-turn samples, which are one sampled turn, all of it trained on, status "ok".
+    # ``completion_ids`` is then everything after the prompt: the sampled turns and the
+    # environment's answers between them, rendered by the chat template.
+    loss_mask: list[list[int]] = field(default_factory=list)  # per completion token: 1 sampled
+    turns: list[list[tuple[int, int]]] = field(default_factory=list)  # sampled spans [a, b)
+    status: list[str] = field(default_factory=list)  # ok | truncated | env_error
+    env_rewards: list[float | None] = field(default_factory=list)  # None: env_error
+    env_info: list[dict] = field(default_factory=list)  # reward components, tool counts, ...
 
     FIELDS = ("prompt_index", "prompt_ids", "completion_ids", "logprobs", "texts",
               "finish_reasons")
+    TRAJECTORY = {"loss_mask": list, "turns": list, "status": lambda: "ok",
+                  "env_rewards": lambda: 0.0, "env_info": dict}
 
     def __len__(self) -> int:
         return len(self.completion_ids)
 
-    def __setstate__(self, state: dict) -> None:  # pickled before ``versions`` existed
-        self.__dict__.update({"versions": []} | state)
+    def __setstate__(self, state: dict) -> None:  # pickled before these fields existed
+        self.__dict__.update({"versions": []} | {k: [] for k in self.TRAJECTORY} | state)
+
+    @property
+    def multi_turn(self) -> bool:
+        return bool(self.loss_mask)
+
+    def mask(self, i: int) -> list[int] | None:
+        """Sample i's loss mask (None: every completion token is trained on)."""
+        return (self.loss_mask[i] or None) if self.loss_mask else None
+
+    def _trajectory(self, name: str) -> list:
+        """A trajectory field with one entry per sample (defaults for single-turn samples)."""
+        return getattr(self, name) or [self.TRAJECTORY[name]() for _ in range(len(self))]
 
     @classmethod
     def gather(cls, x) -> Rollouts:
@@ -54,7 +77,8 @@ class Rollouts:
         if (lo, hi) == (0, len(self)):
             return self, 0
         return Rollouts(*(getattr(self, f)[lo:hi] for f in self.FIELDS), self.weight_version,
-                        self.versions[lo:hi]), lo
+                        self.versions[lo:hi],
+                        **{k: getattr(self, k)[lo:hi] for k in self.TRAJECTORY}), lo
 
     @classmethod
     def concat(cls, parts: list[Rollouts]) -> Rollouts:
@@ -65,6 +89,9 @@ class Rollouts:
             for name in cls.FIELDS:
                 getattr(out, name).extend(getattr(p, name))
             out.versions.extend(p.versions or [(p.weight_version,) * 2] * len(p))
+        if any(p.multi_turn for p in parts):
+            for name in cls.TRAJECTORY:
+                setattr(out, name, [x for p in parts for x in p._trajectory(name)])
         return out
 
 

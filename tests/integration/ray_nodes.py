@@ -42,7 +42,8 @@ class Nodes:
         log = open(Path(self.temp_dir) / f"{name}.log", "wb")  # noqa: SIM115 (the child's)
         self.procs[name] = subprocess.Popen(
             [str(VENV_BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
-            env=self.env | (env or {}), start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+            env=self.env | (env or {}), start_new_session=True, stdout=log,
+            stderr=subprocess.STDOUT)
         log.close()
         return self.procs[name]
 
@@ -165,8 +166,8 @@ def stop_nodes(nodes: list[subprocess.Popen], temp_dir: str) -> None:
 def two_nodes(head_cpus: int, second_cpus: int, system_config: dict | None = None,
               head_env: dict | None = None):
     """A head (`ray start --head`, with ``head_env`` added to its environment) and a second
-    node (`ray start --address`) on this machine, on ports of their own: yields (GCS address, the cluster, the second node's raylet PID
-    finder); both stopped after."""
+    node (`ray start --address`) on this machine, on ports of their own: yields (GCS address,
+    the cluster, the second node's raylet PID finder); both stopped after."""
     import json
 
     nodes = Nodes()

@@ -59,6 +59,9 @@ class CharPrompts:
     def strip_prefix(self, text):
         return text
 
+    def demonstration(self, record):
+        return self.completion_ids(record["demonstration"]), None
+
 
 @pytest.mark.parametrize("unscored", ["zero", "drop"])
 def test_an_unscorable_demonstration_follows_scoring_unscored(make_recipe, unscored):

@@ -108,7 +108,7 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
         idx = list(range(len(r))) if sel is None else list(sel)
         return ([r.prompt_ids[i] for i in idx], [r.completion_ids[i] for i in idx],
                 [term["returns"][i] for i in idx], [term["old_values"][i] for i in idx],
-                None, len(idx))
+                None, None, len(idx))
 
     def _backward_term(self, term: dict, rows: tuple, total_tokens: float,
                        total_seqs: float) -> dict:
@@ -120,7 +120,7 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
         if term["kind"] != "value":
             raise ValueError(f"the critic trains value terms, not {term['kind']!r}")
         algo = self.recipe.algorithm
-        prompts, completions, returns, old_values, _, n = rows
+        prompts, completions, returns, old_values, _, _, n = rows
         if n == 0:
             raise ValueError("critic value term got no rows")
         world, device = self.ctx.world_size, self.engine.device

@@ -26,17 +26,25 @@ from workers.learner.weights import LearnerWeights
 from workers.types import resolve_refs
 
 
-def _check_rows(prompts, completions, old, ref) -> None:
+def _check_rows(prompts, completions, old, ref, masks=None) -> None:
     """Every row has a prompt, and per-token side inputs as long as its completion."""
     for i, (p, c) in enumerate(zip(prompts, completions)):
         if not p:
             raise ValueError(f"learner row {i} has an empty prompt")
+        if masks is not None and masks[i] is not None and len(masks[i]) != len(c):
+            raise ValueError(f"learner row {i}: {len(masks[i])} loss-mask values for "
+                             f"{len(c)} completion tokens")
         if old is not None and old[i] and len(old[i]) != len(c):
             raise ValueError(f"learner row {i}: {len(old[i])} behaviour log-probs for "
                              f"{len(c)} completion tokens")
         if ref is not None and len(ref[i]) != len(c):
             raise ValueError(f"learner row {i}: {len(ref[i])} reference log-probs for "
                              f"{len(c)} completion tokens")
+
+
+def _masks(r, idx: list[int]) -> list | None:
+    """The loss masks of rows ``idx`` of rollouts ``r`` (None: single-turn, all trained on)."""
+    return [r.mask(i) for i in idx] if r.multi_turn else None
 
 
 def peak_memory_gib() -> float:
@@ -323,7 +331,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         without them would count as on-policy (ratio 1, never clipped) at every step."""
         for term in terms:
             if term["kind"] == "pg":
-                _, completions, _, old, _, _ = self._rows(term)
+                _, completions, _, old, _, _, _ = self._rows(term)
                 missing = sum(1 for c, lp in zip(completions, old) if c and not lp)
                 if missing:
                     raise ValueError(
@@ -332,18 +340,21 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
                         f"min_tokens, or rollouts built without log-probs)")
 
     def _rows(self, term: dict):
-        """prompts, completions and per-row side inputs of a term (resolved), on every rank.
-        Checked here, identically on every rank: a bad row raises before any collective."""
+        """prompts, completions, advantages, behaviour and reference log-probs, loss masks
+        (None: every token) and the row count of a term (resolved), on every rank. Checked
+        here, identically on every rank: a bad row raises before any collective."""
         if term["kind"] == "nll" and "rollouts" in term:  # SFT on the policy's own samples
             r, idx = term["rollouts"], list(term["select"])
             prompts, completions = [r.prompt_ids[i] for i in idx], \
                 [r.completion_ids[i] for i in idx]
-            _check_rows(prompts, completions, None, None)
-            return prompts, completions, None, None, None, len(idx)
+            masks = _masks(r, idx)
+            _check_rows(prompts, completions, None, None, masks)
+            return prompts, completions, None, None, None, masks, len(idx)
         if term["kind"] != "pg":
             n = len(term["prompts"])
-            _check_rows(term["prompts"], term["completions"], None, None)
-            return term["prompts"], term["completions"], term.get("advantages"), None, None, n
+            _check_rows(term["prompts"], term["completions"], None, None, term.get("masks"))
+            return (term["prompts"], term["completions"], term.get("advantages"), None, None,
+                    term.get("masks"), n)
         r, ref = term["rollouts"], term["ref_rows"]
         sel = term.get("select")
         idx = list(range(len(r))) if sel is None else list(sel)
@@ -353,18 +364,21 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
             return [xs[i] for i in idx] if xs is not None else None
 
         out = (pick(r.prompt_ids), pick(r.completion_ids), pick(adv), pick(r.logprobs),
-               pick(ref), len(idx))
-        _check_rows(out[0], out[1], out[3], out[4])
+               pick(ref), _masks(r, idx), len(idx))
+        _check_rows(out[0], out[1], out[3], out[4], out[5])
         return out
 
     def _totals(self, terms: list[dict], rows: list[tuple] | None = None
                 ) -> list[tuple[float, float]]:
         """Each term's global normaliser (``rows``: the terms' ``_rows``, when known): its
-        completion tokens and its non-empty sequences — summed over the terms that share its
-        ``joint`` key."""
+        completion tokens that count (loss mask 1) and its sequences with any — summed over
+        the terms that share its ``joint`` key."""
         rows = rows if rows is not None else [self._rows(t) for t in terms]
-        own = [(float(sum(len(c) for c in r[1])), float(sum(1 for c in r[1] if c)))
-               for r in rows]
+        own = []
+        for r in rows:
+            counts = [sum(m) if m is not None else len(c)
+                      for c, m in zip(r[1], r[5] or [None] * len(r[1]))]
+            own.append((float(sum(counts)), float(sum(1 for k in counts if k))))
         joint: dict = defaultdict(lambda: [0.0, 0.0])
         for term, (tokens, seqs) in zip(terms, own):
             if term.get("joint") is not None:
@@ -381,7 +395,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
 
         algo = self.recipe.algorithm
         kind, coef = term["kind"], float(term.get("coef", 1.0))
-        prompts, completions, adv, old, ref, n = rows
+        prompts, completions, adv, old, ref, masks, n = rows
         if n == 0:
             raise ValueError(f"learner {kind} term got no rows")
         world, device = self.ctx.world_size, self.engine.device
@@ -404,7 +418,8 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
                 return [xs[i] for i in rows] if xs is not None else None
 
             batch = pack(pick(prompts), pick(completions), self.pad_id, advantages=pick(adv),
-                         old_logprobs=pick(old), ref_logprobs=pick(ref)).to(device)
+                         old_logprobs=pick(old), ref_logprobs=pick(ref),
+                         masks=pick(masks)).to(device)
             # the entropy is always measured (rl/entropy, sft/entropy: a collapse shows there);
             # without a bonus, as a metric: no graph is kept for it
             logp, ent = self.engine(batch, temperature, True, chunks,

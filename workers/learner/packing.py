@@ -17,6 +17,11 @@ cost is its token count. The learner
 Only the positions whose logits predict a completion token are kept (``positions``), so the
 vocabulary projection runs on completion tokens alone, and every per-token input (advantage,
 behaviour and reference log-prob) is a flat vector over those tokens.
+
+A row may carry a *loss mask* over its completion (a multi-turn trajectory: 1 on the tokens the
+policy sampled, 0 on the environment's and the chat template's between its turns). Masked tokens
+stay in the sequence — later tokens attend to them — but their weight is 0, so no loss, metric
+or token count sees them, and a row's length for sequence means is its unmasked tokens.
 """
 
 from __future__ import annotations
@@ -74,11 +79,11 @@ class PackedBatch:
     position_ids: torch.Tensor  # [1, T] restarting at 0 on each row
     positions: torch.Tensor     # [N] indices into T whose logits predict a completion token
     targets: torch.Tensor       # [N] the completion token each of those positions predicts
-    weight: torch.Tensor        # [N] 1, or 0 for the filler row of an empty micro-batch
+    weight: torch.Tensor        # [N] 1; 0 for masked tokens and an empty micro-batch's filler
     advantages: torch.Tensor    # [N] the row's advantage (one per row, or per token) on each
     old_logprobs: torch.Tensor  # [N] behaviour log-probs (NaN where the row brought none)
     ref_logprobs: torch.Tensor  # [N] reference log-probs (0 where none)
-    seq_len: torch.Tensor       # [N] completion length of the token's row
+    seq_len: torch.Tensor       # [N] completion tokens of the token's row (unmasked ones)
     row: torch.Tensor           # [N] index of the token's row within the micro-batch
     returns: torch.Tensor       # [N] value targets (the critic; 0 where none)
     old_values: torch.Tensor    # [N] the critic's values before its update (0 where none)
@@ -105,12 +110,13 @@ def _per_token(rows, b: int, n: int, default: float, what: str) -> list[float]:
 
 def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
          advantages=None, old_logprobs=None, ref_logprobs=None, returns=None,
-         old_values=None) -> PackedBatch:
+         old_values=None, masks=None) -> PackedBatch:
     """Concatenate rows into one padding-free sequence; see the module docstring.
-    ``advantages``: per row, one number or one per completion token."""
+    ``advantages``: per row, one number or one per completion token. ``masks``: per row, None
+    (every completion token counts) or a 0/1 per completion token."""
     if not prompts:  # an empty micro-batch still runs forward and backward (ZeRO-3 lock-step)
         prompts, completions, w = [[pad_id]], [[pad_id]], 0.0
-        advantages = old_logprobs = ref_logprobs = returns = old_values = None
+        advantages = old_logprobs = ref_logprobs = returns = old_values = masks = None
     else:
         w = 1.0
     ids: list[int] = []
@@ -121,6 +127,7 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
     ref: list[float] = []
     seq_len: list[int] = []
     row: list[int] = []
+    weight: list[float] = []
     ret: list[float] = []
     oldv: list[float] = []
     for b, (p, c) in enumerate(zip(prompts, completions)):
@@ -137,14 +144,16 @@ def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int,
         old += list(lp) if lp else [float("nan")] * len(c)
         rp = ref_logprobs[b] if ref_logprobs is not None else None
         ref += list(rp) if rp else [0.0] * len(c)
-        seq_len += [len(c)] * len(c)
+        m = _per_token(masks, b, len(c), 1.0, "loss-mask values")
+        weight += [w * v for v in m]
+        seq_len += [sum(m)] * len(c)
         row += [b] * len(c)
     positions = torch.tensor(keep, dtype=torch.long)
     input_ids = torch.tensor([ids], dtype=torch.long)
     return PackedBatch(
         input_ids=input_ids, position_ids=torch.tensor([pos], dtype=torch.long),
         positions=positions, targets=input_ids[0, positions + 1],
-        weight=torch.full((len(keep),), w), advantages=torch.tensor(adv),
+        weight=torch.tensor(weight), advantages=torch.tensor(adv),
         old_logprobs=torch.tensor(old), ref_logprobs=torch.tensor(ref),
         seq_len=torch.tensor(seq_len, dtype=torch.float32), row=torch.tensor(row),
         returns=torch.tensor(ret), old_values=torch.tensor(oldv))

@@ -50,8 +50,9 @@ def _take(term: dict, rows: list[int]) -> dict:
         return term | {"select": [base[i] for i in rows]}
     out = term | {"prompts": [term["prompts"][i] for i in rows],
                   "completions": [term["completions"][i] for i in rows]}
-    if term.get("advantages") is not None:
-        out["advantages"] = [term["advantages"][i] for i in rows]
+    for key in ("advantages", "masks"):
+        if term.get(key) is not None:
+            out[key] = [term[key][i] for i in rows]
     return out
 
 

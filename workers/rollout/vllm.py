@@ -53,6 +53,16 @@ class VLLMRollout(RolloutWorker):
 
         self.llm = LLM(**self.engine_kwargs(in_process=None))
         self.version = 0
+        self.agent = self.agent_loop()
+
+    def agent_loop(self):
+        """The agent loop, when the recipe has an environment (multi-turn trajectories)."""
+        if self.recipe.environment is None or self.ctx.role != "rollout":
+            return None  # (a teacher's engine writes single-turn demonstrations)
+        from workers.agent.loop import agent_loop
+
+        return agent_loop(self.recipe, self.args.max_model_len,
+                          self.args.model or self.recipe.model.path)
 
     def engine_kwargs(self, in_process: bool | None) -> dict:
         """vLLM's engine arguments for this recipe, with the process environment they need
@@ -108,19 +118,39 @@ class VLLMRollout(RolloutWorker):
         controller, so the engine tokenises nothing; ``{"prompt": text}`` also works). Returns
         a small summary and the rollouts themselves (called with num_returns=2, so the
         controller fetches only the summary and passes the rollouts on by ref)."""
+        if self.agent is not None and items and "record" in items[0]:
+            return self.trajectories(items, n, sampling, index_offset)
         prompts, params, want = self.requests(items, n, sampling)
         outs = self.llm.generate(prompts, params, use_tqdm=False)
         return self.rollouts(outs, want, index_offset)
+
+    def trajectories(self, items: list[dict], n: int, sampling: dict,
+                     index_offset: int) -> tuple[dict, Rollouts]:
+        """``generate`` with the recipe's environment: n multi-turn trajectories per item
+        (``{"record", "seed", "prompt_ids"}``), their turns batched round by round."""
+        import asyncio
+
+        from workers.agent.loop import RoundSampler, summary
+
+        want = self.wants_logprobs(sampling)
+        r = asyncio.run(self.agent.run(items, n, sampling, RoundSampler(self.llm, want,
+                                                                        self.version),
+                                       want, index_offset, self.version, self.seeded))
+        return summary(r), r
+
+    @staticmethod
+    def wants_logprobs(sampling: dict) -> bool:
+        # Behaviour log-probs for the learner's ratio: none at temperature 0, and none under
+        # min_tokens, whose processed log-probs are renormalised without the end tokens (the
+        # learner's are not): those rows count as on-policy
+        return sampling.get("temperature", 1.0) > 0 and not sampling.get("min_tokens")
 
     def requests(self, items: list[dict], n: int, sampling: dict) -> tuple[list, list, bool]:
         """vLLM prompts and sampling params for ``generate``'s items, and whether behaviour
         log-probs are returned."""
         from vllm import SamplingParams
 
-        # Behaviour log-probs for the learner's ratio: none at temperature 0, and none under
-        # min_tokens, whose processed log-probs are renormalised without the end tokens (the
-        # learner's are not): those rows count as on-policy
-        want = sampling.get("temperature", 1.0) > 0 and not sampling.get("min_tokens")
+        want = self.wants_logprobs(sampling)
         params = [SamplingParams(n=n, seed=it["seed"] if self.seeded else None,
                                  logprobs=0 if want else None, **sampling) for it in items]
         prompts = [{"prompt_token_ids": it["prompt_ids"]} if "prompt_ids" in it
@@ -151,12 +181,9 @@ class VLLMRollout(RolloutWorker):
                 r.versions.append((spans[0], spans[-1]) if spans else (self.version,) * 2)
         if r.versions:
             r.weight_version = min(first for first, _ in r.versions)
-        summary = {"prompt_index": r.prompt_index,
-                   "lengths": [len(c) for c in r.completion_ids],
-                   "truncated": [f == "length" for f in r.finish_reasons],
-                   "texts": r.texts, "weight_version": r.weight_version,
-                   "spanning": sum(first != last for first, last in r.versions)}
-        return summary, r
+        from workers.agent.loop import summary
+
+        return summary(r), r
 
     def init_weight_sync(self, host: str, port: int, world_size: int, rank_offset: int,
                          manifest: dict, backend: str) -> None:

@@ -72,6 +72,7 @@ class AsyncVLLMRollout(VLLMRollout):
         self.version = 0
         await self.llm.update_weight_version("0")
         self._ids = itertools.count()
+        self.agent = self.agent_loop()
 
     async def generate(self, items: list[dict], n: int, sampling: dict,
                        index_offset: int = 0) -> tuple[dict, Rollouts]:
@@ -79,6 +80,8 @@ class AsyncVLLMRollout(VLLMRollout):
         from vllm.sampling_params import RequestOutputKind
 
         self._check_engine()
+        if self.agent is not None and items and "record" in items[0]:
+            return await self.trajectories(items, n, sampling, index_offset)
         prompts, params, want = self.requests(items, n, sampling)
         call = next(self._ids)
         ids = [f"{call}-{i}" for i in range(len(prompts))]
@@ -99,6 +102,19 @@ class AsyncVLLMRollout(VLLMRollout):
                 await llm.abort(ids)
             raise
         return self.rollouts(outs, want, index_offset)
+
+    async def trajectories(self, items: list[dict], n: int, sampling: dict,
+                           index_offset: int) -> tuple[dict, Rollouts]:
+        """As ``VLLMRollout.trajectories``; every turn a request of its own, joining whatever
+        the engine runs (many trajectories in flight, their tools running meanwhile)."""
+        from workers.agent.loop import AsyncSampler, summary
+
+        want = self.wants_logprobs(sampling)
+        r = await self.agent.run(items, n, sampling,
+                                 AsyncSampler(self.llm, want, lambda: self.version), want,
+                                 index_offset, self.version, self.seeded)
+        self._check_engine()
+        return summary(r), r
 
     async def init_weight_sync(self, host: str, port: int, world_size: int, rank_offset: int,
                                manifest: dict, backend: str) -> None:

