@@ -8,7 +8,6 @@ so a sampled turn's text re-tokenises to other ids (checked): a loop that re-ren
 conversation from text would train on, and feed the engine, ids it never sampled, and this test
 would fail."""
 
-import json
 
 import pytest
 
@@ -30,6 +29,12 @@ def make_bpe_recipe(tiny_bpe_chat_model, tmp_path):
     return make
 
 
+# a random model rarely ends a turn: 150 of its ~500 tokens stop one (ending it like a stop
+# string, without the end-of-turn token, which the template's close then adds)
+STOPS = {"data.prompts_per_step": 4, "sampling.max_tokens": 24,
+         "sampling.stop_token_ids": list(range(200, 350))}
+
+
 def env(**args) -> dict:
     """Recipe overrides: the counting environment with ``args``, scored by it alone."""
     return {"environment": {"cls": "tests.fixtures.envs:CountingEnv", "args": args,
@@ -44,11 +49,8 @@ def test_trajectories_are_the_sampled_ids_plus_the_environments_deltas(ray_local
     from workers.agent.loop import Renderer
     from workers.types import Rollouts
 
-    # a random model rarely ends a turn: 150 of its ~500 tokens stop one (ending it like
-    # a stop string, without the end-of-turn token, which the template's close then adds)
-    recipe = make_bpe_recipe(steps=2, **env(turns=3, fail_ids=["arith-0-2", "arith-0-6"]), **{
-        "data.prompts_per_step": 4, "sampling.max_tokens": 24,
-        "sampling.stop_token_ids": list(range(200, 350))})
+    recipe = make_bpe_recipe(steps=2, **env(turns=3, fail_ids=["arith-0-2", "arith-0-6"]),
+                             **STOPS)
     assert recipe.scoring.unscored == "drop"  # environment errors stay out of baselines
     c = Controller(recipe).setup()
     try:
@@ -116,56 +118,89 @@ def _seed(c, prompt_index: int, j: int, k: int) -> int:
     return base + prompt_index + j + 1_000_003 * k
 
 
-def test_a_one_turn_environment_reproduces_the_single_turn_numbers(tmp_path, tiny_chat_model):
-    """The same recipe, scored by a verifier (today's single-turn path) or by the one-turn
-    environment that runs the same verifier: the same samples, rewards, updates and eval."""
-    import subprocess
-    import sys
+def test_a_one_turn_environment_reproduces_the_single_turn_samples(ray_local,
+                                                                  make_chat_recipe):
+    """The one-turn environment running a verifier gives today's single-turn samples, token for
+    token with the same log-probs, and the verifier's rewards: the same prompts and seeds
+    through the engine's single-turn path and through the agent loop. (With its loss mask all
+    ones, the learner's update is the unmasked one: tests/workers/test_agent.py.)"""
+    import ray
 
-    import yaml
+    from workers.types import Rollouts
 
-    from tests.conftest import ROOT, recipe_dict
+    recipe = make_chat_recipe(steps=1, **{
+        "environment": {"cls": "workers.agent.env:VerifierEnv",
+                        "args": {"verifiers": ["rewards.arithmetic:exact_answer"]}},
+        "roles.reward.args.verifiers": [], "data.prompts_per_step": 8})
+    c = Controller(recipe).setup()
+    try:
+        records, _ = c.next_batch(1)
+        gen = c.generate(records, step=1)
+        r = Rollouts.gather(gen["refs"])
+        scores = c.score(gen, records, 1)
+        items = [{"prompt_ids": c.prompts.prompt_ids(rec), "seed": _seed(c, i, 0, 0)}
+                 for i, rec in enumerate(records)]
+        sampling = c.sampling() | {"stop_token_ids": c.prompts.stop_token_ids}
+        _, ref = c.rollout.actors[0].generate.options(num_returns=2).remote(
+            items, recipe.sampling.n, sampling)
+        single = ray.get(ref)
+    finally:
+        c.shutdown()
+    from rewards.arithmetic import exact_answer
 
-    runs = {}
-    for name in ("verifier", "environment"):
-        d = recipe_dict(tiny_chat_model, tmp_path / name, steps=3,
-                        **{"roles.rollout.args.max_model_len": 256, "sampling.max_tokens": 8,
-                           "data.prompts_per_step": 4})
-        if name == "environment":
-            d["environment"] = {"cls": "workers.agent.env:VerifierEnv",
-                                "args": {"verifiers": ["rewards.arithmetic:exact_answer"]}}
-            d["roles"]["reward"]["args"]["verifiers"] = []
-            d["scoring"] = {"unscored": "zero"}
-        path = tmp_path / f"{name}.yaml"
-        path.write_text(yaml.safe_dump(d))
-        proc = subprocess.run([sys.executable, "-m", "orchestrator.cli", "run", str(path)],
-                              cwd=tmp_path, env={**__import__("os").environ,
-                                                 "PYTHONPATH": str(ROOT)},
-                              capture_output=True, text=True, timeout=500)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        runs[name] = json.loads((tmp_path / name / "summary.json").read_text())
-    a, b = runs["verifier"], runs["environment"]
-    assert a["reward_curve"] == b["reward_curve"]
-    assert [e["eval/accuracy"] for e in a["eval"]] == [e["eval/accuracy"] for e in b["eval"]]
+    assert not single.multi_turn and r.multi_turn
+    assert r.prompt_ids == single.prompt_ids and r.completion_ids == single.completion_ids
+    assert r.logprobs == single.logprobs and r.texts == single.texts
+    assert all(m == [1] * len(c) for m, c in zip(r.loss_mask, r.completion_ids))
+    recs = [records[i] for i in single.prompt_index]
+    assert scores.rewards == exact_answer([x["prompt"] for x in recs], single.texts,
+                                          answer=[x["answer"] for x in recs],
+                                          reverse=[x.get("reverse") for x in recs])
 
 
 def test_an_engine_lost_mid_trajectory_is_replaced_and_its_trajectories_made_again(
-        ray_local, make_chat_recipe, tmp_path):
+        ray_local, make_bpe_recipe, tmp_path):
     """The rollout actor dies in the middle of a step's trajectories (its environment ends the
     process in a second turn): the controller replaces it and the step's trajectories are
     made again, with the same seeds — the same trajectories as a run where nothing died."""
     runs = {}
-    for name, env_args in (("died", {"die_dir": str(tmp_path)}), ("straight", {})):
-        recipe = make_chat_recipe(steps=2, run_dir=str(tmp_path / name),
-                                  **env(turns=3, **env_args), **{"data.prompts_per_step": 4})
+    die = tmp_path / "die"
+    die.mkdir()
+    for name, env_args in (("died", {"die_dir": str(die)}), ("straight", {})):
+        recipe = make_bpe_recipe(steps=2, run_dir=str(tmp_path / name),
+                                 **env(turns=3, **env_args), **STOPS)
         c = Controller(recipe).setup()
         try:
             runs[name] = [c.train_step(step) for step in (1, 2)]
             runs[name + "/restarts"] = dict(c.restarts)
         finally:
             c.shutdown()
-    assert (tmp_path / "died").exists()
+    assert (die / "died").exists()
     assert runs["died/restarts"] == {"rollout": 1} and runs["straight/restarts"] == {}
     for a, b in zip(runs["died"], runs["straight"]):
         for key in ("reward/mean", "agent/turns_per_traj", "response/length_mean", "rl/loss"):
             assert a[key] == pytest.approx(b[key], rel=1e-6), key
+
+
+@pytest.mark.long
+def test_stop_and_resume_with_trajectories_matches_a_straight_run(ray_local, make_bpe_recipe,
+                                                                  tmp_path):
+    """4 steps straight, and 2 + stop + resume + 2, on multi-turn trajectories: the same
+    rewards, losses, turn counts and weights."""
+    import torch
+
+    from tests.integration.test_resume import _run
+
+    def recipe(run_dir, every):
+        return make_bpe_recipe(steps=4, run_dir=str(run_dir), **env(turns=2), **STOPS,
+                               **{"checkpoint.every": every})
+
+    straight, w_a, _, v_a = _run(recipe(tmp_path / "a", 2))
+    _run(recipe(tmp_path / "b", 0), until=2)
+    second, w_b, _, v_b = _run(recipe(tmp_path / "b", 2), resume="")
+    assert sorted(second) == [3, 4] and v_a == v_b
+    for step in (3, 4):
+        for key in ("reward/mean", "rl/loss", "agent/turns_per_traj", "response/length_mean"):
+            assert second[step][key] == pytest.approx(straight[step][key], rel=1e-6), key
+    for name in w_a:
+        torch.testing.assert_close(w_b[name], w_a[name], rtol=0, atol=1e-7)

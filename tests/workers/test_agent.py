@@ -275,3 +275,12 @@ def test_mini_batches_cut_the_loss_masks_with_their_rows():
         assert len(part["masks"]) == len(part["prompts"]) == 2
         for c, m in zip(part["completions"], part["masks"]):
             assert m is None or len(m) == len(c)
+
+
+def test_a_mask_of_ones_packs_as_no_mask():
+    a = pack([[1, 2], [3]], [[4, 5, 6], [7]], 0, advantages=[0.5, -1.0])
+    b = pack([[1, 2], [3]], [[4, 5, 6], [7]], 0, advantages=[0.5, -1.0],
+             masks=[[1, 1, 1], [1]])
+    for name in ("input_ids", "position_ids", "positions", "targets", "weight", "advantages",
+                 "seq_len", "row"):
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
