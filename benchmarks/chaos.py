@@ -307,6 +307,9 @@ def report(args, base: dict, chaos: dict, out: Path) -> None:
     oom = said(chaos["log"], r"braid: reward rank \d+ failed \(reward actor killed by Ray's "
                              r"memory monitor[^\n]*")
     lost = said(chaos["log"], r"Ray lost the rollouts of[^\n]*")
+    if lost == "(nothing said)":  # the engine died before it answered: regenerated as such
+        lost = "none returned and then lost (rollouts lost with a dead engine are regenerated: " \
+               "below)"
     print(f"OOM: {oom}\nlost objects: {lost}")
     remade = regenerated_steps(chaos)
     print(f"steps whose rollouts were generated again (an engine lost with them in flight: "
