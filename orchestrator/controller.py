@@ -481,7 +481,10 @@ class Controller:
             m[f"reward/{name}"] = sum(got) / max(len(got), 1)
         for name, count in scores.failures.items():
             m[f"reward/failures/{name}"] = float(count)
-        m |= agent_metrics(gen.get("agent"))
+        agent = agent_metrics(gen.get("agent"))
+        if agent:  # multi-turn: kept for the summary
+            self.history.setdefault("agent", []).append(agent)
+        m |= agent
         self.history["reward"].append(sig.reward_mean)
         return m
 
@@ -534,6 +537,8 @@ class Controller:
                    "demos": self.demos.metrics(), "schedule": self.schedule.metrics(),
                    "restarts": self.restarts,
                    "mlflow": {"uri": self.logger.uri, "run_id": self.logger.run_id}}
+        if self.history.get("agent"):  # the last step's trajectories: turns, tools, statuses
+            summary["agent"] = self.history["agent"][-1]
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         print_summary(summary)
         self.logger.finish(summary)

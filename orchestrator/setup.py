@@ -410,7 +410,10 @@ def check_prompts(fmt, samples: dict[str, list[dict]], who: str = "") -> list[st
     for where, records in samples.items():
         try:
             lengths = [len(fmt.prompt_ids(r)) for r in records]
-        except (PromptError, TypeError, KeyError) as err:
+            for r in records:  # multi-turn ones rendered message by message, as SFT will
+                if r.get("demonstration") is not None:
+                    fmt.demonstration(r)
+        except (PromptError, TypeError, KeyError, AttributeError) as err:
             raise RecipeError(f"prompt: {who}{where}: {err}") from None
         long = sum(budget is not None and n > budget for n in lengths)
         notes.append(f"{who}{where}: first {len(records)} prompts are "

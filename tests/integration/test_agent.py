@@ -72,6 +72,7 @@ def test_trajectories_are_the_sampled_ids_plus_the_environments_deltas(ray_local
         gen["scores"] = scores
         learned = c.execute(RLUpdate(), 1, records, gen, Timings())
         metrics = c.train_step(2)
+        kept = c.history["agent"]  # for the run's summary
     finally:
         c.shutdown()
 
@@ -107,6 +108,7 @@ def test_trajectories_are_the_sampled_ids_plus_the_environments_deltas(ray_local
         None if i in broken else r.env_rewards[i] for i in range(len(r))]
     assert metrics["agent/turns_per_traj"] > 2 and metrics["agent/env_error_frac"] == 0.25
     assert metrics["reward/failures/env"] == float(n)
+    assert kept[-1] == {k: v for k, v in metrics.items() if k.startswith("agent/")}
     # the learner trained on the policy's tokens of the scored samples only
     assert learned["rl/tokens"] == pytest.approx(sum(sum(r.loss_mask[i]) for i in ok))
 

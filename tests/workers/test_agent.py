@@ -284,3 +284,21 @@ def test_a_mask_of_ones_packs_as_no_mask():
     for name in ("input_ids", "position_ids", "positions", "targets", "weight", "advantages",
                  "seq_len", "row"):
         assert torch.equal(getattr(a, name), getattr(b, name)), name
+
+
+def test_validate_names_a_multi_turn_demonstration_the_template_cannot_train_on(tok):
+    from types import SimpleNamespace
+
+    from core.errors import RecipeError
+    from orchestrator.prompts import PromptFormatter
+    from orchestrator.setup import check_prompts
+
+    cfg = SimpleNamespace(chat_template=None, style="chat", system=None, template="{prompt}",
+                          template_kwargs={}, add_generation_prompt=True, response_prefix="",
+                          tools=[])
+    f = PromptFormatter(tok, cfg)
+    rec = {"id": "d7", "prompt": "6*7?", "demonstration": [
+        {"role": "assistant", "content": "x"}, {"role": "tool", "content": "42"}]}
+    with pytest.raises(RecipeError, match="data.train: record 'd7': a demonstration that is a "
+                                          "list of messages must end with an assistant"):
+        check_prompts(f, {"data.train": [rec]})
