@@ -11,7 +11,6 @@ in shuffled passes and resumes exactly.
 from __future__ import annotations
 
 import decimal
-import itertools
 import json
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -383,7 +382,7 @@ class Arithmetic:
         return self.args.size
 
 
-class ToolArithmetic:
+class ToolArithmetic(Arithmetic):
     """Multiplications too long to do in one's head (``What is 4821 * 93?``), each with a
     demonstration that uses the python tool (workers/agent/tools.py): a call in the hermes
     format, the tool's output, the answer — a multi-turn demonstration, for SFT on tool use
@@ -405,8 +404,11 @@ class ToolArithmetic:
                                  "None streams fresh problems forever")
         seed: int = 0
 
-    def __init__(self, **kwargs):
-        self.args = self.Args(**kwargs)
+        @model_validator(mode="after")
+        def _order(self):
+            if not 1 <= self.digits[0] <= self.digits[1]:
+                raise ValueError("digits must be [min, max] with 1 <= min <= max")
+            return self
 
     def _problem(self, rng: random.Random, index: int) -> dict:
         lo, hi = self.args.digits
@@ -418,16 +420,6 @@ class ToolArithmetic:
                     {"role": "assistant", "content": f"<tool_call>\n{call}\n</tool_call>"},
                     {"role": "tool", "content": f"{a * b}\n"},
                     {"role": "assistant", "content": str(a * b)}]}
-
-    def __iter__(self) -> Iterator[dict]:
-        rng = random.Random(self.args.seed)
-        for i in itertools.count() if self.args.size is None else range(self.args.size):
-            yield self._problem(rng, i)
-
-    def __len__(self) -> int:
-        if self.args.size is None:
-            raise TypeError("a streaming ToolArithmetic dataset has no length")
-        return self.args.size
 
 
 class MixturePart(BaseModel):

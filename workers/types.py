@@ -95,6 +95,25 @@ class Rollouts:
         return out
 
 
+def summary(r: Rollouts) -> dict:
+    """What the controller reads of a generation's rollouts (the rollouts stay refs)."""
+    out = {"prompt_index": r.prompt_index, "lengths": [len(c) for c in r.completion_ids],
+           "truncated": [f == "length" for f in r.finish_reasons], "texts": r.texts,
+           "weight_version": r.weight_version,
+           "spanning": sum(first != last for first, last in r.versions)}
+    if r.multi_turn:
+        out["lengths"] = [sum(m) for m in r.loss_mask]  # the policy's own tokens
+        out["truncated"] = [s == "truncated" for s in r.status]
+        counts: dict[str, float] = {f"status_{s}": 0.0 for s in ("ok", "truncated", "env_error")}
+        for status, info in zip(r.status, r.env_info):
+            counts[f"status_{status}"] = counts.get(f"status_{status}", 0.0) + 1
+            for k, v in info.items():
+                if isinstance(v, float):
+                    counts[k] = counts.get(k, 0.0) + v
+        out["agent"] = counts | {"samples": float(len(r))}
+    return out
+
+
 @dataclass
 class Scores:
     rewards: list[float | None]                            # None: could not be scored

@@ -13,7 +13,7 @@ import os
 from pydantic import BaseModel, ConfigDict, Field
 
 from workers.base import RolloutWorker
-from workers.types import Rollouts
+from workers.types import Rollouts, summary
 
 
 class VLLMRollout(RolloutWorker):
@@ -130,7 +130,7 @@ class VLLMRollout(RolloutWorker):
         (``{"record", "seed", "prompt_ids"}``), their turns batched round by round."""
         import asyncio
 
-        from workers.agent.loop import RoundSampler, summary
+        from workers.agent.loop import RoundSampler
 
         want = self.wants_logprobs(sampling)
         r = asyncio.run(self.agent.run(items, n, sampling, RoundSampler(self.llm, want,
@@ -181,8 +181,6 @@ class VLLMRollout(RolloutWorker):
                 r.versions.append((spans[0], spans[-1]) if spans else (self.version,) * 2)
         if r.versions:
             r.weight_version = min(first for first, _ in r.versions)
-        from workers.agent.loop import summary
-
         return summary(r), r
 
     def init_weight_sync(self, host: str, port: int, world_size: int, rank_offset: int,

@@ -43,7 +43,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 
 from workers.rollout.vllm import VLLMRollout
-from workers.types import Rollouts
+from workers.types import Rollouts, summary
 
 
 class AsyncVLLMRollout(VLLMRollout):
@@ -107,7 +107,7 @@ class AsyncVLLMRollout(VLLMRollout):
                            index_offset: int) -> tuple[dict, Rollouts]:
         """As ``VLLMRollout.trajectories``; every turn a request of its own, joining whatever
         the engine runs (many trajectories in flight, their tools running meanwhile)."""
-        from workers.agent.loop import AsyncSampler, summary
+        from workers.agent.loop import AsyncSampler
 
         want = self.wants_logprobs(sampling)
         r = await self.agent.run(items, n, sampling,
