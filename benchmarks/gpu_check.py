@@ -165,6 +165,7 @@ def check_learner(model_dir: Path, work: Path, dtype: str, args, mem: Memory) ->
 
     from workers.base import WorkerContext
     from workers.learner.deepspeed import DeepSpeedLearner
+    from workers.learner.terms import PolicyGradient
     from workers.types import Rollouts
 
     max_tokens = args.rows * args.seq // args.micro_batches
@@ -185,7 +186,7 @@ def check_learner(model_dir: Path, work: Path, dtype: str, args, mem: Memory) ->
     for _ in range(args.steps + 1):  # the first step warms up
         adv = [rng.uniform(-1, 1) for _ in p]
         t0 = time.perf_counter()
-        metrics = learner.update([{"kind": "pg", "rollouts": r, "advantages": adv}])
+        metrics = learner.update([PolicyGradient(rollouts=r, advantages=adv)])
         if mem.cuda:
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t0)

@@ -55,6 +55,7 @@ def child(config: str, model: Path, rows: int, seq: int, prompt: int, port: int)
     from orchestrator.config import Recipe
     from workers.base import WorkerContext
     from workers.learner.deepspeed import DeepSpeedLearner
+    from workers.learner.terms import PolicyGradient
     from workers.types import Rollouts
 
     cfg = CONFIGS[config]
@@ -85,7 +86,7 @@ def child(config: str, model: Path, rows: int, seq: int, prompt: int, port: int)
     adv = [rng.uniform(-1, 1) for _ in p]
     before = rss_gib()
     t0 = time.perf_counter()
-    m = w.update([{"kind": "pg", "rollouts": r, "advantages": adv}])
+    m = w.update([PolicyGradient(rollouts=r, advantages=adv)])
     seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     tokens = rows * (seq - prompt)  # completion tokens

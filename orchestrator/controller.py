@@ -26,6 +26,7 @@ from orchestrator.recovery import STOP, explain, recoverable
 from orchestrator.schedules import UPDATES, Checkpoint, Eval, SFTUpdate, Sync
 from orchestrator.signals import empty_signals, eval_rates, step_signals
 from orchestrator.updates import learner_terms, sft_term
+from workers.learner.terms import PolicyGradient
 
 
 class Controller:
@@ -343,7 +344,7 @@ class Controller:
             terms = learner_terms(self, op, batch, gen, step)
             out = self.train_critic(step, gen, timer)
             if out.get("critic/updates", math.inf) <= self.recipe.algorithm.critic_warmup:
-                terms = [t for t in terms if t["kind"] != "pg"]  # only the critic learns
+                terms = [t for t in terms if not isinstance(t, PolicyGradient)]  # critic alone
             if not terms:
                 return out | {"update/skipped": 1.0}
             with timer("learn"):
@@ -362,7 +363,7 @@ class Controller:
             return {}
         raise TypeError(f"step {step}: the schedule returned an unknown op {op!r}")
 
-    def learn(self, group, terms: list[dict], step: int, gen: dict | None,
+    def learn(self, group, terms: list, step: int, gen: dict | None,
               optimizer: str = "main") -> dict:
         """An update of the learner (or the critic) ``group`` on ``terms``. Rollouts or
         reference log-probs Ray lost before its ranks fetched them are made again (the same

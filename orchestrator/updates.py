@@ -10,6 +10,7 @@ from __future__ import annotations
 from orchestrator.advantages import advantages, estimator, gae
 from orchestrator.prompts import answer_text
 from orchestrator.schedules import MixedUpdate, RLUpdate, SFTUpdate
+from workers.learner.terms import SFT, OffPolicyPG, PolicyGradient, SampleSFT, Term, Value
 
 
 def tokenize_demos(prompts, records: list[dict]) -> tuple[list, list, list | None]:
@@ -22,7 +23,7 @@ def tokenize_demos(prompts, records: list[dict]) -> tuple[list, list, list | Non
 
 
 def sft_term(c, op: SFTUpdate, batch: list[dict], peek: bool = False,
-             gen: dict | None = None) -> dict | None:
+             gen: dict | None = None) -> Term | None:
     if op.source == "samples":
         return samples_term(op, batch, gen)
     if op.source != "demos":
@@ -32,11 +33,11 @@ def sft_term(c, op: SFTUpdate, batch: list[dict], peek: bool = False,
     if not recs:
         return None
     prompts, completions, masks = tokenize_demos(c.prompts, recs)
-    return {"kind": "nll", "prompts": prompts, "completions": completions, "masks": masks,
-            "coef": op.coef, "token_weight": op.token_weight, "entropy": op.entropy}
+    return SFT(prompts=prompts, completions=completions, masks=masks, coef=op.coef,
+               token_weight=op.token_weight, entropy=op.entropy)
 
 
-def samples_term(op: SFTUpdate, batch: list[dict], gen: dict | None) -> dict | None:
+def samples_term(op: SFTUpdate, batch: list[dict], gen: dict | None) -> SampleSFT | None:
     """Rejection-sampling fine-tuning: an SFT term on this step's own samples that scored at
     least ``op.threshold`` — the first ``op.per_prompt`` distinct texts of each prompt (of
     ``op.ids``), non-empty; the rollouts stay refs."""
@@ -56,11 +57,11 @@ def samples_term(op: SFTUpdate, batch: list[dict], gen: dict | None) -> dict | N
             rows.append(i)
     if not rows:
         return None
-    return {"kind": "nll", "rollouts": gen["refs"], "select": rows, "coef": op.coef,
-            "token_weight": op.token_weight, "entropy": op.entropy}
+    return SampleSFT(rollouts=gen["refs"], select=rows, coef=op.coef,
+                     token_weight=op.token_weight, entropy=op.entropy)
 
 
-def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[dict]:
+def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[Term]:
     if gen is None:
         raise RuntimeError(f"step {step}: the schedule asked for an RL update but "
                            "wants_rollouts() returned False")
@@ -108,14 +109,15 @@ def rl_terms(c, op: RLUpdate, batch: list[dict], gen: dict, step: int) -> list[d
     full_adv: list = [0.0] * len(index)
     for k, i in enumerate(rows):
         full_adv[i] = adv[k]
-    terms = [{"kind": "pg", "rollouts": gen["refs"], "advantages": full_adv,
-              "ref": c.reference_logprobs(gen), "select": select, "coef": op.coef}]
+    # LUFFY: one token mean over the policy's samples and the demonstrations
+    joint = "luffy" if demo_recs else None
+    terms: list[Term] = [PolicyGradient(rollouts=gen["refs"], advantages=full_adv,
+                                        ref=c.reference_logprobs(gen), select=select,
+                                        coef=op.coef, joint=joint)]
     if demo_recs:
-        # LUFFY: one token mean over the policy's samples and the demonstrations
-        terms[0]["joint"] = "luffy"
-        terms.append({"kind": "pg_off", "prompts": demo_ids[0], "completions": demo_ids[1],
-                      "masks": demo_ids[2], "advantages": adv[len(rows):], "gamma": op.gamma,
-                      "coef": op.coef, "joint": "luffy"})
+        terms.append(OffPolicyPG(prompts=demo_ids[0], completions=demo_ids[1],
+                                 masks=demo_ids[2], advantages=adv[len(rows):], gamma=op.gamma,
+                                 coef=op.coef, joint=joint))
     return terms
 
 
@@ -127,12 +129,12 @@ def gae_terms(c, gen: dict, rows: list[int], rewards: list[float], select) -> li
     full_returns: list = [[] for _ in values]
     for k, i in enumerate(rows):
         full_returns[i] = returns[k]
-    gen["critic_term"] = {"kind": "value", "rollouts": gen["refs"], "returns": full_returns,
-                          "old_values": values, "select": select}
+    gen["critic_term"] = Value(rollouts=gen["refs"], returns=full_returns, old_values=values,
+                               select=select)
     return adv
 
 
-def learner_terms(c, op, batch: list[dict], gen: dict | None, step: int) -> list[dict]:
+def learner_terms(c, op, batch: list[dict], gen: dict | None, step: int) -> list[Term]:
     parts = op.terms if isinstance(op, MixedUpdate) else (op,)
     terms = []
     for part in parts:

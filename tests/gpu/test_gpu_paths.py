@@ -94,7 +94,9 @@ def test_deepspeed_learner_on_cuda_world_one(make_recipe):
     w = DeepSpeedLearner(WorkerContext("learner", 0, 1, recipe, args))
     os.environ.pop("DS_ACCELERATOR", None)
     w.setup(master_addr="127.0.0.1", master_port=free_port())
-    m = w.update([{"kind": "nll", "prompts": [[1, 5, 6, 14]] * 4, "completions": [[7, 2]] * 4}])
+    from workers.learner.terms import SFT
+
+    m = w.update([SFT(prompts=[[1, 5, 6, 14]] * 4, completions=[[7, 2]] * 4)])
     assert m["sft/loss"] > 0 and m["sft/grad_norm"] > 0
     state = w.full_state_dict()
     assert all(t.is_cuda for t in state.values())
@@ -119,8 +121,9 @@ def test_deepspeed_critic_on_cuda_world_one(make_recipe):
                  ["stop", "stop"])
     values = w.values(r)
     assert [len(v) for v in values] == [3, 1]
-    m = w.update([{"kind": "value", "rollouts": r, "returns": [[1.0] * 3, [0.0]],
-                   "old_values": values}])
+    from workers.learner.terms import Value
+
+    m = w.update([Value(rollouts=r, returns=[[1.0] * 3, [0.0]], old_values=values)])
     assert m["value/loss"] > 0 and m["critic/grad_norm"] > 0 and m["critic/updates"] == 1.0
 
 

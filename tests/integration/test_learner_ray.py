@@ -8,12 +8,14 @@ first step and the weights after a second step on different data.
 
 import math
 import random
+from dataclasses import replace
 
 import pytest
 import torch
 
 from orchestrator.groups import WorkerError, WorkerGroup
 from orchestrator.setup import resolve_recipe
+from workers.learner.terms import SFT, OffPolicyPG, PolicyGradient
 from workers.types import Rollouts
 
 pytestmark = pytest.mark.slow
@@ -51,7 +53,7 @@ def _train(make_recipe, replicas: int, micro: int | None, max_tokens: int | None
         metrics = []
         for seed in (1, 2):
             r, adv = _rollouts(seed)
-            term = {"kind": "pg", "rollouts": r, "advantages": adv}
+            term = PolicyGradient(rollouts=r, advantages=adv)
             metrics.append(group.call(group.fanout("update", [term]), "update")[0])
         state = group.call(group.fanout("full_state_dict"), "state")[0]
         return metrics, state
@@ -92,7 +94,7 @@ def test_probe_leaves_no_trace_and_named_optimizers_keep_their_own_moments(ray_l
     try:
         addr, port = ray.get(group.actors[0].master_address.remote())
         group.call(group.fanout("setup", master_addr=addr, master_port=port), "setup")
-        sft = {"kind": "nll", "prompts": [[1, 5, 6, 14, 7]] * 6, "completions": [[8, 9, 2]] * 6}
+        sft = SFT(prompts=[[1, 5, 6, 14, 7]] * 6, completions=[[8, 9, 2]] * 6)
 
         def moments():
             """Each named optimizer state's Adam moments (rank 0's partition), by name."""
@@ -123,8 +125,8 @@ def test_probe_leaves_no_trace_and_named_optimizers_keep_their_own_moments(ray_l
         assert same(after_sft["main"], m0["main"]) and after_sft["sft"]
         assert float(after_sft["sft"][0]["exp_avg"].abs().sum()) > 0
         r, adv = _rollouts(3)
-        m2 = group.call(group.fanout("update", [{"kind": "pg", "rollouts": r,
-                                                 "advantages": adv}]))[0]
+        m2 = group.call(group.fanout("update", [PolicyGradient(rollouts=r,
+                                                               advantages=adv)]))[0]
         assert m2["optimizer/main_steps"] == 1.0  # the first step of "main": fresh moments
         after_rl = moments()
         # "main" starts from zero moments: after one step exp_avg = (1 - beta1) g, exp_avg_sq
@@ -168,18 +170,18 @@ def test_ppo_mini_batches_and_epochs_take_several_steps_and_the_clip_acts(ray_lo
         try:
             addr, port = ray.get(group.actors[0].master_address.remote())
             group.call(group.fanout("setup", master_addr=addr, master_port=port), "setup")
-            term = {"kind": "pg", "rollouts": r, "advantages": adv}
+            term = PolicyGradient(rollouts=r, advantages=adv)
             results[mini, epochs] = group.call(group.fanout("update", [term], step=1))[0]
             if mini > 1:
                 # an SFT-only update is one optimizer step whatever the PPO settings
-                sft = {"kind": "nll", "prompts": [[1, 5, 6]] * 4, "completions": [[8, 2]] * 4}
+                sft = SFT(prompts=[[1, 5, 6]] * 4, completions=[[8, 2]] * 4)
                 m = group.call(group.fanout("update", [sft], "sft"))[0]
                 assert m["optimizer/sft_steps"] == 1.0 and "sft/optimizer_steps" not in m
                 # rows without behaviour log-probs would never be clipped: refused
                 bare, _ = _rollouts(6)
                 with pytest.raises(WorkerError, match="log-probs of every sampled token"):
-                    group.call(group.fanout("update", [{"kind": "pg", "rollouts": bare,
-                                                        "advantages": adv}]))
+                    group.call(group.fanout("update", [PolicyGradient(rollouts=bare,
+                                                                      advantages=adv)]))
         finally:
             group.shutdown()
     one, ppo = results[1, 1], results[2, 2]
@@ -214,8 +216,8 @@ def test_luffy_demonstrations_at_the_sampling_temperature_and_loss_agg(ray_local
     try:
         addr, port = ray.get(group.actors[0].master_address.remote())
         group.call(group.fanout("setup", master_addr=addr, master_port=port), "setup")
-        off = {"kind": "pg_off", "prompts": demos.prompt_ids, "completions":
-               demos.completion_ids, "advantages": adv, "gamma": gamma}
+        off = OffPolicyPG(prompts=demos.prompt_ids, completions=demos.completion_ids,
+                          advantages=adv, gamma=gamma)
         m = group.call(group.fanout("update", [off], lr=0.0))[0]
     finally:
         group.shutdown()
@@ -235,12 +237,13 @@ def test_luffy_terms_share_one_token_mean(ray_local, make_recipe):
         addr, port = ray.get(group.actors[0].master_address.remote())
         group.call(group.fanout("setup", master_addr=addr, master_port=port), "setup")
         r, adv = _rollouts(7)
-        demos = {"kind": "pg_off", "prompts": [[1, 5, 6]] * 3,
-                 "completions": [[8, 9, 2, 7, 4, 4, 5, 6]] * 3, "advantages": [1.0, 0.5, -1.0]}
-        pg = {"kind": "pg", "rollouts": r, "advantages": adv}
+        demos = OffPolicyPG(prompts=[[1, 5, 6]] * 3,
+                            completions=[[8, 9, 2, 7, 4, 4, 5, 6]] * 3,
+                            advantages=[1.0, 0.5, -1.0])
+        pg = PolicyGradient(rollouts=r, advantages=adv)
         apart = group.call(group.fanout("update", [pg, demos], lr=0.0))[0]
-        joint = group.call(group.fanout("update", [pg | {"joint": "luffy"},
-                                                   demos | {"joint": "luffy"}], lr=0.0))[0]
+        joint = group.call(group.fanout("update", [replace(pg, joint="luffy"),
+                                                   replace(demos, joint="luffy")], lr=0.0))[0]
     finally:
         group.shutdown()
     n_on, n_off = apart["rl/tokens"], apart["off/tokens"]

@@ -29,8 +29,8 @@ BATCH = [{"id": "a", "prompt": "1+1="}, {"id": "b", "prompt": "2+2="}]
 def test_unscored_samples_count_as_zero_by_default(make_recipe):
     c = _controller(make_recipe)
     (term,) = rl_terms(c, RLUpdate(), BATCH, _gen([1.0, None, 0.0, 1.0, 1.0, 0.0]), step=1)
-    assert term["select"] is None
-    adv = term["advantages"]
+    assert term.select is None
+    adv = term.advantages
     assert adv[1] == pytest.approx(adv[2])  # None scored like the 0.0 beside it
     assert adv[0] > 0 > adv[1]
 
@@ -38,8 +38,8 @@ def test_unscored_samples_count_as_zero_by_default(make_recipe):
 def test_dropped_samples_leave_the_update_and_the_baseline(make_recipe):
     c = _controller(make_recipe, unscored="drop")
     (term,) = rl_terms(c, RLUpdate(), BATCH, _gen([1.0, None, 0.0, 1.0, 1.0, 0.0]), step=1)
-    assert term["select"] == [0, 2, 3, 4, 5]
-    adv = term["advantages"]
+    assert term.select == [0, 2, 3, 4, 5]
+    adv = term.advantages
     assert adv[1] == 0.0
     # prompt a's baseline is the mean of 1.0 and 0.0 only: symmetric advantages
     assert adv[0] == pytest.approx(-adv[2]) and adv[0] > 0
@@ -73,17 +73,17 @@ def test_an_unscorable_demonstration_follows_scoring_unscored(make_recipe, unsco
     c.score_texts = lambda records, texts: [None if r["id"] == "a" else 1.0 for r in records]
     pg, off = rl_terms(c, RLUpdate(demos_in_group=True), BATCH,
                        _gen([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]), step=1)
-    assert pg["joint"] == off["joint"] == "luffy"
+    assert pg.joint == off.joint == "luffy"
     if unscored == "drop":
-        assert off["completions"] == [[ord("4")]]  # a's demonstration left the update
+        assert off.completions == [[ord("4")]]  # a's demonstration left the update
         assert c.demos.metrics()["demos/used"] == 1.0  # and is not counted as used
         # a's group is its three samples alone: mean 1/3, sample std 0.577
-        assert pg["advantages"][0] == pytest.approx((1 - 1 / 3) / 0.57735, rel=1e-4)
+        assert pg.advantages[0] == pytest.approx((1 - 1 / 3) / 0.57735, rel=1e-4)
     else:
-        assert off["completions"] == [[ord("2")], [ord("4")]]
+        assert off.completions == [[ord("2")], [ord("4")]]
         # a's group has four members, the demonstration scored 0: mean 1/4, std 1/2
-        assert pg["advantages"][0] == pytest.approx(1.5, rel=1e-4)
-        assert off["advantages"][0] == pytest.approx(-0.5, rel=1e-4)
+        assert pg.advantages[0] == pytest.approx(1.5, rel=1e-4)
+        assert off.advantages[0] == pytest.approx(-0.5, rel=1e-4)
 
 
 def test_too_many_unscored_samples_stop_the_run(make_recipe):
@@ -105,8 +105,8 @@ def test_rejection_sampling_picks_accepted_distinct_samples(make_recipe):
     gen = _gen([1.0, 1.0, 1.0, 0.0, None, 1.0]) | {
         "texts": ["2", "2", "02", "5", "4", ""], "lengths": [1, 1, 2, 1, 1, 0]}
     term = samples_term(SFTUpdate(source="samples"), BATCH, gen)
-    assert term["kind"] == "nll" and term["select"] == [0]  # b: 0.0, unscored, empty
-    assert samples_term(SFTUpdate(source="samples", per_prompt=2), BATCH, gen)["select"] == \
+    assert type(term).__name__ == "SampleSFT" and term.select == [0]  # b: 0.0, unscored, empty
+    assert samples_term(SFTUpdate(source="samples", per_prompt=2), BATCH, gen).select == \
         [0, 2]  # "2" twice counts once
     assert samples_term(SFTUpdate(source="samples", threshold=2.0), BATCH, gen) is None
     assert samples_term(SFTUpdate(source="samples", ids=("b",)), BATCH, gen) is None
@@ -116,7 +116,7 @@ def test_dynamic_sampling_trains_on_the_kept_groups_only(make_recipe):
     c = _controller(make_recipe)
     gen = _gen([1.0, 0.0, 0.0, 1.0, 1.0, 0.0]) | {"train_prompts": {1}}
     (term,) = rl_terms(c, RLUpdate(), BATCH, gen, step=1)
-    assert term["select"] == [3, 4, 5]
+    assert term.select == [3, 4, 5]
 
 
 def test_groups_with_signal():

@@ -268,12 +268,13 @@ def test_a_multi_turn_demonstration_trains_on_the_assistants_tokens_only(tok):
 
 def test_mini_batches_cut_the_loss_masks_with_their_rows():
     from workers.learner.schedule import mini_batches
+    from workers.learner.terms import SFT
 
-    term = {"kind": "nll", "prompts": [[1]] * 4, "completions": [[1, 2], [3], [4, 5, 6], [7]],
-            "masks": [[1, 0], None, [0, 1, 1], [1]]}
+    term = SFT(prompts=[[1]] * 4, completions=[[1, 2], [3], [4, 5, 6], [7]],
+               masks=[[1, 0], None, [0, 1, 1], [1]])
     for (part,) in mini_batches([term], 2, 1, (0, 0)):
-        assert len(part["masks"]) == len(part["prompts"]) == 2
-        for c, m in zip(part["completions"], part["masks"]):
+        assert len(part.masks) == len(part.prompts) == 2
+        for c, m in zip(part.completions, part.masks):
             assert m is None or len(m) == len(c)
 
 

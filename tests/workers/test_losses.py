@@ -316,13 +316,20 @@ def test_normalisers_count_nonempty_sequences_and_joint_terms_share_them():
     """A term's normaliser: its completion tokens and its sequences with at least one token
     (an empty completion has no loss and must not dilute seq_mean_*); terms with one ``joint``
     key (LUFFY's samples and demonstrations) share the sum of theirs."""
-    from workers.learner.deepspeed import DeepSpeedLearner
+    from dataclasses import replace
 
-    learner = object.__new__(DeepSpeedLearner)  # _totals reads only the terms
-    a = {"kind": "nll", "prompts": [[1]] * 3, "completions": [[2, 3], [], [4]]}
-    b = {"kind": "pg_off", "prompts": [[1]], "completions": [[5, 6, 7]], "advantages": [1.0]}
-    assert learner._totals([a, b]) == [(3.0, 2.0), (3.0, 1.0)]
-    assert learner._totals([a | {"joint": "luffy"}, b | {"joint": "luffy"}]) == [(6.0, 3.0)] * 2
+    from workers.learner.deepspeed import DeepSpeedLearner
+    from workers.learner.terms import SFT, OffPolicyPG
+
+    def totals(terms):
+        return DeepSpeedLearner._totals(terms, [t.rows() for t in terms])
+
+    a = SFT(prompts=[[1]] * 3, completions=[[2, 3], [], [4]])
+    b = OffPolicyPG(prompts=[[1]], completions=[[5, 6, 7]], advantages=[1.0])
+    assert totals([a, b]) == [(3.0, 2.0), (3.0, 1.0)]
+    assert totals([replace(a, joint="luffy"), replace(b, joint="luffy")]) == [(6.0, 3.0)] * 2
+    masked = replace(a, masks=[[1, 0], [], None])  # a masked token does not count
+    assert totals([masked]) == [(2.0, 2.0)]
 
 
 @pytest.mark.parametrize("chunk", [None, 8])

@@ -15,12 +15,11 @@ averaged over the global batch's tokens. ``algorithm.value_clip`` is c.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 from pydantic import Field
 
 from workers.base import CriticWorker
 from workers.learner.deepspeed import DeepSpeedLearner
+from workers.learner.terms import Value
 from workers.types import Rollouts
 
 
@@ -101,55 +100,17 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
                 out[i] = vals
         return out
 
-    def _rows(self, term: dict):
-        if term["kind"] != "value":
-            return super()._rows(term)
-        r, sel = term["rollouts"], term.get("select")
-        idx = list(range(len(r))) if sel is None else list(sel)
-        return ([r.prompt_ids[i] for i in idx], [r.completion_ids[i] for i in idx],
-                [term["returns"][i] for i in idx], [term["old_values"][i] for i in idx],
-                None, None, len(idx))
+    def _n_chunks(self, plans: list, completions: list) -> list:
+        return [None] * len(plans[0])  # a value head: no vocabulary projection
 
-    def _backward_term(self, term: dict, rows: tuple, total_tokens: float,
-                       total_seqs: float) -> dict:
-        """The clipped value loss over the term's rows: ``{"kind": "value", "rollouts",
-        "returns": per-token lists, "old_values": per-token lists, "select": rows|None}``."""
-        from workers.learner import losses
-        from workers.learner.packing import pack, plan
+    def _forward(self, term, batch, chunks, temperature: float, entropy: bool):
+        if not isinstance(term, Value):
+            raise ValueError(f"the critic trains value terms, not {type(term).__name__}")
+        return self.engine(batch)[0], None
 
-        if term["kind"] != "value":
-            raise ValueError(f"the critic trains value terms, not {term['kind']!r}")
-        algo = self.recipe.algorithm
-        prompts, completions, returns, old_values, _, _, n = rows
-        if n == 0:
-            raise ValueError("critic value term got no rows")
-        world, device = self.ctx.world_size, self.engine.device
-        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-        plans = plan(lengths, world, algo.max_tokens_per_micro_batch, algo.micro_batch_size)
-        sums: dict[str, float] = defaultdict(float)
-        for mine in plans[self.ctx.rank]:
-            def pick(xs, mine=mine):
-                return [xs[i] for i in mine]
-
-            batch = pack(pick(prompts), pick(completions), self.pad_id, returns=pick(returns),
-                         old_values=pick(old_values)).to(device)
-            v, _ = self.engine(batch)
-            per_token, clipped = value_loss(v, batch.returns, batch.old_values, algo.value_clip)
-            loss = losses.aggregate(per_token, batch, "token_mean", total_tokens,
-                                    total_seqs) * world
-            self.engine.backward(loss, scale_wrt_gas=False)
-            w = batch.weight
-            sums["loss"] += float(loss.detach()) / world
-            sums["tokens"] += batch.n_tokens
-            sums["clipfrac"] += float((clipped * w).sum())
-            sums["value_mean"] += float((v.detach() * w).sum())
-            sums["return_mean"] += float((batch.returns * w).sum())
-            sums["error"] += float(((v.detach() - batch.returns).abs() * w).sum())
-        return {f"value/{k}": v for k, v in sums.items()}
-
-    def update(self, terms: list[dict], optimizer: str = "main", lr: float | None = None,
+    def update(self, terms: list, optimizer: str = "main", lr: float | None = None,
                probe: bool = False, step: int | None = None) -> dict:
-        if any(t["kind"] != "value" for t in terms):
+        if not all(isinstance(t, Value) for t in terms):
             raise ValueError("the critic trains value terms only")
         out = super().update(terms, optimizer, lr, probe, step)
         return out | {"critic/updates": float(self.steps)}  # checkpointed: warm-up resumes

@@ -22,29 +22,8 @@ from pydantic import BaseModel, ConfigDict, Field
 from workers.base import LearnerWorker
 from workers.learner.checkpoint import LearnerCheckpoint
 from workers.learner.schedule import lr_factor, mini_batches
+from workers.learner.terms import Rows, Term
 from workers.learner.weights import LearnerWeights
-from workers.types import resolve_refs
-
-
-def _check_rows(prompts, completions, old, ref, masks=None) -> None:
-    """Every row has a prompt, and per-token side inputs as long as its completion."""
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        if not p:
-            raise ValueError(f"learner row {i} has an empty prompt")
-        if masks is not None and masks[i] is not None and len(masks[i]) != len(c):
-            raise ValueError(f"learner row {i}: {len(masks[i])} loss-mask values for "
-                             f"{len(c)} completion tokens")
-        if old is not None and old[i] and len(old[i]) != len(c):
-            raise ValueError(f"learner row {i}: {len(old[i])} behaviour log-probs for "
-                             f"{len(c)} completion tokens")
-        if ref is not None and len(ref[i]) != len(c):
-            raise ValueError(f"learner row {i}: {len(ref[i])} reference log-probs for "
-                             f"{len(c)} completion tokens")
-
-
-def _masks(r, idx: list[int]) -> list | None:
-    """The loss masks of rows ``idx`` of rollouts ``r`` (None: single-turn, all trained on)."""
-    return [r.mask(i) for i in idx] if r.multi_turn else None
 
 
 def peak_memory_gib() -> float:
@@ -169,32 +148,24 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
 
         return TokenLogprobs(lm, self.args.logprob_chunk_tokens)
 
-    def base_lr(self, terms: list[dict] | None = None) -> float:
+    def base_lr(self, terms: list[Term] | None = None) -> float:
         """The learning rate before the schedule: ``algorithm.sft_lr`` for an update of SFT
         terms alone (when set), else ``algorithm.lr``."""
         algo = self.recipe.algorithm
-        if terms and all(t["kind"] == "nll" for t in terms):
+        if terms and all(t.update_name == "sft" for t in terms):
             return algo.sft_lr or algo.lr
         return algo.lr
 
     # --- training --------------------------------------------------------------------------
-    # A step is a list of loss *terms*, each over its own rows and normalised over its own
-    # global token count, weighted by its coef, summed into one optimizer step:
-    #   {"kind": "pg", "rollouts": refs|Rollouts, "advantages": [...], "ref": refs|None,
-    #    "select": [row indices]|None, "coef": 1.0}                    PPO-clip on own samples
-    #   {"kind": "pg_off", "prompts", "completions", "advantages", "gamma": 0.1, "coef"}
-    #                                                                  LUFFY off-policy samples
-    # Terms that carry the same ``"joint"`` key share one normaliser — the token (or sequence)
-    # count of all of them: LUFFY's on- and off-policy samples are one token mean.
-    #   {"kind": "nll", "prompts", "completions", "coef", "token_weight": "none"|"p(1-p)",
-    #    "entropy": 0.0}                                               SFT on demonstrations
-    #   {"kind": "nll", "rollouts": refs|Rollouts, "select": [rows], ...}
-    #                                                SFT on the policy's own samples (RFT)
-    # ``optimizer`` names an optimizer state: each name keeps its own Adam moments over the same
-    # parameters (ReLIFT's separate SFT optimizer). ``probe=True`` computes the gradient norm
-    # of the terms without changing weights or any named state (SASR's signal).
+    # A step is a list of loss terms (workers/learner/terms.py: policy gradient, LUFFY's
+    # off-policy term, SFT on demonstrations or on accepted samples, the critic's value loss),
+    # each over its own rows and normalised over its own global token count, weighted by its
+    # coef, summed into one optimizer step. ``optimizer`` names an optimizer state: each name
+    # keeps its own Adam moments over the same parameters (ReLIFT's separate SFT optimizer).
+    # ``probe=True`` computes the gradient norm of the terms without changing weights or any
+    # named state (SASR's signal).
 
-    def update(self, terms: list[dict], optimizer: str = "main", lr: float | None = None,
+    def update(self, terms: list[Term], optimizer: str = "main", lr: float | None = None,
                probe: bool = False, step: int | None = None) -> dict:
         """One update over the terms: ``algorithm.ppo_epochs`` passes over their rows, each in
         ``algorithm.ppo_mini_batches`` optimizer steps (one step with the defaults); the
@@ -207,7 +178,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
             lr = self.base_lr(terms) * lr_factor(
                 algo, step if step is not None else self.steps + 1, self.recipe.steps)
         terms = self._fetched(terms)  # refs fetched once, not per mini-batch
-        ppo = not probe and any(t["kind"] in ("pg", "value") for t in terms)
+        ppo = not probe and any(t.ppo for t in terms)
         steps = mini_batches(terms, algo.ppo_mini_batches, algo.ppo_epochs,
                              (self.recipe.seed, self.steps)) if ppo else [terms]
         if len(steps) > 1:
@@ -225,7 +196,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         norms = []
         try:
             for step_terms in steps:
-                rows = [self._rows(t) for t in step_terms]
+                rows = [t.rows() for t in step_terms]
                 for term, r, total in zip(step_terms, rows, self._totals(step_terms, rows)):
                     for k, v in self._backward_term(term, r, *total).items():
                         metrics[k] += v
@@ -252,8 +223,8 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
                 out[f"{prefix}/tokens"] /= algo.ppo_epochs
         peak = torch.tensor([peak_memory_gib()], dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(peak, op=dist.ReduceOp.MAX)
-        kind = {"nll": "sft", "value": "critic"}.get(terms[0]["kind"], "rl") \
-            if len({t["kind"] for t in terms}) == 1 else "rl"
+        kinds = {t.update_name for t in terms}
+        kind = kinds.pop() if len(kinds) == 1 else "rl"
         role = self.ctx.role  # the critic's ranks report as critic/..., critic_optimizer/...
         opt = "optimizer" if role == "learner" else f"{role}_optimizer"
         out |= {f"{kind}/grad_norm": sum(norms) / len(norms), f"{kind}/lr": lr,
@@ -284,7 +255,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         self._step_counts[name] = self._step_counts.get(name, 0) + n
         return self._step_counts[name]
 
-    def _fetched(self, terms: list[dict]) -> list[dict]:
+    def _fetched(self, terms: list[Term]) -> list[Term]:
         """The terms with their inputs fetched, by every rank before any collective. The ranks
         agree on the outcome first: if Ray lost any rank's inputs, every rank raises
         InputsLost (the driver makes them again and sends the update again); a rank that
@@ -297,7 +268,7 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
 
         out, failed, code = None, None, 0.0
         try:
-            out = [self._resolved(t) for t in terms]
+            out = [t.resolved() for t in terms]
         except Exception as err:  # noqa: BLE001 (every rank hears of it below)
             failed = err
             names = {c.__name__ for c in type(err).__mro__}
@@ -315,133 +286,84 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         return out
 
     @staticmethod
-    def _resolved(term: dict) -> dict:
-        """The term with its rollouts and reference log-probs fetched (Ray refs resolved)."""
-        if "rollouts" not in term:
-            return term
-        from workers.types import Rollouts
-
-        out = term | {"rollouts": Rollouts.gather(term["rollouts"]), "ref_rows": None}
-        if term.get("ref") is not None:
-            out["ref_rows"] = [lp for part in resolve_refs(term["ref"]) for lp in part]
-        return out
-
-    def _check_behaviour_logprobs(self, terms: list[dict]) -> None:
+    def _check_behaviour_logprobs(terms: list[Term]) -> None:
         """Several optimizer steps need the behaviour log-probs of every sampled token: a row
         without them would count as on-policy (ratio 1, never clipped) at every step."""
         for term in terms:
-            if term["kind"] == "pg":
-                _, completions, _, old, _, _, _ = self._rows(term)
-                missing = sum(1 for c, lp in zip(completions, old) if c and not lp)
-                if missing:
-                    raise ValueError(
-                        f"ppo_mini_batches x ppo_epochs > 1 needs the engine's log-probs of "
-                        f"every sampled token; {missing} rows have none (greedy sampling, "
-                        f"min_tokens, or rollouts built without log-probs)")
+            rows = term.rows()
+            old = rows.inputs.get("old_logprobs")
+            missing = sum(1 for c, lp in zip(rows.completions, old or []) if c and not lp)
+            if missing:
+                raise ValueError(
+                    f"ppo_mini_batches x ppo_epochs > 1 needs the engine's log-probs of "
+                    f"every sampled token; {missing} rows have none (greedy sampling, "
+                    f"min_tokens, or rollouts built without log-probs)")
 
-    def _rows(self, term: dict):
-        """prompts, completions, advantages, behaviour and reference log-probs, loss masks
-        (None: every token) and the row count of a term (resolved), on every rank. Checked
-        here, identically on every rank: a bad row raises before any collective."""
-        if term["kind"] == "nll" and "rollouts" in term:  # SFT on the policy's own samples
-            r, idx = term["rollouts"], list(term["select"])
-            prompts, completions = [r.prompt_ids[i] for i in idx], \
-                [r.completion_ids[i] for i in idx]
-            masks = _masks(r, idx)
-            _check_rows(prompts, completions, None, None, masks)
-            return prompts, completions, None, None, None, masks, len(idx)
-        if term["kind"] != "pg":
-            n = len(term["prompts"])
-            _check_rows(term["prompts"], term["completions"], None, None, term.get("masks"))
-            return (term["prompts"], term["completions"], term.get("advantages"), None, None,
-                    term.get("masks"), n)
-        r, ref = term["rollouts"], term["ref_rows"]
-        sel = term.get("select")
-        idx = list(range(len(r))) if sel is None else list(sel)
-        adv = term["advantages"]
-
-        def pick(xs):
-            return [xs[i] for i in idx] if xs is not None else None
-
-        out = (pick(r.prompt_ids), pick(r.completion_ids), pick(adv), pick(r.logprobs),
-               pick(ref), _masks(r, idx), len(idx))
-        _check_rows(out[0], out[1], out[3], out[4], out[5])
-        return out
-
-    def _totals(self, terms: list[dict], rows: list[tuple] | None = None
-                ) -> list[tuple[float, float]]:
-        """Each term's global normaliser (``rows``: the terms' ``_rows``, when known): its
-        completion tokens that count (loss mask 1) and its sequences with any — summed over
-        the terms that share its ``joint`` key."""
-        rows = rows if rows is not None else [self._rows(t) for t in terms]
+    @staticmethod
+    def _totals(terms: list[Term], rows: list[Rows]) -> list[tuple[float, float]]:
+        """Each term's global normaliser: its completion tokens that count (loss mask 1) and
+        its sequences with any — summed over the terms that share its ``joint`` key."""
         own = []
         for r in rows:
-            counts = [sum(m) if m is not None else len(c)
-                      for c, m in zip(r[1], r[5] or [None] * len(r[1]))]
-            own.append((float(sum(counts)), float(sum(1 for k in counts if k))))
+            counts = r.counts()
+            own.append((sum(counts), float(sum(1 for k in counts if k))))
         joint: dict = defaultdict(lambda: [0.0, 0.0])
         for term, (tokens, seqs) in zip(terms, own):
-            if term.get("joint") is not None:
-                joint[term["joint"]][0] += tokens
-                joint[term["joint"]][1] += seqs
-        return [tuple(joint[t["joint"]]) if t.get("joint") is not None else o
+            if term.joint is not None:
+                joint[term.joint][0] += tokens
+                joint[term.joint][1] += seqs
+        return [tuple(joint[t.joint]) if t.joint is not None else o
                 for t, o in zip(terms, own)]
 
-    def _backward_term(self, term: dict, rows: tuple, total_tokens: float,
+    def _n_chunks(self, plans: list, completions: list) -> list:
+        """Vocabulary-projection chunks of each micro-batch, the most any rank needs: ZeRO-3
+        gathers the head's weight in each pass through it, so all ranks run as many."""
+        return [max(self.engine.module.chunks_for(sum(len(completions[i]) for i in mbs[m]))
+                    for mbs in plans) for m in range(len(plans[0]))]
+
+    def _forward(self, term: Term, batch, chunks, temperature: float, entropy: bool):
+        """The model's output the term's loss reads (log-probs of the completion tokens) and
+        their entropies."""
+        return self.engine(batch, temperature, True, chunks, entropy_grad=entropy)
+
+    def _backward_term(self, term: Term, rows: Rows, total_tokens: float,
                        total_seqs: float) -> dict:
-        """One term's backward passes over this rank's share of its ``rows`` (``_rows``)."""
+        """One term's backward passes over this rank's share of its ``rows``."""
         from workers.learner import losses
         from workers.learner.packing import pack, plan
 
         algo = self.recipe.algorithm
-        kind, coef = term["kind"], float(term.get("coef", 1.0))
-        prompts, completions, adv, old, ref, masks, n = rows
-        if n == 0:
-            raise ValueError(f"learner {kind} term got no rows")
+        if not len(rows):
+            raise ValueError(f"learner {term.name} term got no rows")
         world, device = self.ctx.world_size, self.engine.device
-        lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
+        lengths = [len(p) + len(c) for p, c in zip(rows.prompts, rows.completions)]
         plans = plan(lengths, world, algo.max_tokens_per_micro_batch, algo.micro_batch_size)
-        # ZeRO-3 gathers the head's weight in each pass through it: all ranks run as many
-        n_chunks = [max(self.engine.module.chunks_for(sum(len(completions[i]) for i in mbs[m]))
-                        for mbs in plans) for m in range(len(plans[0]))]
-        name = {"pg": "rl", "pg_off": "off", "nll": "sft"}[kind]
-        rl = kind in ("pg", "pg_off")
         # the policy's samples and LUFFY's demonstrations: log-probs at the sampling
         # temperature, the entropy bonus and loss aggregation of the RL update
-        temperature = (self.recipe.sampling.temperature or 1.0) if rl else 1.0
-        entropy_coef = algo.entropy if rl else float(term.get("entropy", 0.0))
-        agg = algo.loss_agg if rl else "token_mean"
+        temperature = (self.recipe.sampling.temperature or 1.0) if term.sampled else 1.0
+        entropy_coef = term.entropy_coef(algo)
+        agg = term.loss_agg(algo)
         norm_tokens = algo.loss_norm_tokens or self.recipe.sampling.max_tokens
         sums: dict[str, float] = defaultdict(float)
-        for rows, chunks in zip(plans[self.ctx.rank], n_chunks):
-            def pick(xs, rows=rows):
-                return [xs[i] for i in rows] if xs is not None else None
-
-            batch = pack(pick(prompts), pick(completions), self.pad_id, advantages=pick(adv),
-                         old_logprobs=pick(old), ref_logprobs=pick(ref),
-                         masks=pick(masks)).to(device)
+        for mine, chunks in zip(plans[self.ctx.rank], self._n_chunks(plans, rows.completions)):
+            part = rows.pick(mine)
+            batch = pack(part.prompts, part.completions, self.pad_id, masks=part.masks,
+                         **part.inputs).to(device)
             # the entropy is always measured (rl/entropy, sft/entropy: a collapse shows there);
             # without a bonus, as a metric: no graph is kept for it
-            logp, ent = self.engine(batch, temperature, True, chunks,
-                                    entropy_grad=bool(entropy_coef))
+            out, ent = self._forward(term, batch, chunks, temperature, bool(entropy_coef))
+            per_token, diag = term.loss(out, batch, self)
             w = batch.weight
-            if kind == "pg":
-                per_token, diag = losses.policy_gradient_loss(self.policy_loss, logp, batch,
-                                                              algo)
-                for k, v in diag.items():
-                    sums[k] += float((v.detach() * w).sum())
-            elif kind == "pg_off":
-                per_token = losses.off_policy_pg_loss(logp, batch.advantages,
-                                                      float(term.get("gamma", 0.1)))
-            else:
-                per_token = losses.sft_loss(logp, term.get("token_weight", "none"))
+            for k, v in diag.items():
+                sums[k] += float((v.detach() * w).sum())
             loss = losses.aggregate(per_token, batch, agg, total_tokens, total_seqs,
                                     norm_tokens)
             if entropy_coef:
                 loss = loss + losses.entropy_bonus(ent, batch, entropy_coef, total_tokens)
-            loss = coef * loss * world
+            loss = term.coef * loss * world
             self.engine.backward(loss, scale_wrt_gas=False)
             sums["loss"] += float(loss.detach()) / world
             sums["tokens"] += batch.n_tokens
-            sums["entropy"] += float((ent.detach() * w).sum())
-        return {f"{name}/{k}": v for k, v in sums.items()}
+            if ent is not None:
+                sums["entropy"] += float((ent.detach() * w).sum())
+        return {f"{term.name}/{k}": v for k, v in sums.items()}

@@ -29,34 +29,7 @@ def lr_factor(algo, step: int, total_steps: int) -> float:
     return algo.lr_min_ratio + (1.0 - algo.lr_min_ratio) * shape
 
 
-def _all_rows(term: dict) -> int:
-    """Rows of a term over rollouts (policy gradient, value) before its selection."""
-    return len(term["advantages"] if term["kind"] == "pg" else term["returns"])
-
-
-def _rows(term: dict) -> int:
-    if term.get("select") is not None:
-        return len(term["select"])
-    if term["kind"] in ("pg", "value"):
-        return _all_rows(term)
-    return len(term["prompts"])
-
-
-def _take(term: dict, rows: list[int]) -> dict:
-    """The term restricted to ``rows`` (indices into its own rows)."""
-    if term["kind"] in ("pg", "value") or "rollouts" in term:
-        sel = term.get("select")
-        base = list(sel) if sel is not None else list(range(_all_rows(term)))
-        return term | {"select": [base[i] for i in rows]}
-    out = term | {"prompts": [term["prompts"][i] for i in rows],
-                  "completions": [term["completions"][i] for i in rows]}
-    for key in ("advantages", "masks"):
-        if term.get(key) is not None:
-            out[key] = [term[key][i] for i in rows]
-    return out
-
-
-def mini_batches(terms: list[dict], n_mini: int, epochs: int, seed) -> list[list[dict]]:
+def mini_batches(terms: list, n_mini: int, epochs: int, seed) -> list[list]:
     """The terms of each optimizer step: ``epochs`` passes, each over a fresh shuffle of every
     term's rows cut into ``n_mini`` parts (a step gets part k of every term; a term with
     fewer rows than parts sits out some steps). ``[terms]`` itself for 1 and 1. Each step's
@@ -64,9 +37,10 @@ def mini_batches(terms: list[dict], n_mini: int, epochs: int, seed) -> list[list
     update on its part. The shuffle depends only on ``seed`` and the epoch: identical on
     every learner rank.
 
-    >>> t = {"kind": "nll", "prompts": [[1], [2], [3], [4]], "completions": [[5]] * 4}
+    >>> from workers.learner.terms import SFT
+    >>> t = SFT(prompts=[[1], [2], [3], [4]], completions=[[5]] * 4)
     >>> steps = mini_batches([t], 2, 1, seed=0)
-    >>> sorted(p for s in steps for p in s[0]["prompts"])
+    >>> sorted(p for s in steps for p in s[0].prompts)
     [[1], [2], [3], [4]]
     >>> len(mini_batches([t], 2, 3, seed=0)), mini_batches([t], 1, 1, seed=0) == [[t]]
     (6, True)
@@ -78,11 +52,11 @@ def mini_batches(terms: list[dict], n_mini: int, epochs: int, seed) -> list[list
         rng = random.Random(repr((seed, epoch)))
         parts = []
         for term in terms:
-            order = list(range(_rows(term)))
+            order = list(range(len(term)))
             rng.shuffle(order)
             parts.append([order[k::n_mini] for k in range(n_mini)])
         for k in range(n_mini):
-            step = [_take(t, p[k]) for t, p in zip(terms, parts) if p[k]]
+            step = [t.take(p[k]) for t, p in zip(terms, parts) if p[k]]
             if step:
                 out.append(step)
     return out
