@@ -1,6 +1,7 @@
-"""recipes/paper/: GRPO, SFT->RL, ReLIFT and LUFFY on Qwen2.5-Math-1.5B/7B with OpenR1-Math-46k
-(docs/paper_recipes.md). The models and data live on a cluster volume, so every recipe is
-validated here with its data paths pointed at small samples in the published column layout
+"""recipes/paper/: GRPO, SFT->RL, ReLIFT and LUFFY on Qwen2.5-Math-1.5B/7B with OpenR1-Math-46k,
+and ReTool (SFT then RL with a Python interpreter) on Qwen2.5-7B-Instruct (docs/paper_recipes.md).
+The models and data live on a cluster volume, so every recipe is validated here with its data
+paths pointed at small samples in the published (or staged) column layout
 (tests/fixtures/paper/), and the settings the recipes take from the papers' code are pinned."""
 
 import os
@@ -18,7 +19,8 @@ from rewards.math import math_answer
 from tests.conftest import ROOT
 
 PAPER = ROOT / "recipes" / "paper"
-RECIPES = sorted(PAPER.glob("*.yaml"))
+RECIPES = sorted(PAPER.glob("math*.yaml"))
+TOOL_RECIPES = ["retool7b_sft_rl.yaml"]
 FIXTURES = ROOT / "tests" / "fixtures" / "paper"
 TRAIN = FIXTURES / "openr1_math_sample.jsonl"
 EVAL = FIXTURES / "valid_all_sample.jsonl"
@@ -35,6 +37,7 @@ def test_one_base_per_model_size_and_one_short_recipe_per_method():
     names = {p.name for p in RECIPES}
     expected = {f"math{s}_{m}.yaml" for s in SIZES for m in ("base", *METHODS)}
     assert names == expected
+    assert {p.name for p in PAPER.glob("*.yaml")} == expected | set(TOOL_RECIPES)
     for size in SIZES:
         for method in METHODS:
             text = (PAPER / f"math{size}_{method}.yaml").read_text()
@@ -176,3 +179,110 @@ def test_prompt_is_qwen_chatml_with_the_think_opener(tiny_chat_model):
     demo = rec["demonstration"]
     assert fmt.completion_ids(demo) == fmt.completion_ids(demo[len("<think>\n"):])
     assert fmt.completion_ids(demo)[-1] == fmt.end_of_turn
+
+
+# --- ReTool: SFT on code-integrated traces, then GRPO with the python tool live ---------------
+RETOOL = PAPER / "retool7b_sft_rl.yaml"
+RETOOL_SFT = FIXTURES / "retool_sft_sample.jsonl"
+RETOOL_EVAL = FIXTURES / "retool_aime_sample.jsonl"
+RETOOL_SAMPLES = [f"data.train.args.path={RETOOL_SFT}", f"data.eval.args.path={RETOOL_EVAL}"]
+
+
+def _retool_data():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("retool_data", PAPER / "retool_data.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_retool_passes_braid_validate_on_the_sample_data():
+    exe = os.path.join(os.path.dirname(sys.executable), "braid")
+    cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "orchestrator.cli"]
+    out = subprocess.run(cmd + ["validate", "--skip-model", str(RETOOL.relative_to(ROOT)),
+                                *RETOOL_SAMPLES],
+                         cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert out.returncode == 0 and ": ok (" in out.stdout, out.stdout + out.stderr
+    assert "data.train: 3 records" in out.stdout and "data.eval: 4 records" in out.stdout
+
+
+def test_retool_opens_with_purpose_hardware_staging_and_its_own_launch_line():
+    text = RETOOL.read_text()
+    assert text.startswith("# ReTool")
+    for what in ("# Source:", "volcengine/verl@ea56e9ac47c3dfed65c028899012bb67f41f4c83",
+                 "# Hardware:", "# Staging", "hf download", "JoeYing/ReTool-SFT",
+                 "BytedTsinghua-SIA/DAPO-Math-17k", "recipes/paper/retool_data.py",
+                 "# Launch: ray job submit --address"):
+        assert what in text, what
+    launch = re.search(r"# Launch: (.*?\n#.*?)\n", text + "\n", re.S).group(1)
+    launch = " ".join(part.strip(" #\\") for part in launch.splitlines())
+    assert launch.endswith(f"-- braid run recipes/paper/{RETOOL.name}"), launch
+    assert all(len(line) <= 100 for line in text.splitlines())
+
+
+def test_retool_settings_are_verls_retool_recipe():
+    r = load_recipe(RETOOL, RETOOL_SAMPLES)
+    assert r.model.path == "/mnt/braid/models/Qwen2.5-7B-Instruct"
+    assert r.model.dtype == "bfloat16" and r.run_dir.startswith("/mnt/braid/runs/")
+    # run_qwen2_7b_sft.sh: 6 epochs x 62 steps of 32, lr 1e-5 with 10% warm-up
+    phases = r.schedule.args["phases"]
+    assert [(p["policy"], p["steps"]) for p in phases] == [("sft", 372), ("rl", 300)]
+    assert r.steps == 672 and r.data.prompts_per_step == 32
+    a = r.algorithm
+    assert (a.sft_lr, a.lr_warmup_steps, a.lr_schedule) == (1e-5, 37, "constant")
+    # run_qwen2_7b_dapo.sh: GRPO, clip 0.2/0.28, clip_ratio_c 10, no KL, lr 1e-6, mini-batch 16
+    assert (a.advantage, a.std_normalize, a.clip, a.clip_high, a.dual_clip) == \
+        ("grpo", True, 0.2, 0.28, 10.0)
+    assert (a.kl, a.entropy, a.lr, a.loss_agg) == (0.0, 0.0, 1e-6, "token_mean")
+    assert r.data.prompts_per_step // a.ppo_mini_batches == 16 and a.ppo_epochs == 1
+    assert a.max_tokens_per_micro_batch == 2048 + 16384
+    assert (r.sampling.n, r.sampling.temperature, r.sampling.top_p) == (16, 1.0, 1.0)
+    assert r.prompt.max_prompt_tokens == 2048 and r.prompt.chat_template is None
+    assert r.prompt.tools == ["workers.agent.tools:python"]
+    env = r.environment
+    assert env.cls == "workers.agent.tools:ToolEnv" and env.tool_parser == "hermes"
+    assert env.args["tools"] == r.prompt.tools and env.args["max_parallel_calls"] == 1
+    assert env.args["verifier"] == "rewards.math:math_answer" and env.args["timeout_s"] == 30
+    assert (env.max_turns, env.max_total_tokens) == (16, 16384)
+    assert r.scoring.unscored == "drop" and r.roles.reward.args["verifiers"] == []
+    rollout = r.roles.rollout
+    assert rollout.cls == "workers.rollout.vllm_async:AsyncVLLMRollout"
+    assert rollout.args["max_model_len"] == 2048 + 16384
+    assert rollout.resources.num_gpus == rollout.args["tensor_parallel_size"]
+    assert rollout.replicas * rollout.resources.num_gpus + \
+        r.roles.learner.replicas * r.roles.learner.resources.num_gpus == 8
+    ev = r.eval
+    assert (ev.samples, ev.temperature, ev.top_p, ev.greedy) == (30, 1.0, 0.6, False)
+    assert ev.bucket_key == "data_source"
+
+
+def test_retool_data_cuts_traces_as_verl_and_writes_qwens_tool_call_text(tiny_chat_model):
+    import doctest
+
+    mod = _retool_data()
+    assert doctest.testmod(mod).failed == 0
+    # the text of a call is what Qwen2.5's template renders for a tool_calls entry
+    qwen_calls = ("{%- for m in messages %}{%- for tool_call in m.tool_calls %}"
+                  "{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function"
+                  " %}{%- endif %}{{- '<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}"
+                  "{{- '\", \"arguments\": ' }}{{- tool_call.arguments | tojson }}"
+                  "{{- '}\\n</tool_call>' }}{%- endfor %}{%- endfor %}")
+    code = 'x = "é"\nprint(x * 2, {"a": 1})'
+    msgs = [{"role": "assistant", "content": "", "tool_calls": [
+        {"type": "function", "function": {"name": "python", "arguments": {"code": code}}}]}]
+    tok = AutoTokenizer.from_pretrained(tiny_chat_model)
+    assert tok.apply_chat_template(msgs, chat_template=qwen_calls, tokenize=False) == \
+        mod.tool_call_text(code)
+    # the samples are its output, and each trace's answer is what the verifier credits
+    train = list(FileDataset(**load_recipe(RETOOL, RETOOL_SAMPLES).data.train.args))
+    for rec in train:
+        demo = rec["demonstration"]
+        assert [m["role"] for m in demo][-1] == "assistant" and "<tool_call>" in demo[0]["content"]
+    assert math_answer([r["prompt"] for r in train], [r["demonstration"][-1]["content"]
+                                                      for r in train],
+                       answer=[r["answer"] for r in train]) == [1.0] * len(train)
+    ev = list(FileDataset(**load_recipe(RETOOL, RETOOL_SAMPLES).data.eval.args))
+    assert {r["data_source"] for r in ev} == {"aime_2024", "aime_2025"}
+    assert all(r["prompt"].endswith(mod.ANSWER_FORMAT) for r in ev)
