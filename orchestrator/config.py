@@ -280,6 +280,12 @@ class EnvironmentConfig(_Strict):
     tool_parser: str | None = Field(
         None, description="vLLM's tool-call parser for the policy's turns (hermes, "
         "llama3_json, ... : vllm/tool_parsers); None: no tool calls are parsed")
+    thinking_history: Literal["keep", "strip"] = Field(
+        "keep", description="keep: one sequence, every turn as sampled (earlier <think> "
+        "blocks included) and the environment's deltas masked; strip: each turn sampled from "
+        "the conversation re-rendered by the chat template (which drops earlier <think> "
+        "blocks where it does) and trained as a sample of its own, with the trajectory's "
+        "advantage (max_total_tokens then counts the sampled tokens)")
 
 
 class ScoringConfig(_Strict):
@@ -388,6 +394,9 @@ class Recipe(_Strict):
         if self.algorithm.dynamic_sampling:
             raise ValueError("environment: algorithm.dynamic_sampling does not take multi-turn "
                              "trajectories yet")
+        if self.environment.thinking_history == "strip" and self.prompt.style == "plain":
+            raise ValueError("environment.thinking_history strip re-renders each turn's prompt "
+                             "with the chat template: prompt.style plain has none")
 
     @model_validator(mode="after")
     def _checks(self) -> Recipe:

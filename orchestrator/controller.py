@@ -132,9 +132,12 @@ class Controller:
         sampling = (sampling or self.sampling()) | {"stop_token_ids": prompts.stop_token_ids}
         items = [{"prompt_ids": prompts.prompt_ids(r), "seed": base + offset + i}
                  for i, r in enumerate(records)]
-        if self.recipe.environment is not None and group is self.rollout:
+        env = self.recipe.environment
+        if env is not None and group is self.rollout:
             for item, r in zip(items, records):  # the engines run the environment on it
                 item["record"] = r
+                if env.thinking_history == "strip":  # re-rendered at each turn
+                    item["messages"], item["tools"] = prompts.messages(r), prompts.tools
         n = n or self.recipe.sampling.n
         refs = group.split("generate", items, n, sampling, num_returns=2, offset=offset)
         return [Shard(group.role, rank, part, n, sampling, offset + first, *pair)

@@ -51,15 +51,20 @@ class HFReference(ReferenceWorker):
 
         r, _ = Rollouts.gather(rollouts).shard(*shard)
         t = temperature or self.recipe.sampling.temperature or 1.0
-        lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]
-        out: list[list[float]] = [[] for _ in lengths]
+        # the sequences read: a sample, or each turn of a step-wise trajectory
+        seqs = [(i, p, r.completion_ids[i][a:b]) for i in range(len(r))
+                for p, a, b in r.segments(i)]
+        lengths = [len(p) + len(c) for _, p, c in seqs]
+        parts: list[list[float]] = [[] for _ in seqs]
         args = self.args
         with torch.no_grad():
-            for rows in micro_batches(list(range(len(r))), lengths,
+            for rows in micro_batches(list(range(len(seqs))), lengths,
                                       args.max_tokens_per_micro_batch, args.micro_batch_size):
-                b = pack([r.prompt_ids[i] for i in rows], [r.completion_ids[i] for i in rows],
-                         self.pad_id)
+                b = pack([seqs[k][1] for k in rows], [seqs[k][2] for k in rows], self.pad_id)
                 logp, _ = self.model(b.to(self.device), t)
-                for i, lp in zip(rows, unpack(logp, b, len(rows))):
-                    out[i] = lp
+                for k, lp in zip(rows, unpack(logp, b, len(rows))):
+                    parts[k] = lp
+        out: list[list[float]] = [[] for _ in range(len(r))]
+        for (i, _, _), lp in zip(seqs, parts):
+            out[i] += lp
         return out

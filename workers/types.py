@@ -40,11 +40,14 @@ class Rollouts:
     status: list[str] = field(default_factory=list)  # ok | truncated | env_error
     env_rewards: list[float | None] = field(default_factory=list)  # None: env_error
     env_info: list[dict] = field(default_factory=list)  # reward components, tool counts, ...
+    # thinking_history strip: the prompt each turn was sampled from (the first is prompt_ids);
+    # the turns then cover completion_ids back to back, each trained as a sample of its own
+    turn_prompts: list[list[list[int]]] = field(default_factory=list)
 
     FIELDS = ("prompt_index", "prompt_ids", "completion_ids", "logprobs", "texts",
               "finish_reasons")
     TRAJECTORY = {"loss_mask": list, "turns": list, "status": lambda: "ok",
-                  "env_rewards": lambda: 0.0, "env_info": dict}
+                  "env_rewards": lambda: 0.0, "env_info": dict, "turn_prompts": list}
 
     def __len__(self) -> int:
         return len(self.completion_ids)
@@ -59,6 +62,14 @@ class Rollouts:
     def mask(self, i: int) -> list[int] | None:
         """Sample i's loss mask (None: every completion token is trained on)."""
         return (self.loss_mask[i] or None) if self.loss_mask else None
+
+    def segments(self, i: int) -> list[tuple[list[int], int, int]]:
+        """Sample i as the sequences a model reads: (prompt ids, start, end) of its completion.
+        One, unless its turns were each sampled from a prompt of their own (step-wise)."""
+        prompts = self.turn_prompts[i] if self.turn_prompts else None
+        if not prompts:
+            return [(self.prompt_ids[i], 0, len(self.completion_ids[i]))]
+        return [(p, a, b) for p, (a, b) in zip(prompts, self.turns[i])]
 
     def _trajectory(self, name: str) -> list:
         """A trajectory field with one entry per sample (defaults for single-turn samples)."""

@@ -113,6 +113,52 @@ def test_trajectories_are_the_sampled_ids_plus_the_environments_deltas(ray_local
     assert learned["rl/tokens"] == pytest.approx(sum(sum(r.loss_mask[i]) for i in ok))
 
 
+def test_strip_trains_each_turn_on_the_prompt_it_was_sampled_from(ray_local, make_bpe_recipe):
+    """thinking_history strip through the real stack: each turn is what the engine samples from
+    that turn's prompt (the conversation re-rendered, kept with the trajectory), and the
+    reference and the learner read the same per-turn sequences. At step 1 the reference is the
+    policy, so their KL is 0 and the learner's log-probs are the engine's: a reference or a
+    learner reading the turns back to back as one sequence would not give either."""
+    import ray
+
+    from workers.types import Rollouts
+
+    over = env(turns=3)
+    over["environment"]["thinking_history"] = "strip"
+    recipe = make_bpe_recipe(steps=1, **over, **STOPS, **{
+        "algorithm.kl": 0.1, "roles.reference": {"cls": "workers.reference:HFReference",
+                                                 "resources": {"num_cpus": 0.5}}})
+    c = Controller(recipe).setup()
+    try:
+        records, _ = c.next_batch(1)
+        gen = c.generate(records, step=1)
+        r = Rollouts.gather(gen["refs"])
+        where = [(i, k, a, b) for i in range(len(r)) for k, (a, b) in enumerate(r.turns[i])]
+        items = [{"prompt_ids": r.turn_prompts[i][k],
+                  "seed": _seed(c, r.prompt_index[i], i % recipe.sampling.n, k)}
+                 for i, k, _, _ in where]
+        sampling = c.sampling() | {"stop_token_ids": c.prompts.stop_token_ids,
+                                   "max_tokens": recipe.sampling.max_tokens}
+        _, again = c.rollout.actors[0].generate.options(num_returns=2).remote(
+            items, 1, sampling)
+        outs = ray.get(again).completion_ids
+        gen["scores"] = c.score(gen, records, 1)
+        learned = c.execute(RLUpdate(), 1, records, gen, Timings())
+    finally:
+        c.shutdown()
+    for (i, k, a, b), ids in zip(where, outs):
+        assert r.completion_ids[i][a:b] == ids, (i, k)
+        if k:  # the conversation so far, longer than the turn before's prompt and answer
+            assert len(r.turn_prompts[i][k]) > len(r.turn_prompts[i][k - 1]) + \
+                b - a - len(ids) and r.turn_prompts[i][k][:len(r.prompt_ids[i])] == \
+                r.prompt_ids[i]
+    assert sum(len(t) for t in r.turns) > len(r), "no trajectory took a second turn"
+    assert all(m == [1] * len(ids) for m, ids in zip(r.loss_mask, r.completion_ids))
+    assert learned["rl/tokens"] == pytest.approx(sum(len(ids) for ids in r.completion_ids))
+    assert learned["rl/kl"] < 1e-5
+    assert learned["rl/logprob_diff"] < 1e-3
+
+
 def _seed(c, prompt_index: int, j: int, k: int) -> int:
     """The seed of turn k of sample j of a prompt at step 1 (the controller's seed of the prompt,
     vLLM's n-sample offset, the loop's turn offset)."""

@@ -303,3 +303,71 @@ def test_validate_names_a_multi_turn_demonstration_the_template_cannot_train_on(
     with pytest.raises(RecipeError, match="data.train: record 'd7': a demonstration that is a "
                                           "list of messages must end with an assistant"):
         check_prompts(f, {"data.train": [rec]})
+
+
+STRIPPING = ("{% for m in messages %}{% set c = m['content'] %}"
+             "{% if m['role'] == 'assistant' and not loop.last %}"
+             "{% set c = c.split('</think>')[-1] %}{% endif %}"
+             "<|im_start|>{{ m['role'] }}\n{{ c }}<|im_end|>\n{% endfor %}"
+             "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def test_strip_samples_each_turn_from_the_rerendered_conversation_and_trains_each(tok):
+    """thinking_history strip: a template that drops earlier <think> blocks is applied to the
+    whole conversation at each turn; each turn is trained as a sample of its own — exactly its
+    prompt's ids and its sampled ids — with the trajectory's advantage."""
+    import copy
+
+    from tests.fixtures.envs import CountingEnv
+    from workers.learner.terms import PolicyGradient
+
+    stok = copy.deepcopy(tok)
+    stok.chat_template = STRIPPING
+    r = Renderer(stok)
+    loop = AgentLoop(lambda: CountingEnv(turns=3), r, None, Budgets(max_tokens_per_turn=40),
+                     strip=True)
+    texts = ["<think>xx</think>ab", "<think>yy</think>abc", "abcd"]
+    s = Script(stok, texts)
+    msgs = [{"role": "user", "content": "2+2"}]
+    item = {"record": {"id": "a", "prompt": "2+2"}, "seed": 7, "prompt_ids": r.prompt(msgs, None),
+            "messages": msgs}
+    out = asyncio.run(loop.run([item], 1, {"temperature": 1.0}, s, True, 0, 3))
+    asked = [ids for ids, _ in s.asked]
+    convo = msgs + [{"role": "assistant", "content": texts[0]},
+                    {"role": "user", "content": "go on 0"}]
+    assert asked[0] == item["prompt_ids"] and asked[1] == r.prompt(convo, None)
+    assert asked[2] == r.prompt(convo + [{"role": "assistant", "content": texts[1]},
+                                         {"role": "user", "content": "go on 1"}], None)
+    later = stok.decode(asked[2])
+    assert "xx" not in later and "yy" not in later and "ab" in later  # thinking stripped
+    end = stok.convert_tokens_to_ids("<|im_end|>")
+    sampled = [stok(t, add_special_tokens=False).input_ids + [end] for t in texts]
+    seen = asked[0] + sampled[0]  # what the engine saw and sampled is not the next prompt's start
+    assert asked[1][:len(seen)] != seen
+    assert out.completion_ids[0] == sum(sampled, []) and out.loss_mask[0] == \
+        [1] * len(out.completion_ids[0])
+    assert out.turn_prompts[0] == asked
+    rows = PolicyGradient(rollouts=out, advantages=[0.75],
+                          ref=None).rows()  # one sequence per turn
+    assert rows.prompts == asked and rows.completions == sampled
+    assert rows.inputs["advantages"] == [0.75] * 3
+    assert rows.inputs["old_logprobs"] == [[-0.5] * len(x) for x in sampled]
+    assert rows.masks == [[1] * len(x) for x in sampled]
+    # the reference's and the learner's sequences are the same: Rollouts.segments
+    assert [(p, out.completion_ids[0][a:b]) for p, a, b in out.segments(0)] == \
+        list(zip(asked, sampled))
+
+
+def test_strip_counts_sampled_tokens_against_the_total_budget(tok):
+    from tests.fixtures.envs import CountingEnv
+
+    r = Renderer(tok)
+    loop = AgentLoop(lambda: CountingEnv(turns=5), r, None,
+                     Budgets(max_tokens_per_turn=20, max_total_tokens=8), strip=True)
+    msgs = [{"role": "user", "content": "2+2"}]
+    item = {"record": {"id": "a", "prompt": "2+2"}, "seed": 7, "prompt_ids": r.prompt(msgs, None),
+            "messages": msgs}
+    out = asyncio.run(loop.run([item], 1, {"temperature": 1.0}, Script(tok, ["abc"] * 5),
+                               True, 0, 3))
+    assert out.status == ["truncated"] and out.env_info[0]["truncated_by"] == "tokens"
+    assert len(out.completion_ids[0]) <= 8 and len(out.turn_prompts[0]) == len(out.turns[0])

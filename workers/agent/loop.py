@@ -10,6 +10,12 @@ or the whole end of turn when a turn stopped on a string). Sampled tokens have l
 the engine's log-probs; delta tokens mask 0 and no behaviour log-prob. Earlier turns, thinking
 included, stay as sampled (a template that strips old ``<think>`` blocks is not re-applied).
 
+``thinking_history: strip`` instead samples each turn from the conversation so far rendered by
+the chat template (earlier turns as text: a template that drops old ``<think>`` blocks drops
+them), and keeps each turn's prompt: the learner trains every turn as a sample of its own —
+those exact prompt ids, those exact sampled ids — with the trajectory's advantage. Prompts of
+later turns are then not prefixes of each other, and no prefix is shared in the engine's cache.
+
 Budgets (the recipe's ``environment`` section) end a trajectory with status ``truncated``:
 ``max_turns``, ``max_tokens_per_turn`` (a turn cut by it ends the trajectory), ``max_total_tokens``
 (everything after the prompt, the environment's tokens included) and the engine's
@@ -95,6 +101,7 @@ class Trajectory:
     mask: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
     turns: list[tuple[int, int]] = field(default_factory=list)
+    prompts: list[list[int]] = field(default_factory=list)  # strip: each turn's prompt
     rewards: list[float] = field(default_factory=list)
     status: str = "ok"
     text: str = ""
@@ -156,9 +163,10 @@ def parse_tool_calls(parser, text: str) -> tuple[list[ToolCall], bool]:
 class AgentLoop:
     """Runs the trajectories of one ``generate`` call: ``n`` per item, all at once."""
 
-    def __init__(self, env_factory, renderer: Renderer, parser, budgets: Budgets):
+    def __init__(self, env_factory, renderer: Renderer, parser, budgets: Budgets,
+                 strip: bool = False):
         self.env_factory, self.renderer, self.parser = env_factory, renderer, parser
-        self.budgets = budgets
+        self.budgets, self.strip = budgets, strip
 
     async def run(self, items: list[dict], n: int, sampling: dict, sampler, want: bool,
                   index_offset: int, version: int, seeded: bool = True) -> Rollouts:
@@ -182,6 +190,7 @@ class AgentLoop:
             r.versions.append(t.versions or (version, version))
             r.loss_mask.append(t.mask)
             r.turns.append(t.turns)
+            r.turn_prompts.append(t.prompts)
             r.status.append(t.status)
             r.env_rewards.append(None if t.status == "env_error" else sum(t.rewards))
             r.env_info.append(t.info | {"turns": float(len(t.turns))})
@@ -200,11 +209,17 @@ class AgentLoop:
         try:
             env = await self._env(self._make_env(), None)
             obs = await self._env(env.reset(item["record"], item["seed"] + j), deadline)
-            tools = obs.tools
-            if obs.messages is not None:
-                t.prompt_ids = self.renderer.prompt(obs.messages, tools)
+            tools, messages = obs.tools, obs.messages
+            if messages is not None:
+                t.prompt_ids = self.renderer.prompt(messages, tools)
+            elif self.strip:  # the prompt as the recipe formatted it, re-rendered each turn
+                messages, tools = item.get("messages"), item.get("tools")
+                if not messages:
+                    raise ValueError("thinking_history strip: the item has no messages")
+            messages = list(messages or [])
+            prompt = t.prompt_ids
             for k in range(b.max_turns):
-                room = min(b.max_tokens_per_turn, self._limit(t) - len(t.ids))
+                room = self._room(t, prompt)
                 if room < 1:
                     return self._truncated(t, "tokens")
                 if deadline is not None and time.monotonic() >= deadline:
@@ -212,8 +227,10 @@ class AgentLoop:
                 # turn 0 takes the seed vLLM gives sample j of an n-sample request
                 seed = item["seed"] + j + 1_000_003 * k if self.seeded else None
                 ids, lps, text, finish, span = await sampler.sample(
-                    t.prompt_ids + t.ids, sampling | {"max_tokens": room, "seed": seed})
+                    prompt, sampling | {"max_tokens": room, "seed": seed})
                 t.sampled(ids, lps if want else [], span)
+                if self.strip:
+                    t.prompts.append(prompt)
                 t.text, t.finish_reason = text, finish
                 calls, malformed = parse_tool_calls(self.parser, text)
                 t.count("tool_calls", len(calls))
@@ -230,10 +247,16 @@ class AgentLoop:
                     return self._truncated(t, "tokens")
                 if k + 1 == b.max_turns:
                     break
+                if self.strip:
+                    messages += [{"role": "assistant", "content": text}] + \
+                        self._messages(t, res.messages)
+                    prompt = self._render(messages, tools)
+                    continue
                 delta = self.renderer.close(ids) + self._delta(t, res.messages, tools)
                 if len(t.ids) + len(delta) >= self._limit(t):  # no room left for a turn
                     return self._truncated(t, "tokens")
                 t.appended(delta)
+                prompt = t.prompt_ids + t.ids
             return self._truncated(t, "max_turns")
         except _WallClock:
             return self._truncated(t, "wall_s")
@@ -250,6 +273,14 @@ class AgentLoop:
 
     async def _make_env(self):
         return self.env_factory()
+
+    def _room(self, t: Trajectory, prompt: list[int]) -> int:
+        """Tokens the next turn may sample from ``prompt``."""
+        b = self.budgets
+        if not self.strip:
+            return min(b.max_tokens_per_turn, self._limit(t) - len(t.ids))
+        room = min(b.max_tokens_per_turn, b.max_model_len - len(prompt))
+        return room if b.max_total_tokens is None else min(room, b.max_total_tokens - len(t.ids))
 
     def _limit(self, t: Trajectory) -> int:
         """Tokens the trajectory may hold after its prompt."""
@@ -273,14 +304,23 @@ class AgentLoop:
         except Exception as err:
             raise _EnvFailed() from err
 
+    def _messages(self, t: Trajectory, messages: list[dict]) -> list[dict]:
+        """The environment's messages, each cut to ``max_env_tokens``."""
+        cap = self.budgets.max_env_tokens
+        return [self._cut(t, m, cap) for m in messages] if cap else list(messages)
+
     def _delta(self, t: Trajectory, messages: list[dict], tools) -> list[int]:
         """The environment's messages as the template renders them (none: the next assistant
         turn's header alone)."""
-        cap = self.budgets.max_env_tokens
-        if cap:
-            messages = [self._cut(t, m, cap) for m in messages]
         try:
-            return self.renderer.delta(list(messages), tools)
+            return self.renderer.delta(self._messages(t, messages), tools)
+        except Exception as err:  # a message the template cannot render: the environment's
+            raise _EnvFailed() from err
+
+    def _render(self, messages: list[dict], tools) -> list[int]:
+        """The conversation so far as the next turn's prompt (``thinking_history: strip``)."""
+        try:
+            return self.renderer.prompt(messages, tools)
         except Exception as err:  # a message the template cannot render: the environment's
             raise _EnvFailed() from err
 
@@ -433,4 +473,5 @@ def agent_loop(recipe, max_model_len: int, model_path: str) -> AgentLoop:
                       max_total_tokens=cfg.max_total_tokens, max_env_tokens=cfg.max_env_tokens,
                       wall_s=cfg.wall_s, max_model_len=max_model_len)
     return AgentLoop(lambda: env_cls(**cfg.args), Renderer(tok, prompt.template_kwargs),
-                     tool_parser(cfg.tool_parser, tok), budgets)
+                     tool_parser(cfg.tool_parser, tok), budgets,
+                     strip=cfg.thinking_history == "strip")

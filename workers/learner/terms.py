@@ -50,6 +50,25 @@ class Rows:
         return Rows(sub(self.prompts), sub(self.completions), sub(self.masks),
                     {k: sub(v) for k, v in self.inputs.items()})
 
+    def split(self, segments: list[list[tuple[list[int], int, int]]]) -> Rows:
+        """Each row as the sequences its ``segments`` name — (prompt, start, end) of its
+        completion, ``Rollouts.segments`` — with its mask and per-token inputs cut alike and its
+        per-row ones (an advantage) repeated: a step-wise trajectory's turns."""
+        out = Rows([], [], [] if self.masks is not None else None,
+                   {k: [] if v is not None else None for k, v in self.inputs.items()})
+        for i, segs in enumerate(segments):
+            for prompt, a, b in segs:
+                out.prompts.append(prompt)
+                out.completions.append(self.completions[i][a:b])
+                if out.masks is not None:
+                    m = self.masks[i]
+                    out.masks.append(m[a:b] if m is not None else None)
+                for k, xs in self.inputs.items():
+                    if xs is not None:
+                        x = xs[i]
+                        out.inputs[k].append(x[a:b] if isinstance(x, (list, tuple)) else x)
+        return out
+
     def counts(self) -> list[float]:
         """Each row's completion tokens that count (loss mask 1)."""
         masks = self.masks or [None] * len(self)
@@ -161,7 +180,10 @@ class _OnRollouts(Term):
         r, idx = self.rollouts, self._idx()
         masks = [r.mask(i) for i in idx] if r.multi_turn else None
         whole = Rows(r.prompt_ids, r.completion_ids, None, self._inputs(r))
-        return replace(whole.pick(idx), masks=masks).check()
+        rows = replace(whole.pick(idx), masks=masks)
+        if any(r.turn_prompts or []):  # step-wise trajectories: each turn a sequence
+            rows = rows.split([r.segments(i) for i in idx])
+        return rows.check()
 
     def take(self, idx: list[int]) -> Term:
         base = self._idx()
