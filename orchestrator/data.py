@@ -4,13 +4,15 @@ Extra keys of a record travel with it and reach verifiers as keyword arguments (
 with the completions). Built in: :class:`FileDataset` (local JSONL, JSON, parquet, CSV or
 ``save_to_disk`` folders, or a hub name where a hub is reachable, read with the ``datasets``
 library, with a field mapping) and :class:`Arithmetic` (synthetic additions with a difficulty
-knob — the number of digits — so the demo needs no download). :class:`Cursor` walks a dataset
+knob — the number of digits — so the demo needs no download); :class:`ReasoningGym` serves
+reasoning-gym's procedural tasks. :class:`Cursor` walks a dataset
 in shuffled passes and resumes exactly.
 """
 
 from __future__ import annotations
 
 import decimal
+import itertools
 import json
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -420,6 +422,107 @@ class ToolArithmetic(Arithmetic):
                     {"role": "assistant", "content": f"<tool_call>\n{call}\n</tool_call>"},
                     {"role": "tool", "content": f"{a * b}\n"},
                     {"role": "assistant", "content": str(a * b)}]}
+
+
+class GymTask(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str = Field(description="a reasoning-gym task (dataset) name, e.g. chain_sum")
+    weight: float = Field(1.0, gt=0, description="its share of the records")
+    config: dict[str, Any] = Field(default_factory=dict, description="fields of the task's "
+                                   "own config dataclass (e.g. min_terms), seed and size aside")
+
+
+class ReasoningGym:
+    """Procedural tasks from reasoning-gym (``pip install 'braid-rl[gym]'``; 100+ offline
+    generators, each with its own scorer), mixed by weight. Score with ``rewards.gym:
+    reasoning_gym`` — the task's own ``score_answer`` on the ``<answer>`` of the completion.
+
+    A record: ``id`` ``rg-<task>-<seed>-<j>`` (the task's j-th entry), ``prompt`` (the
+    question), ``answer`` (None for tasks with many right answers), ``task``, ``metadata`` (the
+    entry's, as JSON keeps it: records may go into checkpoints), and ``demonstration``
+    (``<answer>answer</answer>``) when there is an answer. Each task is checked once when the
+    dataset is built: its first entry's own answer must score 1.0 after the trip through JSON.
+
+    reasoning-gym seeds entry j of a task with ``seed + j``, so its seeds 1 and 2 share all but
+    one entry: braid gives it ``seed * 10**6`` (a train and an eval seed never overlap below a
+    million records per task; numpy, in some tasks, takes seeds below 2**32).
+
+    >>> ds = ReasoningGym(tasks=["chain_sum", {"name": "spell_backward", "weight": 2}], size=4)
+    >>> [r["id"] for r in ds]
+    ['rg-spell_backward-0-0', 'rg-spell_backward-0-1', 'rg-spell_backward-0-2', 'rg-chain_sum-0-0']
+    >>> r = next(iter(ds)); r["prompt"]
+    'Spell this word backward (example: sun -> nus): hypomeron'
+    >>> r["answer"], r["task"], r["demonstration"]
+    ('noremopyh', 'spell_backward', '<answer>noremopyh</answer>')
+    """
+
+    STRIDE = 10**6
+
+    class Args(BaseModel):
+        model_config = ConfigDict(extra="forbid")
+        tasks: list[GymTask | str] = Field(min_length=1, description="task names, or "
+                                           "{name, weight, config}")
+        size: int | None = Field(None, gt=0, description="a fixed set of this many records; "
+                                 "None streams fresh ones")
+        seed: int = Field(0, ge=0, le=4000, description="train and eval need different seeds")
+
+    def __init__(self, **kwargs):
+        self.args = self.Args(**kwargs)
+        self.tasks = [GymTask(name=t) if isinstance(t, str) else t for t in self.args.tasks]
+        if len({t.name for t in self.tasks}) != len(self.tasks):
+            raise DataError(f"tasks: a task is named twice: {[t.name for t in self.tasks]}")
+        self.sets = [self._create(t) for t in self.tasks]
+
+    def _create(self, task: GymTask):
+        try:
+            import reasoning_gym
+            from reasoning_gym.factory import DATASETS
+        except ImportError:
+            raise DataError("orchestrator.data:ReasoningGym needs reasoning-gym: pip install "
+                            "'braid-rl[gym]' (make setup installs it)") from None
+        if task.name not in DATASETS:
+            import difflib
+
+            near = difflib.get_close_matches(task.name, list(DATASETS), n=3)
+            raise DataError(f"reasoning-gym has no task {task.name!r}"
+                            + (f" (did you mean {', '.join(near)}?)" if near else ""))
+        try:
+            data = reasoning_gym.create_dataset(task.name, seed=self.args.seed * self.STRIDE,
+                                                size=self.STRIDE, **task.config)
+            entry = json.loads(json.dumps(data[0]))
+            score = data.score_answer(entry["answer"], entry)
+        except Exception as err:  # the task's config dataclass or generator refused
+            raise DataError(f"reasoning-gym task {task.name} (config {task.config}): "
+                            f"{type(err).__name__}: {err}") from None
+        if entry["answer"] is not None and score != 1.0:
+            raise DataError(f"reasoning-gym task {task.name}: its scorer gives its own answer "
+                            f"{score} once the entry went through JSON: not usable here")
+        return data
+
+    def _record(self, k: int, j: int) -> dict:
+        if j >= self.STRIDE:
+            raise DataError(f"reasoning-gym task {self.tasks[k].name}: more than "
+                            f"{self.STRIDE} records would reach the next seed's")
+        name, e = self.tasks[k].name, self.sets[k][j]
+        rec = {"id": f"rg-{name}-{self.args.seed}-{j}", "prompt": e["question"],
+               "answer": e["answer"], "task": name,
+               "metadata": json.loads(json.dumps(e["metadata"]))}
+        if e["answer"] is not None:
+            rec["demonstration"] = f"<answer>{e['answer']}</answer>"
+        return rec
+
+    def __iter__(self) -> Iterator[dict]:
+        rng = random.Random(self.args.seed)
+        weights, counts = [t.weight for t in self.tasks], [0] * len(self.tasks)
+        for _ in range(self.args.size) if self.args.size else itertools.count():
+            k = rng.choices(range(len(self.tasks)), weights)[0]
+            yield self._record(k, counts[k])
+            counts[k] += 1
+
+    def __len__(self) -> int:
+        if self.args.size is None:
+            raise TypeError("a streaming ReasoningGym dataset has no length")
+        return self.args.size
 
 
 class MixturePart(BaseModel):
