@@ -133,7 +133,7 @@ class Controller:
         items = [{"prompt_ids": prompts.prompt_ids(r), "seed": base + offset + i}
                  for i, r in enumerate(records)]
         env = self.recipe.environment
-        if env is not None and group is self.rollout:
+        if env is not None and any(group is g for g in (self.rollout, self.teacher)):
             for item, r in zip(items, records):  # the engines run the environment on it
                 item["record"] = r
                 if env.thinking_history == "strip":  # re-rendered at each turn
@@ -398,11 +398,16 @@ class Controller:
             return {"teacher/asked": 0.0, "teacher/accepted": 0.0}
         t = self.generate(todo, step, n=self.recipe.teacher.samples, group=self.teacher,
                           prompts=self.teacher_prompts)
-        rewards = self.score_texts([todo[p] for p in t["prompt_index"]], t["texts"])
+        if self.recipe.environment is None:
+            rewards = self.score_texts([todo[p] for p in t["prompt_index"]], t["texts"])
+            demos = [text.strip() for text in t["texts"]]
+        else:  # trajectories: scored as the policy's are, kept as their chat messages
+            rewards = self.score(t, todo, step).rewards
+            demos = [info["messages"] for info in self.fetch_rollouts(t).env_info]
         accepted = {}
-        for p, text, r in zip(t["prompt_index"], t["texts"], rewards):
+        for p, demo, r in zip(t["prompt_index"], demos, rewards):
             if (r or 0.0) >= 1.0 and p not in accepted:
-                accepted[p] = dict(todo[p], demonstration=text.strip())
+                accepted[p] = dict(todo[p], demonstration=demo)
         self.demos.add(list(accepted.values()), owned=True)
         return {"teacher/asked": float(len(todo)), "teacher/accepted": float(len(accepted))}
 

@@ -221,10 +221,10 @@ def resolve_recipe(recipe: Recipe, skip_model: bool = False, skip_data: bool = F
             raise RecipeError(f"roles.reward.cls: {recipe.roles.reward.cls} does not read an "
                               "environment's rewards; with an environment the reward role is "
                               "workers.reward:RuleRewardWorker (its verifiers add to them)")
-        if getattr(roles["reward"][1], "verifiers", None) == [] and (
-                recipe.roles.teacher is not None or recipe.schedule.policy == "luffy"):
-            raise RecipeError("roles.reward.args.verifiers: none given, but the teacher's or "
-                              "LUFFY's demonstrations are scored by verifiers, not by the "
+        if getattr(roles["reward"][1], "verifiers", None) == [] and \
+                recipe.schedule.policy == "luffy":
+            raise RecipeError("roles.reward.args.verifiers: none given, but LUFFY's "
+                              "demonstrations are scored by verifiers, not by the "
                               "environment: name the verifier that scores a final answer")
     elif getattr(roles["reward"][1], "verifiers", None) == []:
         raise RecipeError("roles.reward.args.verifiers: none given, and no environment scores "

@@ -159,6 +159,42 @@ def test_strip_trains_each_turn_on_the_prompt_it_was_sampled_from(ray_local, mak
     assert learned["rl/logprob_diff"] < 1e-3
 
 
+def test_a_teacher_writes_multi_turn_demonstrations(ray_local, make_bpe_recipe):
+    """With an environment the teacher's engine runs it too: its trajectories are scored as the
+    policy's are, and an accepted one becomes the prompt's demonstration as chat messages —
+    the teacher's turns and the environment's answers — which SFT then trains on, the
+    assistant's tokens only."""
+    from orchestrator.schedules import SFTUpdate
+    from orchestrator.updates import sft_term
+
+    teacher = {"cls": "workers.rollout.vllm:VLLMRollout", "resources": {"num_cpus": 0.5},
+               "args": {"max_model_len": 256}}
+    recipe = make_bpe_recipe(steps=1, **env(turns=3), **STOPS,
+                             **{"roles.teacher": teacher, "teacher.samples": 4})
+    c = Controller(recipe).setup()
+    try:
+        records, _ = c.next_batch(1)
+        gen = c.generate(records, step=1)
+        gen["scores"] = c.score(gen, records, 1)
+        gen["scores"].rewards = [0.0] * len(gen["scores"].rewards)  # no prompt solved
+        asked = c.ask_teacher(1, records, gen)
+        demos = [r for r in (c.demos._get(rec["id"]) for rec in records) if r]
+        term = sft_term(c, SFTUpdate(), records)
+        learned = c.learn(c.learner, [term], 1, None) if term is not None else {}
+    finally:
+        c.shutdown()
+    assert asked["teacher/asked"] == len(records) and asked["teacher/accepted"] == len(demos)
+    assert demos, "the teacher solved nothing: the test lost its teeth"
+    for d in demos:
+        turns = d["demonstration"]
+        assert [m["role"] for m in turns] == ["assistant", "user"] * (len(turns) // 2) + \
+            ["assistant"]
+        assert [m["content"] for m in turns[1::2]] == [f"go on {k}" for k in
+                                                      range(len(turns) // 2)]
+    assert term.masks is not None and any(0 in m for m in term.masks)
+    assert learned["sft/tokens"] == sum(sum(m) for m in term.masks)
+
+
 def _seed(c, prompt_index: int, j: int, k: int) -> int:
     """The seed of turn k of sample j of a prompt at step 1 (the controller's seed of the prompt,
     vLLM's n-sample offset, the loop's turn offset)."""

@@ -102,6 +102,7 @@ class Trajectory:
     logprobs: list[float] = field(default_factory=list)
     turns: list[tuple[int, int]] = field(default_factory=list)
     prompts: list[list[int]] = field(default_factory=list)  # strip: each turn's prompt
+    messages: list[dict] = field(default_factory=list)  # the turns as chat messages
     rewards: list[float] = field(default_factory=list)
     status: str = "ok"
     text: str = ""
@@ -164,9 +165,11 @@ class AgentLoop:
     """Runs the trajectories of one ``generate`` call: ``n`` per item, all at once."""
 
     def __init__(self, env_factory, renderer: Renderer, parser, budgets: Budgets,
-                 strip: bool = False):
+                 strip: bool = False, keep_messages: bool = False):
         self.env_factory, self.renderer, self.parser = env_factory, renderer, parser
         self.budgets, self.strip = budgets, strip
+        # a teacher's trajectories become demonstrations: their turns as chat messages too
+        self.keep_messages = keep_messages
 
     async def run(self, items: list[dict], n: int, sampling: dict, sampler, want: bool,
                   index_offset: int, version: int, seeded: bool = True) -> Rollouts:
@@ -193,7 +196,8 @@ class AgentLoop:
             r.turn_prompts.append(t.prompts)
             r.status.append(t.status)
             r.env_rewards.append(None if t.status == "env_error" else sum(t.rewards))
-            r.env_info.append(t.info | {"turns": float(len(t.turns))})
+            r.env_info.append(t.info | {"turns": float(len(t.turns))} |
+                              ({"messages": t.messages} if self.keep_messages else {}))
         if r.versions:
             r.weight_version = min(first for first, _ in r.versions)
         return r
@@ -229,6 +233,7 @@ class AgentLoop:
                 ids, lps, text, finish, span = await sampler.sample(
                     prompt, sampling | {"max_tokens": room, "seed": seed})
                 t.sampled(ids, lps if want else [], span)
+                t.messages.append({"role": "assistant", "content": text})
                 if self.strip:
                     t.prompts.append(prompt)
                 t.text, t.finish_reason = text, finish
@@ -247,12 +252,13 @@ class AgentLoop:
                     return self._truncated(t, "tokens")
                 if k + 1 == b.max_turns:
                     break
+                said = self._messages(t, res.messages)
+                t.messages += said
                 if self.strip:
-                    messages += [{"role": "assistant", "content": text}] + \
-                        self._messages(t, res.messages)
+                    messages += [{"role": "assistant", "content": text}] + said
                     prompt = self._render(messages, tools)
                     continue
-                delta = self.renderer.close(ids) + self._delta(t, res.messages, tools)
+                delta = self.renderer.close(ids) + self._delta(said, tools)
                 if len(t.ids) + len(delta) >= self._limit(t):  # no room left for a turn
                     return self._truncated(t, "tokens")
                 t.appended(delta)
@@ -309,11 +315,11 @@ class AgentLoop:
         cap = self.budgets.max_env_tokens
         return [self._cut(t, m, cap) for m in messages] if cap else list(messages)
 
-    def _delta(self, t: Trajectory, messages: list[dict], tools) -> list[int]:
+    def _delta(self, messages: list[dict], tools) -> list[int]:
         """The environment's messages as the template renders them (none: the next assistant
         turn's header alone)."""
         try:
-            return self.renderer.delta(self._messages(t, messages), tools)
+            return self.renderer.delta(messages, tools)
         except Exception as err:  # a message the template cannot render: the environment's
             raise _EnvFailed() from err
 
@@ -451,9 +457,12 @@ class AsyncSampler:
         return turn_output(out, self.want, self.version_of())
 
 
-def agent_loop(recipe, max_model_len: int, model_path: str) -> AgentLoop:
+def agent_loop(recipe, max_model_len: int, model_path: str,
+               keep_messages: bool = False) -> AgentLoop:
     """The agent loop of a recipe with an ``environment`` section, for an engine serving
-    ``model_path`` (its tokenizer and chat template render the environment's turns)."""
+    ``model_path`` (its tokenizer and chat template render the environment's turns);
+    ``keep_messages``: each trajectory's turns as chat messages in its ``env_info`` (a
+    teacher's: demonstrations)."""
     from pathlib import Path
 
     from transformers import AutoTokenizer
@@ -474,4 +483,4 @@ def agent_loop(recipe, max_model_len: int, model_path: str) -> AgentLoop:
                       wall_s=cfg.wall_s, max_model_len=max_model_len)
     return AgentLoop(lambda: env_cls(**cfg.args), Renderer(tok, prompt.template_kwargs),
                      tool_parser(cfg.tool_parser, tok), budgets,
-                     strip=cfg.thinking_history == "strip")
+                     strip=cfg.thinking_history == "strip", keep_messages=keep_messages)

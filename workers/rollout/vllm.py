@@ -57,12 +57,14 @@ class VLLMRollout(RolloutWorker):
 
     def agent_loop(self):
         """The agent loop, when the recipe has an environment (multi-turn trajectories)."""
-        if self.recipe.environment is None or self.ctx.role != "rollout":
-            return None  # (a teacher's engine writes single-turn demonstrations)
+        if self.recipe.environment is None or self.ctx.role not in ("rollout", "teacher"):
+            return None
         from workers.agent.loop import agent_loop
 
+        # a teacher's trajectories are kept as chat messages: they become demonstrations
         return agent_loop(self.recipe, self.args.max_model_len,
-                          self.args.model or self.recipe.model.path)
+                          self.args.model or self.recipe.model.path,
+                          keep_messages=self.ctx.role == "teacher")
 
     def engine_kwargs(self, in_process: bool | None) -> dict:
         """vLLM's engine arguments for this recipe, with the process environment they need
