@@ -113,21 +113,32 @@ def test_trajectories_are_the_sampled_ids_plus_the_environments_deltas(ray_local
     assert learned["rl/tokens"] == pytest.approx(sum(sum(r.loss_mask[i]) for i in ok))
 
 
-def test_strip_trains_each_turn_on_the_prompt_it_was_sampled_from(ray_local, make_bpe_recipe):
+def test_strip_trains_each_turn_on_its_prompt_and_a_teacher_writes_conversations(
+        ray_local, make_bpe_recipe):
     """thinking_history strip through the real stack: each turn is what the engine samples from
     that turn's prompt (the conversation re-rendered, kept with the trajectory), and the
     reference and the learner read the same per-turn sequences. At step 1 the reference is the
     policy, so their KL is 0 and the learner's log-probs are the engine's: a reference or a
-    learner reading the turns back to back as one sequence would not give either."""
+    learner reading the turns back to back as one sequence would not give either.
+
+    In the same run (one set-up for both), the teacher's engine runs the environment too: its
+    trajectories are scored as the policy's are, and an accepted one becomes the prompt's
+    demonstration as chat messages — the teacher's turns and the environment's answers — which
+    SFT then trains on, the assistant's tokens only."""
     import ray
 
+    from orchestrator.schedules import SFTUpdate
+    from orchestrator.updates import sft_term
     from workers.types import Rollouts
 
     over = env(turns=3)
     over["environment"]["thinking_history"] = "strip"
+    teacher = {"cls": "workers.rollout.vllm:VLLMRollout", "resources": {"num_cpus": 0.5},
+               "args": {"max_model_len": 256}}
     recipe = make_bpe_recipe(steps=1, **over, **STOPS, **{
         "algorithm.kl": 0.1, "roles.reference": {"cls": "workers.reference:HFReference",
-                                                 "resources": {"num_cpus": 0.5}}})
+                                                 "resources": {"num_cpus": 0.5}},
+        "roles.teacher": teacher, "teacher.samples": 4})
     c = Controller(recipe).setup()
     try:
         records, _ = c.next_batch(1)
@@ -144,6 +155,11 @@ def test_strip_trains_each_turn_on_the_prompt_it_was_sampled_from(ray_local, mak
         outs = ray.get(again).completion_ids
         gen["scores"] = c.score(gen, records, 1)
         learned = c.execute(RLUpdate(), 1, records, gen, Timings())
+        gen["scores"].rewards = [0.0] * len(gen["scores"].rewards)  # the teacher asked for all
+        asked = c.ask_teacher(1, records, gen)
+        demos = [r for r in (c.demos._get(rec["id"]) for rec in records) if r]
+        term = sft_term(c, SFTUpdate(), records)
+        sft = c.learn(c.learner, [term], 2, None) if term is not None else {}
     finally:
         c.shutdown()
     for (i, k, a, b), ids in zip(where, outs):
@@ -157,32 +173,7 @@ def test_strip_trains_each_turn_on_the_prompt_it_was_sampled_from(ray_local, mak
     assert learned["rl/tokens"] == pytest.approx(sum(len(ids) for ids in r.completion_ids))
     assert learned["rl/kl"] < 1e-5
     assert learned["rl/logprob_diff"] < 1e-3
-
-
-def test_a_teacher_writes_multi_turn_demonstrations(ray_local, make_bpe_recipe):
-    """With an environment the teacher's engine runs it too: its trajectories are scored as the
-    policy's are, and an accepted one becomes the prompt's demonstration as chat messages —
-    the teacher's turns and the environment's answers — which SFT then trains on, the
-    assistant's tokens only."""
-    from orchestrator.schedules import SFTUpdate
-    from orchestrator.updates import sft_term
-
-    teacher = {"cls": "workers.rollout.vllm:VLLMRollout", "resources": {"num_cpus": 0.5},
-               "args": {"max_model_len": 256}}
-    recipe = make_bpe_recipe(steps=1, **env(turns=3), **STOPS,
-                             **{"roles.teacher": teacher, "teacher.samples": 4})
-    c = Controller(recipe).setup()
-    try:
-        records, _ = c.next_batch(1)
-        gen = c.generate(records, step=1)
-        gen["scores"] = c.score(gen, records, 1)
-        gen["scores"].rewards = [0.0] * len(gen["scores"].rewards)  # no prompt solved
-        asked = c.ask_teacher(1, records, gen)
-        demos = [r for r in (c.demos._get(rec["id"]) for rec in records) if r]
-        term = sft_term(c, SFTUpdate(), records)
-        learned = c.learn(c.learner, [term], 1, None) if term is not None else {}
-    finally:
-        c.shutdown()
+    # the teacher's conversations
     assert asked["teacher/asked"] == len(records) and asked["teacher/accepted"] == len(demos)
     assert demos, "the teacher solved nothing: the test lost its teeth"
     for d in demos:
@@ -192,7 +183,7 @@ def test_a_teacher_writes_multi_turn_demonstrations(ray_local, make_bpe_recipe):
         assert [m["content"] for m in turns[1::2]] == [f"go on {k}" for k in
                                                       range(len(turns) // 2)]
     assert term.masks is not None and any(0 in m for m in term.masks)
-    assert learned["sft/tokens"] == sum(sum(m) for m in term.masks)
+    assert sft["sft/tokens"] == sum(sum(m) for m in term.masks)
 
 
 def _seed(c, prompt_index: int, j: int, k: int) -> int:

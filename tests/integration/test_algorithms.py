@@ -49,7 +49,8 @@ def test_one_sample_per_prompt_with_a_group_baseline_is_warned(make_recipe):
 
 @pytest.mark.parametrize("loss,options", [("gspo", {"clip": 3e-4, "clip_high": 4e-4,
                                                     "loss_agg": "seq_mean_token_mean"}),
-                                          (USERS["policy_loss"], {"clip": None})])
+                                          pytest.param(USERS["policy_loss"], {"clip": None},
+                                                       marks=pytest.mark.long)])
 def test_estimators_and_losses_train_end_to_end(ray_local, make_recipe, tiny_model, loss,
                                                 options):
     over = {"data.prompts_per_step": 4, "data.eval": None,

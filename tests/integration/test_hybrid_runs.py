@@ -24,7 +24,8 @@ ASYNC_ENGINE = {"cls": "workers.rollout.vllm_async:AsyncVLLMRollout",
                 "resources": {"num_cpus": 1}, "args": {"max_model_len": 64, "update_mode": "keep"}}
 
 
-@pytest.mark.parametrize("ahead,engine", [(0, "sync"), (2, "sync"),
+@pytest.mark.parametrize("ahead,engine", [pytest.param(0, "sync", marks=pytest.mark.long),
+                                          (2, "sync"),
                                           pytest.param(2, "async", marks=pytest.mark.long)])
 def test_hybrid_schedules_run_end_to_end(ray_local, make_recipe, ahead, engine):
     """k = 2: rollouts two steps ahead of the learner (rollout.max_staleness); also on vLLM's

@@ -59,7 +59,7 @@ def test_an_override_naming_a_policy_or_class_replaces_the_mapping(monkeypatch):
 
 
 def test_list_index_override():
-    r = load_recipe(RECIPES[0], ["schedule.args.phases.0.steps=7"])
+    r = load_recipe(ROOT / "recipes/arith_grpo_cpu.yaml", ["schedule.args.phases.0.steps=7"])
     assert r.schedule.args["phases"][0]["steps"] == 7
 
 
