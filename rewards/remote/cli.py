@@ -194,12 +194,13 @@ def _serve_until_signal(server, with_token: bool) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
             previous[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
-        server.start()
         if not with_token:
             log.warning("serving WITHOUT authentication (--no-auth)")
+        # logged before start: the socket listens already, and the first request may come now
         log.info("serving %s on %s (timeout %gs, %d at once per verifier%s)",
                  ", ".join(sorted(server.verifiers)), server.url, server.timeout_s,
                  server.max_concurrency, ", token required" if with_token else "")
+        server.start()
         while not stop.wait(1.0):
             pass
     finally:

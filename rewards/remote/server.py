@@ -205,7 +205,9 @@ def _content_length(request: Request, limit: int) -> int:
     """The body's declared length; 400 on ambiguous framing, 411 without one, 413 past limit."""
     if "transfer-encoding" in request.headers:
         if "content-length" in request.headers:
-            raise Reply(400, "ambiguous framing: both Transfer-Encoding and Content-Length")
+            # the connection's framing is in doubt from here (request smuggling): close it
+            raise Reply(400, "ambiguous framing: both Transfer-Encoding and Content-Length",
+                        {"Connection": "close"})
         raise Reply(411, "a Content-Length header is required (no chunked bodies)")
     raw = request.headers.get("content-length")
     if raw is None:
@@ -292,14 +294,16 @@ def build_app(srv: RewardServer) -> FastAPI:
             log.exception("internal error on POST %s", request.url.path)
             raise Reply(500, f"internal server error: {type(err).__name__}") from None
 
-    return _AccessLog(app)
+    return _Front(app, srv)
 
 
-class _AccessLog:
-    """One log line per request: client, method, path, status, samples scored, seconds."""
+class _Front:
+    """What every request meets first: the connection cap (503, JSON, the connection closed:
+    uvicorn's own cap answers plain text), then one log line per request (client, method,
+    path, status, samples scored, seconds)."""
 
-    def __init__(self, app):
-        self.app = app
+    def __init__(self, app, srv: RewardServer):
+        self.app, self.srv = app, srv
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -311,12 +315,18 @@ class _AccessLog:
                 status[0] = message["status"]
             await send(message)
 
+        app = self.app if self.srv.connections() <= self.srv.max_connections else _too_many
         try:
-            await self.app(scope, receive, send_logged)
+            await app(scope, receive, send_logged)
         finally:
             log.info('%s "%s %s" %d n=%s %.3fs', (scope.get("client") or ("-",))[0],
                      scope["method"], scope["path"], status[0],
                      scope.get("state", {}).get("n", "-"), time.monotonic() - t0)
+
+
+async def _too_many(scope, receive, send):
+    await _error(503, "server busy: too many open connections",
+                 {"Retry-After": "1", "Connection": "close"})(scope, receive, send)
 
 
 class _Protocol(H11Protocol):
@@ -404,11 +414,10 @@ class RewardServer:
         self.timeout_s, self.queue_timeout_s = float(timeout_s), float(queue_timeout_s)
         self.request_timeout_s = float(request_timeout_s)
         self.max_concurrency, self.max_body_bytes = int(max_concurrency), int(max_body_bytes)
-        self.token = token
+        self.token, self.max_connections = token, int(max_connections)
         self._socket = _bind(host, port)
         config = uvicorn.Config(build_app(self), http=_Protocol, lifespan="off", log_config=None,
                                 access_log=False, server_header=False,
-                                limit_concurrency=int(max_connections),
                                 timeout_keep_alive=idle_timeout_s, timeout_graceful_shutdown=2)
         self._uvicorn = uvicorn.Server(config)
         self._thread: threading.Thread | None = None
@@ -417,6 +426,10 @@ class RewardServer:
     def url(self) -> str:
         host, port = self._socket.getsockname()[:2]
         return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+    def connections(self) -> int:
+        """Connections open now, this request's included."""
+        return len(self._uvicorn.server_state.connections)
 
     @property
     def in_flight(self) -> int:
