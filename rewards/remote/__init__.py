@@ -46,7 +46,7 @@ one unless ``--no-auth``) every request but ``/health`` needs ``Authorization: B
 Limits: a connection must bring a request's headers within ``idle_timeout_s`` of opening or of
 its last answer, and a request must be answered within ``request_timeout_s`` of its headers;
 past ``max_connections`` open connections requests get 503. Each verifier has
-``max_concurrency`` slots of its own, and each call runs in a thread of its own: a call past
+``max_concurrency`` slots of its own, and its calls run in worker threads of its own: a call past
 ``timeout_s`` is answered 504 but cannot be killed, so it keeps its slot until it returns, and
 ``/health`` counts it (``overdue``): ``degraded`` while some verifier has such calls,
 ``saturated`` when they hold every slot of every verifier (restart the server). Verifiers must

@@ -1,18 +1,17 @@
 """The reward server: FastAPI routes on uvicorn, each verifier with its own slots.
 
-uvicorn owns the sockets (asyncio, so an idle or slow client costs a socket, not a thread), the
-HTTP parsing (h11: conflicting Content-Length headers and bad framing never reach a route) and
-the connection cap (``limit_concurrency``: past it a request gets 503). On top of it, here:
-a deadline for each request's headers and for idle connections (:class:`_Protocol`), the
-bearer token checked before any body is read, and verifier calls run in threads of their own
-under per-verifier slots, so a verifier that hangs fills only its own slots.
+uvicorn owns the sockets (asyncio, so an idle or slow client costs a socket, not a thread) and
+the HTTP parsing (h11: conflicting Content-Length headers and bad framing never reach a route).
+On top of it, here: a deadline for each request's headers and for idle connections
+(:class:`_Protocol`), a connection cap answered in JSON (:class:`_Front`), the bearer token
+checked before any body is read, and a deadline for the rest of the request. The verifier
+calls themselves, under per-verifier slots, are in ``calls.py``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import inspect
 import ipaddress
 import json
 import logging
@@ -30,31 +29,15 @@ from starlette.exceptions import HTTPException
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from rewards import as_rewards
+from rewards.remote.calls import Reply, ServedVerifier, parse_score_request
 
 log = logging.getLogger("braid.reward.remote")
 
-_RESERVED = ("prompts", "completions")
 _PARSE_INLINE_BYTES = 1 << 16  # bodies above this are parsed off the event loop
-
-
-class Reply(Exception):
-    """An error answer: raised anywhere in request handling, sent as {"error": message}."""
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None):
-        super().__init__(message)
-        self.status, self.message, self.headers = status, message, headers or {}
 
 
 def _describe(out: Any, limit: int = 120) -> str:
     text = repr(out)
-    return text if len(text) <= limit else text[:limit] + "..."
-
-
-def _one_line(err: BaseException, limit: int = 200) -> str:
-    """What a caller sees of an exception: its type and first line, cut short. The traceback
-    (internal paths, locals in messages) stays in the server's log."""
-    lines = str(err).strip().splitlines()
-    text = f"{type(err).__name__}: {lines[0]}" if lines else type(err).__name__
     return text if len(text) <= limit else text[:limit] + "..."
 
 
@@ -66,139 +49,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:  # a host name other than localhost: may resolve anywhere
         return False
-
-
-# ---------------------------------------------------------------------------------------------
-# verifiers and their slots
-
-
-class _Verifier:
-    """One served verifier with slots of its own: a hung call holds one of these, never another
-    verifier's. A Python thread cannot be killed, so a call past its timeout (answered 504)
-    keeps its slot until it returns, and is counted as overdue for ``/health``."""
-
-    def __init__(self, name: str, fn: Callable, slots: int):
-        self.name, self.fn, self.slots = name, fn, slots
-        self.signature = _signature(fn)
-        self.free = asyncio.Semaphore(slots)
-        self.in_flight = 0  # calls running, overdue ones included
-        self.overdue = 0  # calls running past their timeout
-        self.timed_out = 0  # calls that ever ran past their timeout, since start
-
-    @property
-    def status(self) -> str:
-        if self.overdue >= self.slots:
-            return "saturated"
-        return "degraded" if self.overdue else "ok"
-
-    def check_fields(self, fields: dict) -> None:
-        """400 before the call if the verifier's signature cannot take these fields."""
-        if self.signature is None:
-            return
-        try:
-            self.signature.bind([], [], **fields)
-        except TypeError as err:
-            raise Reply(400, f"verifier {self.name!r} cannot be called with fields "
-                             f"{sorted(fields)}: {err}") from None
-
-    async def call(self, prompts: list, completions: list, fields: dict, timeout_s: float,
-                   queue_timeout_s: float) -> Any:
-        """The verifier's output, run in a thread of its own under one of its slots."""
-        try:
-            if self.free.locked():  # (wait_for(..., 0) would time out even with a slot free)
-                await asyncio.wait_for(self.free.acquire(), queue_timeout_s)
-            else:
-                await self.free.acquire()
-        except asyncio.TimeoutError:
-            raise Reply(503, f"server busy: all {self.slots} slots of verifier {self.name!r} "
-                             "in use", {"Retry-After": "1"}) from None
-        loop = asyncio.get_running_loop()
-        done = loop.create_future()
-        overdue = False
-
-        def finish(outcome: tuple[bool, Any]):  # on the event loop
-            self.in_flight -= 1
-            self.overdue -= overdue
-            self.free.release()
-            done.set_result(outcome)
-
-        def work():
-            try:
-                outcome = (True, self.fn(prompts, completions, **fields))
-            except BaseException as err:  # noqa: B036 - reported to the caller, not re-raised
-                log.exception("verifier %s raised", self.name)
-                outcome = (False, err)
-            try:
-                loop.call_soon_threadsafe(finish, outcome)
-            except RuntimeError:  # the event loop is closed: the server has stopped
-                pass
-
-        self.in_flight += 1
-        try:
-            threading.Thread(target=work, daemon=True, name=f"verifier-{self.name}").start()
-        except BaseException:
-            self.in_flight -= 1
-            self.free.release()
-            raise
-        try:
-            ok, value = await asyncio.wait_for(asyncio.shield(done), timeout_s)
-        except asyncio.TimeoutError:
-            overdue = True
-            self.overdue += 1
-            self.timed_out += 1
-            raise Reply(504, f"verifier {self.name!r} ran past {timeout_s:g}s (it keeps one of "
-                             "its slots until it returns)") from None
-        if not ok:
-            raise Reply(500, f"verifier {self.name!r} raised {_one_line(value)}")
-        return value
-
-
-def _signature(fn: Callable) -> inspect.Signature | None:
-    try:
-        return inspect.signature(fn)
-    except (TypeError, ValueError):  # some builtins and C callables have none: not checked
-        return None
-
-
-# ---------------------------------------------------------------------------------------------
-# requests
-
-
-def parse_score_request(body: bytes) -> tuple[list, list, dict]:
-    """``(prompts, completions, fields)`` from a /score body; Reply(400) naming what is wrong."""
-    try:
-        req = json.loads(body)
-    except RecursionError:
-        raise Reply(400, "body is JSON nested too deep") from None
-    except (ValueError, UnicodeDecodeError) as err:
-        raise Reply(400, f"body is not JSON: {err}") from None
-    if not isinstance(req, dict):
-        raise Reply(400, "body must be a JSON object with 'prompts', 'completions' and "
-                         "optionally 'fields'")
-    extra = sorted(set(req) - {"prompts", "completions", "fields"})
-    if extra:
-        raise Reply(400, f"unknown key(s) {extra}: expected 'prompts', 'completions', 'fields'")
-    for key in _RESERVED:
-        v = req.get(key)
-        if not isinstance(v, list) or not all(isinstance(s, str) for s in v):
-            raise Reply(400, f"'{key}' must be a list of strings")
-    prompts, completions = req["prompts"], req["completions"]
-    n = len(completions)
-    if len(prompts) != n:
-        raise Reply(400, f"'prompts' has {len(prompts)} items but 'completions' has {n}")
-    fields = req.get("fields")
-    if fields is None:
-        fields = {}
-    if not isinstance(fields, dict):
-        raise Reply(400, "'fields' must be an object of lists aligned with 'completions'")
-    for k, v in fields.items():
-        if k in _RESERVED:
-            raise Reply(400, f"field name {k!r} is reserved")
-        if not isinstance(v, list) or len(v) != n:
-            got = f"{len(v)} items" if isinstance(v, list) else type(v).__name__
-            raise Reply(400, f"field {k!r} must be a list of {n} items (one per completion), "
-                             f"got {got}")
-    return prompts, completions, fields
 
 
 def _content_length(request: Request, limit: int) -> int:
@@ -410,7 +260,8 @@ class RewardServer:
         if token is None and not is_loopback(host) and not insecure_network:
             raise ValueError(f"no token on {host}, which other machines can reach: give a "
                              "token (or insecure_network=True)")
-        self.verifiers = {k: _Verifier(k, fn, int(max_concurrency)) for k, fn in verifiers.items()}
+        self.verifiers = {k: ServedVerifier(k, fn, int(max_concurrency))
+                          for k, fn in verifiers.items()}
         self.timeout_s, self.queue_timeout_s = float(timeout_s), float(queue_timeout_s)
         self.request_timeout_s = float(request_timeout_s)
         self.max_concurrency, self.max_body_bytes = int(max_concurrency), int(max_body_bytes)
