@@ -3,7 +3,7 @@
     braid validate RECIPE [key.sub=value ...]   check a recipe without starting Ray
     braid run RECIPE [key.sub=value ...]        run it (locally, or on the cluster in RAY_ADDRESS)
     braid run RECIPE --resume [DIR]             continue from the latest checkpoint
-    braid serve-reward module:fn [...]          serve verifiers over HTTP (rewards/remote.py)
+    braid serve-reward module:fn [...]          serve verifiers over HTTP (rewards/remote/)
     braid export CHECKPOINT|RUN_DIR OUT         a Hugging Face folder of a checkpoint's policy
     braid convert-gguf GGUF|smollm2 OUT         a Hugging Face folder from a GGUF file
 
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_convert_gguf)
     from rewards.remote import add_cli_arguments, cmd_serve_reward
 
-    p = sub.add_parser("serve-reward", help="serve verifiers over HTTP (see rewards/remote.py)")
+    p = sub.add_parser("serve-reward", help="serve verifiers over HTTP (see rewards/remote/)")
     add_cli_arguments(p)
     p.set_defaults(fn=cmd_serve_reward)
     args = parser.parse_args(argv)

@@ -279,7 +279,8 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
             [sys.executable, "-m", "orchestrator.cli", "serve-reward",
-             "rewards.arithmetic:exact_answer", "--port", str(port), "--timeout-s", "5"],
+             "rewards.arithmetic:exact_answer", "--port", str(port), "--timeout-s", "5",
+             "--no-auth"],  # without a token the command refuses to start (issue 31)
             cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 30
