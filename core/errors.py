@@ -25,6 +25,12 @@ class MissingInput(RecipeError):
     from another recipe) and checks the rest."""
 
 
+class VerifierCallError(RecipeError):
+    """A verifier refused the call itself, not a sample: a remote server answered 4xx (a wrong
+    name, token or record fields). The reward worker stops the run on it, naming it, instead of
+    scoring every sample None."""
+
+
 class InputsLost(RuntimeError):
     """A worker could not fetch its inputs: Ray lost them (their node or owner gone). Raised
     on every rank of a group together, before any collective, so that the call can be made

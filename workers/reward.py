@@ -15,7 +15,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.errors import RecipeError, user_frame
+from core.errors import RecipeError, VerifierCallError, user_frame
 from core.registry import resolve
 from rewards import check_rewards
 from workers.base import RewardWorker
@@ -191,6 +191,8 @@ class RuleRewardWorker(RewardWorker):
         except mp.TimeoutError:
             self._kill_pool()
             return None, f"timed out after {self.args.timeout_s:g}s"
+        except VerifierCallError as err:  # the set-up's, not a sample's: the run stops on it
+            raise VerifierCallError(f"verifier {spec.fn}: {err}") from None
         except Exception as err:
             return None, f"{type(err).__name__}: {err}{user_frame(err)}"
         return check_rewards(out, len(completions))

@@ -15,13 +15,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 
+from core.errors import VerifierCallError
 from rewards.remote import TOKEN_ENV
 
 log = logging.getLogger("braid.reward.remote")
 _RETRIED = (408, 429)  # the 4xx that mean "try again": a stalled upload, a busy server
 
 
-class RemoteVerifierError(RuntimeError):
+class RemoteVerifierError(VerifierCallError):
     """The server refused a request with a 4xx other than 408 and 429: a setup bug (a wrong
     name, token or record fields), not a blip, so it is raised at once and never retried."""
 

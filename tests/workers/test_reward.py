@@ -24,6 +24,9 @@ def short(prompts, completions, **_):
     return [1.0] * (len(completions) - 1)
 def thought(prompts, completions, **_):
     return [1.0 if c.startswith("<think>") and "</think>" in c else 0.0 for c in completions]
+def refused(prompts, completions, **_):
+    from core.errors import VerifierCallError
+    raise VerifierCallError("http://h/score/v answered HTTP 400: record lacks 'answer'")
 def greedy(prompts, completions, **_):
     if any(c == "grow" for c in completions):
         held = [bytearray(256 * 2**20) for _ in range(8)]  # 2 GB
@@ -68,6 +71,19 @@ def test_failures_are_isolated_counted_and_named(worker):
     # the worker is still healthy: a clean batch scores normally afterwards
     ok = w.score(_rollouts(["3"]), records[:1])
     assert ok.rewards == [2.0] and not ok.failures
+    w.shutdown()
+
+
+def test_a_refused_call_stops_the_run_instead_of_scoring_none(worker):
+    """A verifier that refuses the call itself (a remote server's 4xx: a wrong name, token or
+    record fields) is the set-up's error: it is raised, naming the verifier, not scored None
+    sample by sample until scoring.max_unscored_frac stops the run with a vaguer message."""
+    from core.errors import VerifierCallError
+
+    w = worker(["flaky_verifiers:refused"])
+    with pytest.raises(VerifierCallError, match=r"verifier flaky_verifiers:refused: .*HTTP 400: "
+                                                r"record lacks 'answer'"):
+        w.score(_rollouts(["a"]), [{"id": "q0", "prompt": "x"}])
     w.shutdown()
 
 
