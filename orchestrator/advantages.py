@@ -97,35 +97,49 @@ def reinforce_pp_baseline(rewards, groups, lengths, algo) -> list[float]:
     return _whiten(group_centered(rewards, groups, std_normalize=False), lengths)
 
 
-def gae(rewards: list[float], values: list[list[float]], algo) -> tuple[list, list]:
+def _gae_one(r: float, v: list[float], g: float, lam: float) -> list[float]:
+    adv = [0.0] * len(v)
+    last = 0.0
+    for t in reversed(range(len(v))):
+        nxt = v[t + 1] if t + 1 < len(v) else 0.0
+        delta = (r if t == len(v) - 1 else 0.0) + g * nxt - v[t]
+        last = delta + g * lam * last
+        adv[t] = last
+    return adv
+
+
+def gae(rewards: list[float], values: list[list[float]], algo,
+        masks: list | None = None) -> tuple[list, list]:
     """GAE (Schulman et al. 2016) for outcome rewards: the reward arrives with the last token,
     V after the last token is 0. Per token t of a sample:
 
         delta_t = r_t + gamma V_{t+1} - V_t,   A_t = sum_k (gamma lambda)^k delta_{t+k},
         R_t = A_t + V_t  (the critic's target)
 
-    ``values[i]`` is the critic's V(s_t) for each completion token of sample i. Advantages are
-    then whitened over the batch's tokens unless ``algo.gae_whiten`` is False (verl whitens).
-    Returns (advantages, returns), each a per-token list per sample.
+    ``values[i]`` is the critic's V(s_t) for each completion token of sample i. ``masks[i]``
+    (a multi-turn trajectory's loss mask, or None): GAE runs over the policy's tokens alone,
+    back to back — the environment's tokens are not the policy's steps — and they get advantage
+    0 and return V (masked out of both losses anyway). Advantages are then whitened over the
+    batch's policy tokens unless ``algo.gae_whiten`` is False (verl whitens). Returns
+    (advantages, returns), each a per-token list per sample.
     """
     g, lam = algo.gamma, algo.lam
     advs, rets = [], []
-    for r, v in zip(rewards, values):
+    for r, v, m in zip(rewards, values, masks or [None] * len(values)):
+        keep = [t for t in range(len(v)) if m is None or m[t]]
         adv = [0.0] * len(v)
-        last = 0.0
-        for t in reversed(range(len(v))):
-            nxt = v[t + 1] if t + 1 < len(v) else 0.0
-            delta = (r if t == len(v) - 1 else 0.0) + g * nxt - v[t]
-            last = delta + g * lam * last
-            adv[t] = last
+        for t, a in zip(keep, _gae_one(r, [v[t] for t in keep], g, lam)):
+            adv[t] = a
         advs.append(adv)
         rets.append([a + x for a, x in zip(adv, v)])
     if algo.gae_whiten:
-        flat = [a for adv in advs for a in adv]
+        masks = masks or [None] * len(advs)
+        flat = [a for adv, m in zip(advs, masks) for t, a in enumerate(adv) if m is None or m[t]]
         if len(flat) > 1:
             mean = sum(flat) / len(flat)
             std = math.sqrt(sum((a - mean) ** 2 for a in flat) / (len(flat) - 1) + 1e-8)
-            advs = [[(a - mean) / std for a in adv] for adv in advs]
+            advs = [[(a - mean) / std if m is None or m[t] else 0.0 for t, a in enumerate(adv)]
+                    for adv, m in zip(advs, masks)]
     return advs, rets
 
 

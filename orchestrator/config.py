@@ -386,14 +386,6 @@ class Recipe(_Strict):
         if "unscored" not in self.scoring.model_fields_set:
             # an environment's failure is not a wrong answer: out of the group baseline
             self.scoring.unscored = "drop"
-        if self.algorithm.advantage == "gae":
-            raise ValueError("environment: PPO's critic (algorithm.advantage gae) does not "
-                             "take multi-turn trajectories yet (its values and GAE would run "
-                             "over the environment's tokens); use a group estimator (grpo, "
-                             "rloo, ...)")
-        if self.algorithm.dynamic_sampling:
-            raise ValueError("environment: algorithm.dynamic_sampling does not take multi-turn "
-                             "trajectories yet")
         if self.environment.thinking_history == "strip" and self.prompt.style == "plain":
             raise ValueError("environment.thinking_history strip re-renders each turn's prompt "
                              "with the chat template: prompt.style plain has none")

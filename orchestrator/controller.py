@@ -249,10 +249,8 @@ class Controller:
             with timer("reward"):
                 g["scores"] = self.score(g, batch, step)
             self.check_unscored(step, g["scores"])
-            gen = {k: gen[k] + g[k] for k in ("prompt_index", "lengths", "truncated", "texts",
-                                               "refs", "shards")} | {
-                "weight_version": min(gen["weight_version"], g["weight_version"]),
-                "spanning": gen["spanning"] + g["spanning"],
+            gen = merge_summaries([gen, g]) | {
+                "refs": gen["refs"] + g["refs"], "shards": gen["shards"] + g["shards"],
                 "scores": Scores.concat([gen["scores"], g["scores"]])}
             metrics = metrics | m | {"data/prompts_dropped": metrics.get(
                 "data/prompts_dropped", 0.0) + m["data/prompts_dropped"]}
@@ -624,6 +622,7 @@ def merge_summaries(summaries: list[dict]) -> dict:
         for sm in summaries:
             for k, v in sm.get("agent", {}).items():
                 merged["agent"][k] = merged["agent"].get(k, 0.0) + v
+        merged["masks"] = [m for sm in summaries for m in sm.get("masks", [])]
     return merged
 
 

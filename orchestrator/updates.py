@@ -125,7 +125,8 @@ def gae_terms(c, gen: dict, rows: list[int], rewards: list[float], select) -> li
     """PPO with a critic: the critic's values of this step's samples, GAE advantages per token
     for the policy, and the critic's own term (its returns) left in ``gen["critic_term"]``."""
     values = c.critic_values(gen)
-    adv, returns = gae(rewards, [values[i] for i in rows], c.recipe.algorithm)
+    masks = [gen["masks"][i] for i in rows] if gen.get("masks") else None
+    adv, returns = gae(rewards, [values[i] for i in rows], c.recipe.algorithm, masks)
     full_returns: list = [[] for _ in values]
     for k, i in enumerate(rows):
         full_returns[i] = returns[k]

@@ -114,6 +114,7 @@ def summary(r: Rollouts) -> dict:
            "spanning": sum(first != last for first, last in r.versions)}
     if r.multi_turn:
         out["lengths"] = [sum(m) for m in r.loss_mask]  # the policy's own tokens
+        out["masks"] = r.loss_mask  # GAE runs over the policy's tokens alone
         out["truncated"] = [s == "truncated" for s in r.status]
         counts: dict[str, float] = {f"status_{s}": 0.0 for s in ("ok", "truncated", "env_error")}
         for status, info in zip(r.status, r.env_info):

@@ -9,6 +9,8 @@ conversation from text would train on, and feed the engine, ids it never sampled
 would fail."""
 
 
+import math
+
 import pytest
 
 from orchestrator.controller import Controller
@@ -184,6 +186,27 @@ def test_strip_trains_each_turn_on_its_prompt_and_a_teacher_writes_conversations
                                                       range(len(turns) // 2)]
     assert term.masks is not None and any(0 in m for m in term.masks)
     assert sft["sft/tokens"] == sum(sum(m) for m in term.masks)
+
+
+@pytest.mark.long
+def test_ppo_with_a_critic_and_dynamic_sampling_on_trajectories(ray_local, make_bpe_recipe):
+    """PPO's critic on multi-turn trajectories: its values and GAE run over the policy's tokens
+    (the environment's masked out of the value loss as out of the policy's: both count the
+    same tokens), with DAPO's dynamic sampling drawing more prompts for groups with signal."""
+    critic = {"cls": "workers.learner.critic:DeepSpeedCritic", "replicas": 2,
+              "resources": {"num_cpus": 1}, "args": {"zero_stage": 3, "threads": 1}}
+    recipe = make_bpe_recipe(steps=2, **env(turns=3), **STOPS, **{
+        "roles.critic": critic, "algorithm.advantage": "gae", "algorithm.critic_warmup": 0,
+        "algorithm.dynamic_sampling": 2, "data.eval": None})
+    c = Controller(recipe).setup()
+    try:
+        steps = [c.train_step(step) for step in (1, 2)]
+    finally:
+        c.shutdown()
+    for m in steps:
+        assert m["value/tokens"] == m["rl/tokens"] > 0
+        assert math.isfinite(m["value/loss"]) and math.isfinite(m["rl/loss"])
+        assert m["dapo/gen_batches"] >= 1 and m["agent/turns_per_traj"] > 1
 
 
 def _seed(c, prompt_index: int, j: int, k: int) -> int:

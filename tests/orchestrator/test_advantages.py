@@ -83,6 +83,27 @@ def test_gae_by_hand():
     assert ret[0] == pytest.approx([0.99, 1.0])  # the critic's targets are not whitened
 
 
+def test_gae_over_a_trajectory_skips_the_environments_tokens():
+    """A trajectory's loss mask (1 1 0 0 1: two sampled tokens, the environment's two, one
+    sampled): GAE runs over the policy's tokens back to back — values (0.5, 0.8, 0.6) with
+    gamma 1, lambda 1: A = (1 - 0.5, 1 - 0.8, 1 - 0.6) — the environment's get advantage 0 and
+    return V; the values at masked positions change nothing."""
+    from orchestrator.advantages import gae
+
+    algo = AlgorithmConfig(gae_whiten=False, gamma=1.0, lam=1.0)
+    mask = [1, 1, 0, 0, 1]
+    adv, ret = gae([1.0], [[0.5, 0.8, 7.0, -3.0, 0.6]], algo, masks=[mask])
+    assert adv[0] == pytest.approx([0.5, 0.2, 0.0, 0.0, 0.4])
+    assert ret[0] == pytest.approx([1.0, 1.0, 7.0, -3.0, 1.0])
+    other, _ = gae([1.0], [[0.5, 0.8, 0.0, 0.0, 0.6]], algo, masks=[mask])
+    assert other == adv
+    # whitened over the policy's tokens only: (0.5, 0.2, 0.4) -> mean 1.1/3, masked stay 0
+    w, _ = gae([1.0], [[0.5, 0.8, 7.0, -3.0, 0.6]], AlgorithmConfig(gamma=1.0, lam=1.0),
+               masks=[mask])
+    kept = [w[0][t] for t in (0, 1, 4)]
+    assert sum(kept) == pytest.approx(0.0, abs=1e-6) and w[0][2:4] == [0.0, 0.0]
+
+
 def test_the_critic_value_loss_by_hand():
     import torch
 

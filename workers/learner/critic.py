@@ -77,27 +77,30 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
 
         r = Rollouts.gather(rollouts)
         algo = self.recipe.algorithm
-        lengths = [len(p) + len(c) for p, c in zip(r.prompt_ids, r.completion_ids)]
+        # the sequences read: a sample, or each turn of a step-wise trajectory
+        seqs = [(i, p, r.completion_ids[i][a:b]) for i in range(len(r))
+                for p, a, b in r.segments(i)]
+        lengths = [len(p) + len(c) for _, p, c in seqs]
         plans = plan(lengths, self.ctx.world_size, algo.max_tokens_per_micro_batch,
                      algo.micro_batch_size)
         mine: dict[int, list[float]] = {}
         self.engine.eval()
         with torch.no_grad():
             for rows in plans[self.ctx.rank]:  # [] pads this rank to the others' count
-                batch = pack([r.prompt_ids[i] for i in rows], [r.completion_ids[i] for i in rows],
+                batch = pack([seqs[k][1] for k in rows], [seqs[k][2] for k in rows],
                              self.pad_id).to(self.engine.device)
                 v, _ = self.engine(batch)
                 if rows:
-                    for i, vals in zip(rows, unpack(v.cpu(), batch, len(rows))):
-                        mine[i] = vals
+                    for k, vals in zip(rows, unpack(v.cpu(), batch, len(rows))):
+                        mine[k] = vals
         parts: list = [None] * self.ctx.world_size
         dist.all_gather_object(parts, mine)
         if self.ctx.rank != 0:
             return None  # rank 0 returns every row; the others' copies would only travel
-        out: list[list[float]] = [[] for _ in lengths]
-        for part in parts:
-            for i, vals in part.items():
-                out[i] = vals
+        got: dict[int, list[float]] = {k: vals for part in parts for k, vals in part.items()}
+        out: list[list[float]] = [[] for _ in range(len(r))]
+        for k, (i, _, _) in enumerate(seqs):
+            out[i] += got[k]
         return out
 
     def _n_chunks(self, plans: list, completions: list) -> list:
