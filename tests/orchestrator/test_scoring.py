@@ -163,3 +163,21 @@ def test_extra_generations_take_prompt_indices_and_seeds_after_the_first(make_re
     assert [off for _, off in first] == [0, 1] and [off for _, off in calls] == [2, 3]
     seeds = [s for part, _ in first + calls for s in part]
     assert len(set(seeds)) == 4
+
+
+def test_generations_merge_with_their_trajectory_counts_and_masks():
+    """Dynamic sampling's extra batches join the first with merge_summaries: trajectories'
+    counters add up and their loss masks (what GAE runs over) follow their samples."""
+    from orchestrator.controller import merge_summaries
+
+    a = {"prompt_index": [0, 0], "lengths": [2, 1], "truncated": [False, True],
+         "texts": ["x", "y"], "weight_version": 3, "spanning": 0,
+         "agent": {"samples": 2.0, "turns": 4.0}, "masks": [[1, 0, 1], [1]]}
+    b = {"prompt_index": [2, 2], "lengths": [1, 2], "truncated": [False, False],
+         "texts": ["z", "w"], "weight_version": 2, "spanning": 1,
+         "agent": {"samples": 2.0, "turns": 2.0, "tool_calls": 1.0}, "masks": [[1], [1, 1]]}
+    m = merge_summaries([a, b])
+    assert m["prompt_index"] == [0, 0, 2, 2] and m["texts"] == ["x", "y", "z", "w"]
+    assert m["masks"] == [[1, 0, 1], [1], [1], [1, 1]]
+    assert m["agent"] == {"samples": 4.0, "turns": 6.0, "tool_calls": 1.0}
+    assert (m["weight_version"], m["spanning"]) == (2, 1)
