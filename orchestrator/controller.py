@@ -623,6 +623,7 @@ def merge_summaries(summaries: list[dict]) -> dict:
             for k, v in sm.get("agent", {}).items():
                 merged["agent"][k] = merged["agent"].get(k, 0.0) + v
         merged["masks"] = [m for sm in summaries for m in sm.get("masks", [])]
+        merged["keys"] = [k for sm in summaries for k in sm.get("keys", [])]
     return merged
 
 

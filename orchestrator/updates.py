@@ -40,20 +40,22 @@ def sft_term(c, op: SFTUpdate, batch: list[dict], peek: bool = False,
 def samples_term(op: SFTUpdate, batch: list[dict], gen: dict | None) -> SampleSFT | None:
     """Rejection-sampling fine-tuning: an SFT term on this step's own samples that scored at
     least ``op.threshold`` — the first ``op.per_prompt`` distinct texts of each prompt (of
-    ``op.ids``), non-empty; the rollouts stay refs."""
+    ``op.ids``), non-empty (a trajectory: distinct in any turn, ``gen["keys"]``); the rollouts
+    stay refs."""
     if gen is None:
         raise RuntimeError("an SFTUpdate on the policy's samples needs this step's rollouts: "
                            "wants_rollouts() returned False")
     wanted = None if op.ids is None else set(op.ids)
     kept: dict[int, set] = {}
     rows = []
+    keys = gen.get("keys") or gen["texts"]
     for i, (p, r) in enumerate(zip(gen["prompt_index"], gen["scores"].rewards)):
         if r is None or r < op.threshold or not gen["lengths"][i] or \
                 (wanted is not None and batch[p]["id"] not in wanted):
             continue
         texts = kept.setdefault(p, set())
-        if gen["texts"][i] not in texts and len(texts) < op.per_prompt:
-            texts.add(gen["texts"][i])
+        if keys[i] not in texts and len(texts) < op.per_prompt:
+            texts.add(keys[i])
             rows.append(i)
     if not rows:
         return None

@@ -115,6 +115,8 @@ def summary(r: Rollouts) -> dict:
     if r.multi_turn:
         out["lengths"] = [sum(m) for m in r.loss_mask]  # the policy's own tokens
         out["masks"] = r.loss_mask  # GAE runs over the policy's tokens alone
+        # what tells trajectories apart (RFT keeps distinct ones): all their turns, not the last
+        out["keys"] = [hash(tuple(c)) for c in r.completion_ids]
         out["truncated"] = [s == "truncated" for s in r.status]
         counts: dict[str, float] = {f"status_{s}": 0.0 for s in ("ok", "truncated", "env_error")}
         for status, info in zip(r.status, r.env_info):

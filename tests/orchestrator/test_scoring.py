@@ -109,6 +109,10 @@ def test_rejection_sampling_picks_accepted_distinct_samples(make_recipe):
     assert samples_term(SFTUpdate(source="samples", per_prompt=2), BATCH, gen).select == \
         [0, 2]  # "2" twice counts once
     assert samples_term(SFTUpdate(source="samples", threshold=2.0), BATCH, gen) is None
+    # trajectories ending in the same answer after different turns are distinct
+    traj = gen | {"keys": [11, 12, 13, 14, 15, 16]}
+    assert samples_term(SFTUpdate(source="samples", per_prompt=2), BATCH, traj).select == \
+        [0, 1]
     assert samples_term(SFTUpdate(source="samples", ids=("b",)), BATCH, gen) is None
 
 
@@ -172,12 +176,14 @@ def test_generations_merge_with_their_trajectory_counts_and_masks():
 
     a = {"prompt_index": [0, 0], "lengths": [2, 1], "truncated": [False, True],
          "texts": ["x", "y"], "weight_version": 3, "spanning": 0,
-         "agent": {"samples": 2.0, "turns": 4.0}, "masks": [[1, 0, 1], [1]]}
+         "agent": {"samples": 2.0, "turns": 4.0}, "masks": [[1, 0, 1], [1]], "keys": [7, 8]}
     b = {"prompt_index": [2, 2], "lengths": [1, 2], "truncated": [False, False],
          "texts": ["z", "w"], "weight_version": 2, "spanning": 1,
-         "agent": {"samples": 2.0, "turns": 2.0, "tool_calls": 1.0}, "masks": [[1], [1, 1]]}
+         "agent": {"samples": 2.0, "turns": 2.0, "tool_calls": 1.0}, "masks": [[1], [1, 1]],
+         "keys": [9, 7]}
     m = merge_summaries([a, b])
     assert m["prompt_index"] == [0, 0, 2, 2] and m["texts"] == ["x", "y", "z", "w"]
     assert m["masks"] == [[1, 0, 1], [1], [1], [1, 1]]
+    assert m["keys"] == [7, 8, 9, 7]
     assert m["agent"] == {"samples": 4.0, "turns": 6.0, "tool_calls": 1.0}
     assert (m["weight_version"], m["spanning"]) == (2, 1)
