@@ -371,3 +371,18 @@ def test_strip_counts_sampled_tokens_against_the_total_budget(tok):
                                True, 0, 3))
     assert out.status == ["truncated"] and out.env_info[0]["truncated_by"] == "tokens"
     assert len(out.completion_ids[0]) <= 8 and len(out.turn_prompts[0]) == len(out.turns[0])
+
+
+def test_a_one_turn_environment_reads_the_response_prefix_back(tok):
+    """prompt.response_prefix sits in the prompt the recipe formats, so the sampled text lacks
+    it: the first turn's verifier reads prefix + text, as the reward worker does for
+    single-turn samples (a one-turn environment scores what they score)."""
+    from workers.agent.env import VerifierEnv
+
+    def reward(prefix):
+        loop = AgentLoop(lambda: VerifierEnv(["rewards.format:think_answer_format"]),
+                         Renderer(tok), None, Budgets(max_tokens_per_turn=60),
+                         response_prefix=prefix)
+        return run(loop, Script(tok, ["a</think><answer>4</answer>"])).env_rewards
+
+    assert reward("<think>") == [1.0] and reward("") == [0.0]

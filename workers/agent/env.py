@@ -50,6 +50,9 @@ class Turn:
     finish_reason: str = "stop"    # stop | length (the turn's token budget ran out)
     index: int = 0                 # 0 for the first turn
     malformed_tool_call: bool = False  # the text opened a tool call the parser could not read
+    # prompt.response_prefix, on the first turn of a prompt the recipe formatted (it sits in the
+    # prompt, so the sampled text lacks it): what a verifier reads is ``prefix + text``
+    prefix: str = ""
 
 
 @dataclass
@@ -105,7 +108,7 @@ class VerifierEnv(Environment):
         fields = {k: [v] for k, v in rec.items() if k not in ("prompt", "id", "demonstration")}
         parts = {}
         for fn, name in zip(self.verifiers, self.names):
-            got = fn([rec["prompt"]], [turn.text], **fields)
+            got = fn([rec["prompt"]], [turn.prefix + turn.text], **fields)
             got = await got if inspect.isawaitable(got) else got
             if got[0] is None:
                 raise ValueError(f"verifier {name} could not score the turn")

@@ -165,11 +165,12 @@ class AgentLoop:
     """Runs the trajectories of one ``generate`` call: ``n`` per item, all at once."""
 
     def __init__(self, env_factory, renderer: Renderer, parser, budgets: Budgets,
-                 strip: bool = False, keep_messages: bool = False):
+                 strip: bool = False, keep_messages: bool = False, response_prefix: str = ""):
         self.env_factory, self.renderer, self.parser = env_factory, renderer, parser
         self.budgets, self.strip = budgets, strip
         # a teacher's trajectories become demonstrations: their turns as chat messages too
         self.keep_messages = keep_messages
+        self.response_prefix = response_prefix  # in the prompts the recipe formats
 
     async def run(self, items: list[dict], n: int, sampling: dict, sampler, want: bool,
                   index_offset: int, version: int, seeded: bool = True) -> Rollouts:
@@ -240,8 +241,9 @@ class AgentLoop:
                 calls, malformed = parse_tool_calls(self.parser, text)
                 t.count("tool_calls", len(calls))
                 t.count("malformed_tool_calls", float(malformed))
-                res = await self._env(env.step(Turn(text, ids, calls, finish, k, malformed)),
-                                      deadline)
+                prefix = self.response_prefix if k == 0 and obs.messages is None else ""
+                res = await self._env(env.step(Turn(text, ids, calls, finish, k, malformed,
+                                                    prefix)), deadline)
                 t.rewards.append(float(res.reward))
                 self._info(t, res.info)
                 if res.terminated:
@@ -483,4 +485,5 @@ def agent_loop(recipe, max_model_len: int, model_path: str,
                       wall_s=cfg.wall_s, max_model_len=max_model_len)
     return AgentLoop(lambda: env_cls(**cfg.args), Renderer(tok, prompt.template_kwargs),
                      tool_parser(cfg.tool_parser, tok), budgets,
-                     strip=cfg.thinking_history == "strip", keep_messages=keep_messages)
+                     strip=cfg.thinking_history == "strip", keep_messages=keep_messages,
+                     response_prefix=prompt.response_prefix)

@@ -136,7 +136,8 @@ class ToolEnv(Environment):
         rec = self.record
         fields = {k: [v] for k, v in rec.items() if k not in ("prompt", "id", "demonstration")}
         try:
-            got = await in_thread(lambda: self.verifier([rec["prompt"]], [turn.text], **fields),
+            text = turn.prefix + turn.text
+            got = await in_thread(lambda: self.verifier([rec["prompt"]], [text], **fields),
                                   {}, self.timeout_s)
         except TimeoutError:
             raise ValueError(f"the verifier gave no score within {self.timeout_s:g}s") from None
