@@ -45,7 +45,8 @@ def save(c, step: int) -> Path:
         state = {"step": step, "weight_version": c.version, "cursor": c.cursor.state(),
                  "schedule": c.schedule.state_dict(), "demos": c.demos.state_dict(),
                  "history": c.history, "mlflow_run_id": c.logger.run_id, "rng": rng_state(),
-                 "model_path": str(Path(c.recipe.model.path).resolve())}
+                 "model_path": str(Path(c.recipe.model.path).resolve()),
+                 "lora": c.recipe.model.lora and c.recipe.model.lora.model_dump()}
         (tmp / "controller.json").write_text(json.dumps(state))
         publish(root, tmp, final)
     except BaseException as err:

@@ -21,11 +21,41 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+class LoraConfig(_Strict):
+    """LoRA adapters on the learner (peft): only the adapters train; the engines receive the
+    adapters (``sync: adapter``, vLLM's LoRA support, loaded from memory) or the weights with
+    the adapters merged in fp32 (``sync: merged``, for engines or models without LoRA support);
+    with ``algorithm.kl`` the reference is the learner with its adapters disabled."""
+
+    rank: int = Field(16, gt=0, description="r, the adapters' rank")
+    alpha: float = Field(32.0, gt=0, description="lora_alpha: the update is scaled by alpha/r")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="module names (e.g. [q_proj, v_proj]) or all-linear (every "
+        "linear layer but the output head, peft's meaning)")
+    modules_to_save: list[str] = Field(
+        default_factory=list, description="modules trained in full beside the adapters (e.g. "
+        "[lm_head]); needs sync: merged")
+    sync: Literal["adapter", "merged"] = Field(
+        "adapter", description="what the engines receive: the adapter tensors, or the full "
+        "weights with the adapters merged (in fp32, module by module)")
+
+    @model_validator(mode="after")
+    def _sync_modules(self) -> LoraConfig:
+        if self.modules_to_save and self.sync == "adapter":
+            raise ValueError("model.lora.modules_to_save trains whole modules, which vLLM's "
+                             "LoRA support does not load beside adapters: set model.lora.sync "
+                             "to merged")
+        return self
+
+
 class ModelConfig(_Strict):
     path: str = Field(description="Hugging Face model folder the run starts from")
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     build: TinyModelSpec | None = Field(
         None, description="build a tiny Llama + character tokenizer at `path` when it is missing")
+    lora: LoraConfig | None = Field(
+        None, description="train LoRA adapters instead of every weight (None: full fine-tuning)")
 
 
 class Component(_Strict):
@@ -390,14 +420,31 @@ class Recipe(_Strict):
             raise ValueError("environment.thinking_history strip re-renders each turn's prompt "
                              "with the chat template: prompt.style plain has none")
 
+    def _check_lora(self) -> None:
+        # an engine keeps one adapter per weight version its requests in flight may use
+        need = self.rollout.max_staleness + 1
+        got = self.roles.rollout.args.get("max_loras")
+        if self.model.lora.sync == "adapter" and got is not None and got < need:
+            raise ValueError(f"roles.rollout.args.max_loras={got} is fewer than the adapter "
+                             f"versions in flight, rollout.max_staleness + 1 = {need}: a "
+                             f"rollout must finish under its own adapter")
+        if self.model.lora.sync == "adapter" and \
+                self.roles.rollout.args.get("update_mode") == "keep":
+            raise ValueError("roles.rollout.args.update_mode keep continues running requests "
+                             "under new weights, and a request keeps the LoRA adapter it "
+                             "started with: use update_mode wait, or model.lora.sync merged")
+
     @model_validator(mode="after")
     def _checks(self) -> Recipe:
         if self.run_dir is None:
             self.run_dir = str(Path("runs") / self.name)
         if self.environment is not None:
             self._check_environment()
-        if self.algorithm.kl > 0 and self.roles.reference is None:
-            raise ValueError("algorithm.kl > 0 needs roles.reference")
+        if self.algorithm.kl > 0 and self.roles.reference is None and self.model.lora is None:
+            raise ValueError("algorithm.kl > 0 needs roles.reference (or model.lora: the "
+                             "learner with its adapters disabled is then the reference)")
+        if self.model.lora is not None:
+            self._check_lora()
         if self.algorithm.advantage == "gae" and self.roles.critic is None:
             raise ValueError("algorithm.advantage gae needs roles.critic (the value model), e.g. "
                              "{cls: workers.learner.critic:DeepSpeedCritic, replicas: 2}")

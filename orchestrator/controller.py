@@ -199,8 +199,8 @@ class Controller:
             self.logger.note(f"Ray lost the rollouts of {len(lost)} engine share(s); generated "
                              "again with the same prompts and seeds")
             self.lost_remade += len(lost)
-        if self.reference is not None and any(self._gone(r, self.reference)
-                                               for r in gen.get("ref") or []):
+        group = self._reference_group()
+        if group is not None and any(self._gone(r, group) for r in gen.get("ref") or []):
             gen["ref"][:] = self._reference_refs(gen)
             self.logger.note("Ray lost reference log-probs; computed again")
         return len(lost)
@@ -291,13 +291,23 @@ class Controller:
         """Refs to the reference log-probs of this step's rollouts, computed once; the learner
         fetches them by ref. (Fetched here too, so that a dead reference actor is found and
         replaced now rather than failing the learner's update.)"""
-        if gen is None or self.recipe.algorithm.kl == 0 or self.reference is None:
+        if gen is None or self.recipe.algorithm.kl == 0 or self._reference_group() is None:
             return None
         if "ref" not in gen:
             gen["ref"] = self._reference_refs(gen)
         return gen["ref"]
 
+    def _reference_group(self):
+        """The reference role, or with LoRA adapters the learner (adapters disabled)."""
+        if self.reference is None and self.recipe.model.lora is not None:
+            return self.learner
+        return self.reference
+
     def _reference_refs(self, gen: dict) -> list:
+        if self.reference is None:  # the learner's ranks share the rows; rank 0 has them all
+            refs = self.learner.fanout("reference_logprobs", gen["refs"])
+            self.learner.call(refs, "reference_logprobs")
+            return refs[:1]
         n = len(self.reference)
         refs = [a.logprobs.remote(gen["refs"], shard=(k, n))
                 for k, a in enumerate(self.reference.actors)]
@@ -336,7 +346,7 @@ class Controller:
 
     def execute(self, op, step: int, batch: list[dict], gen: dict | None, timer) -> dict:
         if isinstance(op, UPDATES):
-            if gen is not None and self.reference is not None:
+            if gen is not None and self._reference_group() is not None:
                 with timer("reference"):
                     self.reference_logprobs(gen)
             if gen is not None and self.critic is not None:
@@ -526,11 +536,19 @@ class Controller:
         return {"stopped": STOP.requested, "step": step, "checkpoint": ckpt}
 
     def save_policy(self, name: str) -> Path:
-        """A Hugging Face folder of the policy (transformers and vLLM load it)."""
+        """A Hugging Face folder of the policy (transformers and vLLM load it; LoRA adapters
+        merged in) and, with ``model.lora``, the adapters as a peft folder beside it
+        (``<name>-adapter``)."""
+        path = self._write(name, "save_hf")
+        if self.recipe.model.lora is not None:
+            self._write(name + "-adapter", "save_adapter")
+        return path
+
+    def _write(self, name: str, method: str) -> Path:
         path = self.run_dir / "checkpoints" / name
         tmp = path.with_name(path.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        self.learner.call(self.learner.fanout("save_hf", str(tmp.resolve())), "save_hf")
+        self.learner.call(self.learner.fanout(method, str(tmp.resolve())), method)
         shutil.rmtree(path, ignore_errors=True)
         tmp.rename(path)
         return path

@@ -5,6 +5,8 @@
 
 The ZeRO-3 partitions of every learner rank are merged in this process (no Ray, no GPU), one
 tensor at a time, into the base model's architecture; the tokenizer comes from the base model.
+A run with LoRA adapters (``model.lora``) exports the weights with the adapters merged (in
+fp32) to OUT and the adapters as a peft folder to ``OUT-adapter``.
 """
 
 from __future__ import annotations
@@ -35,7 +37,15 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Pat
         target = getattr(torch, target)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="learner", lazy_mode=True)
+    if any((ckpt / "learner").glob("*zero_pp_rank_*_optim_states.pt")):
+        weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="learner",
+                                                           lazy_mode=True)
+    else:  # ZeRO stage 0 (LoRA's default): the module's state as it is, in one file
+        weights = torch.load(ckpt / "learner" / "mp_rank_00_model_states.pt",
+                             map_location="cpu", weights_only=False)["module"]
+    adapter = None
+    if state.get("lora"):
+        weights, adapter = _merged(state["lora"], weights, out)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     expected = set(model.state_dict())
     missing, unexpected = expected - set(weights) - tied, set(weights) - expected
@@ -54,8 +64,23 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Pat
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     print(f"exported {ckpt} (step {state['step']}, weight version {state['weight_version']}) "
-          f"to {out} as {str(target).removeprefix('torch.')}")
+          f"to {out} as {str(target).removeprefix('torch.')}"
+          + (f", its LoRA adapters to {adapter}" if adapter else ""))
     return out
+
+
+def _merged(lora: dict, weights, out) -> tuple[dict, Path]:
+    """The checkpoint's weights with its LoRA adapters merged in, and the adapters written as
+    a peft folder beside ``out``."""
+    from orchestrator.config import LoraConfig
+    from workers.learner.adapters import LoraModel, merge_state
+
+    cfg = LoraConfig.model_validate(lora)
+    merged, adapter = merge_state(weights, cfg.alpha / cfg.rank)
+    path = Path(str(out) + "-adapter")
+    shutil.rmtree(path, ignore_errors=True)
+    LoraModel(cfg).save_adapter({k: v.contiguous() for k, v in adapter.items()}, str(path))
+    return merged, path
 
 
 def _cast(t, dtype):

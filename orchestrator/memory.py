@@ -97,16 +97,22 @@ def estimate_roles(recipe, roles: dict, model: tuple[int, int, int, int],
             if gpu:
                 parts["loading copy"] = weights
             else:
+                lora = recipe.model.lora if role == "learner" else None
                 stage, n = getattr(args, "zero_stage", 3), cfg.replicas
+                if stage is None:  # the learner's default (workers/learner/deepspeed.py)
+                    stage = 0 if lora is not None else 3
+                # what trains: every weight, or LoRA's adapters — about 19·r·hidden a layer
+                # with all-linear on a Llama-shaped model (r·(in+out) per matrix)
+                trained = params if lora is None else 19 * lora.rank * hidden * layers
                 optimizers = 2 if _sft_optimizer(recipe) else 1
                 # ZeRO stage k partitions over the n ranks: 1 the optimizer state (its fp32
                 # master weights and AdamW's two moments), 2 also the gradients, 3 also the
                 # weights
                 parts["weights"] = weights / (n if stage >= 3 else 1)
                 if stage >= 1 or b < 4:  # stage 0 in fp32 steps the model's own weights
-                    parts["fp32 master"] = params * 4 / (n if stage >= 1 else 1)
-                parts["grads"] = weights / (n if stage >= 2 else 1)
-                parts[f"{optimizers} AdamW"] = optimizers * 2 * params * 4 / (
+                    parts["fp32 master"] = trained * 4 / (n if stage >= 1 else 1)
+                parts["grads"] = trained * b / (n if stage >= 2 else 1)
+                parts[f"{optimizers} AdamW"] = optimizers * 2 * trained * 4 / (
                     n if stage >= 1 else 1)
                 parts["loading copy"] = weights
                 if stage >= 3:

@@ -206,6 +206,10 @@ def resolve_recipe(recipe: Recipe, skip_model: bool = False, skip_data: bool = F
             warnings.append("roles.reference is not started: algorithm.kl is 0, so no loss "
                             "term needs reference log-probs")
             continue
+        if role == "reference" and recipe.model.lora is not None:
+            warnings.append("roles.reference is not started: with model.lora the learner, its "
+                            "adapters disabled, gives the reference log-probs")
+            continue
         if role == "critic" and recipe.algorithm.advantage != "gae":
             warnings.append(f"roles.critic is not started: algorithm.advantage is "
                             f"{recipe.algorithm.advantage!r}, not gae, so no values are used")

@@ -18,8 +18,10 @@ from orchestrator.controller import Controller
 pytestmark = pytest.mark.slow
 
 
-def _recipe(make_chat_recipe, run_dir, steps, data, k=0, every=2):
-    return make_chat_recipe(**{
+def _recipe(make_chat_recipe, run_dir, steps, data, k=0, every=2, lora=False):
+    extra = {"model.lora": {"rank": 8, "alpha": 16}, "algorithm.lr": 1e-2,
+             "roles.learner.args": {"threads": 1}} if lora else {}
+    return make_chat_recipe(**extra, **{
         "rollout.max_staleness": k, "checkpoint.every": every,
         "steps": steps, "run_dir": str(run_dir), "data.prompts_per_step": 4,
         "data.train": {"cls": "orchestrator.data:FileDataset",
@@ -65,14 +67,18 @@ def _run(recipe, resume=None, until=None):
         c.shutdown()
 
 
-@pytest.mark.parametrize("k", [0, pytest.param(1, marks=pytest.mark.long)])
+@pytest.mark.parametrize("k,lora", [(0, False), pytest.param(1, False, marks=pytest.mark.long),
+                                    pytest.param(0, True, id="lora")])
 def test_stop_and_resume_matches_a_straight_run(ray_local, make_chat_recipe, tmp_path,
-                                                problems, k):
-    straight, w_a, sched_a, v_a = _run(_recipe(make_chat_recipe, tmp_path / "a", 4, problems, k))
+                                                problems, k, lora):
+    """(lora: LoRA adapters on ZeRO stage 0, their default — the adapters and their optimizer
+    states checkpointed; the export writes the merged folder and the adapter folder.)"""
+    straight, w_a, sched_a, v_a = _run(_recipe(make_chat_recipe, tmp_path / "a", 4, problems, k,
+                                               lora=lora))
     # the straight run drains its pipeline into checkpoints at steps 2 and 4 (no effect on
     # what it trains on); this one checkpoints only when stopped after step 2
-    first, _, _, _ = _run(_recipe(make_chat_recipe, tmp_path / "b", 4, problems, k, every=0),
-                          until=2)
+    first, _, _, _ = _run(_recipe(make_chat_recipe, tmp_path / "b", 4, problems, k, every=0,
+                                  lora=lora), until=2)
     ckpt = tmp_path / "b" / "checkpoints" / "step_000002"
     cursor = json.loads((ckpt / "controller.json").read_text())["cursor"]
     assert cursor["epoch"] == 1 and cursor["skipped"] >= 1
@@ -81,8 +87,8 @@ def test_stop_and_resume_matches_a_straight_run(ray_local, make_chat_recipe, tmp
     assert cursor["offset"] + 7 == 8 + 4 * k + cursor["skipped"]
     assert (ckpt / "inflight.pkl").is_file() == (k == 1)
     # (checkpointing at step 4, which the export below reads)
-    second, w_b, sched_b, v_b = _run(_recipe(make_chat_recipe, tmp_path / "b", 4, problems, k),
-                                     resume="")
+    second, w_b, sched_b, v_b = _run(_recipe(make_chat_recipe, tmp_path / "b", 4, problems, k,
+                                             lora=lora), resume="")
     assert sorted(second) == [3, 4]
     keys = ["reward/mean", "rl/loss", "relift/buffer_depth", "response/length_mean",
             "data/prompts_dropped_total", "rollout/weight_version"]
@@ -97,7 +103,7 @@ def test_stop_and_resume_matches_a_straight_run(ray_local, make_chat_recipe, tmp
     for name in w_a:
         torch.testing.assert_close(w_b[name], w_a[name], rtol=0, atol=1e-7)
     if not k:
-        _export_loads_in_transformers_and_vllm(tmp_path / "b", tmp_path / "exported", w_b)
+        _export_loads_in_transformers_and_vllm(tmp_path / "b", tmp_path / "exported", w_b, lora)
 
 
 VLLM_GREEDY = """
@@ -109,7 +115,7 @@ print("GREEDY" + json.dumps([list(o.outputs[0].token_ids) for o in outs]))
 """
 
 
-def _export_loads_in_transformers_and_vllm(run_dir, out, weights):
+def _export_loads_in_transformers_and_vllm(run_dir, out, weights, lora=False):
     """`braid export` of the run's latest checkpoint: transformers loads exactly the learner's
     weights, and vLLM (a fresh process) decodes greedily exactly what transformers does."""
     import json
@@ -124,6 +130,18 @@ def _export_loads_in_transformers_and_vllm(run_dir, out, weights):
 
     assert main(["export", str(run_dir), str(out)]) == 0
     state = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    adapter = out.with_name(out.name + "-adapter")  # a LoRA run's adapters, as a peft folder
+    assert adapter.is_dir() == lora
+    if lora:  # peft's own merge of the adapter folder into the base model: the same weights
+        from peft import PeftModel
+
+        from orchestrator import checkpoint
+
+        base = checkpoint.read_state(checkpoint.find(run_dir, None))["model_path"]
+        merged = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                           str(adapter)).merge_and_unload().state_dict()
+        for name, w in weights.items():
+            torch.testing.assert_close(merged[name], w, rtol=0, atol=1e-6)
     for name, w in weights.items():
         torch.testing.assert_close(state[name], w, rtol=0, atol=0)
     prompts = ["12+7=", "3+4=", "55+5=", "9+9="]

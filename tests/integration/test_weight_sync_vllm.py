@@ -5,6 +5,7 @@ engine saw before the sync, which are longer than one KV-cache block (128 tokens
 cached prefix holds keys and values the old weights computed, and must not be reused."""
 
 import pytest
+import torch
 
 from orchestrator.controller import Controller
 from orchestrator.metrics import Timings
@@ -21,9 +22,10 @@ def test_greedy_vllm_equals_learner_hf_after_sync(ray_local, make_chat_recipe, t
                                    "weight_sync.bucket_mb": 0.05}))
 
 
-def check_sync(recipe, big_batch: bool = True) -> None:
+def check_sync(recipe, big_batch: bool = True, then=None) -> None:
     """SFT steps, a sync, then the engine's greedy output and log-probs are the learner's
-    (also run on GPUs with a tensor-parallel engine: tests/gpu)."""
+    (also run on GPUs with a tensor-parallel engine: tests/gpu); ``then(c, state)`` checks
+    more before the run is shut down."""
     c = Controller(recipe).setup()
     try:
         pairs = [("12+7", "19"), ("3+4", "7"), ("55+5", "60"), ("9+9", "18"), ("40+2", "42")]
@@ -65,8 +67,59 @@ def check_sync(recipe, big_batch: bool = True) -> None:
             # turned off
             big = c.rollout.call(c.generate(records * 8, step=3, n=4)["refs"])[0]
             assert len(big) == 160 and sum(map(len, big.prompt_ids)) > 4096
+        if then is not None:
+            then(c, state)
     finally:
         c.shutdown()
+
+
+def lora(**more) -> dict:
+    return {"model.lora": {"rank": 8, "alpha": 16} | more, "algorithm.lr": 5e-2,
+            "algorithm.sft_lr": 5e-2, "weight_sync.bucket_mb": 0.05}
+
+
+def test_lora_adapters_sync_into_vllm_and_the_reference_is_the_base(ray_local,
+                                                                    make_chat_recipe):
+    """LoRA on 2 ZeRO-3 learner ranks; the engines get the adapter tensors alone (vLLM's LoRA,
+    loaded from memory, a slot per version): greedy output and log-probs after the sync are
+    those of the learner's weights with the adapters merged; the reference log-probs (KL)
+    come from the learner with its adapters disabled and equal the base model's; the run
+    saves a merged folder and a peft adapter folder."""
+    recipe = make_chat_recipe(**lora(), **{"algorithm.kl": 0.1})
+
+    def then(c, state):
+        import json
+
+        from transformers import AutoModelForCausalLM
+
+        assert c.reference is None  # no reference role: the learner computes it
+        gen = c.generate([{"id": "q", "prompt": "What is 3+4?"}] * 3, step=4)
+        ref = c.learner.call(c.reference_logprobs(gen))[0]
+        r = c.rollout.call(gen["refs"])[0]
+        base = hf_logprobs(recipe.model.path, r.prompt_ids, r.completion_ids)
+        assert max(abs(a - b) for got, exp in zip(ref, base) for a, b in zip(got, exp)) < 1e-4
+        policy = hf_logprobs(recipe.model.path, r.prompt_ids, r.completion_ids, state)
+        assert max(abs(a - b) for got, exp in zip(policy, base) for a, b in zip(got, exp)) > 0.01
+        # the adapters only crossed: a few thousand numbers, not the model
+        sizes = c.learner.call([c.learner.actors[0].weight_manifest.remote(1 << 20)])[0]
+        assert sizes["engine"]["kind"] == "adapter"
+        n = sum(b["numel"] for b in sizes["buckets"])
+        assert 0 < n < 0.2 * sum(v.numel() for v in state.values())
+        final = c.save_policy("final")
+        adapter = final.with_name("final-adapter")
+        assert json.loads((adapter / "adapter_config.json").read_text())["r"] == 8
+        saved = AutoModelForCausalLM.from_pretrained(final).state_dict()
+        for name, w in state.items():
+            torch.testing.assert_close(saved[name], w, rtol=0, atol=1e-6)
+
+    check_sync(recipe, big_batch=False, then=then)
+
+
+@pytest.mark.long
+def test_lora_merged_sync(ray_local, make_chat_recipe):
+    """model.lora.sync merged: the engines get the weights with the adapters merged (fp32),
+    under the model's own names, and sample as the learner's merged weights do."""
+    check_sync(make_chat_recipe(**lora(sync="merged")), big_batch=False)
 
 
 @pytest.mark.long

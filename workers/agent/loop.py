@@ -390,8 +390,8 @@ class RoundSampler:
     """For vLLM's ``LLM``: once every trajectory still running waits for its next turn, one
     ``generate`` call for all of them (rounds fixed by the trajectories, not by timing)."""
 
-    def __init__(self, llm, want: bool, version: int):
-        self.llm, self.want, self.version = llm, want, version
+    def __init__(self, llm, want: bool, version: int, lora=None):
+        self.llm, self.want, self.version, self.lora = llm, want, version, lora
         self.pending: list = []
         self.running = 0
 
@@ -415,7 +415,7 @@ class RoundSampler:
         waiting = [fut for *_, fut in batch]
         try:
             outs = self.llm.generate([b[0] for b in batch], [b[1] for b in batch],
-                                     use_tqdm=False)
+                                     use_tqdm=False, lora_request=self.lora)
             if len(outs) != len(batch):
                 raise RuntimeError(f"vLLM answered {len(outs)} of {len(batch)} requests")
             for fut, out in zip(waiting, outs):
@@ -428,12 +428,13 @@ class RoundSampler:
 
 
 class AsyncSampler:
-    """For vLLM's ``AsyncLLM``: each turn a request of its own, as it comes."""
+    """For vLLM's ``AsyncLLM``: each turn a request of its own, as it comes — under the newest
+    weights (``lora_of``: the newest LoRA adapter's request, when the engine has adapters)."""
 
     _ids = itertools.count()
 
-    def __init__(self, llm, want: bool, version_of):
-        self.llm, self.want, self.version_of = llm, want, version_of
+    def __init__(self, llm, want: bool, version_of, lora_of=lambda: None):
+        self.llm, self.want, self.version_of, self.lora_of = llm, want, version_of, lora_of
 
     def enter(self) -> None:
         pass
@@ -450,7 +451,7 @@ class AsyncSampler:
         out = None
         try:
             async for out in self.llm.generate({"prompt_token_ids": ids}, p,  # noqa: B007
-                                               request_id=rid):
+                                               request_id=rid, lora_request=self.lora_of()):
                 pass
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):

@@ -20,7 +20,6 @@ from pydantic import Field
 from workers.base import CriticWorker
 from workers.learner.deepspeed import DeepSpeedLearner
 from workers.learner.terms import Value
-from workers.types import Rollouts
 
 
 class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
@@ -28,6 +27,11 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
         model: str | None = Field(None, description="model folder of the critic's backbone "
                                   "(default: model.path, the policy's start)")
         lr: float | None = Field(None, gt=0, description="default: algorithm.lr")
+
+    def model_builder(self, default):
+        from workers.learner.adapters import FullModel
+
+        return FullModel()  # the value model trains in full (model.lora is the policy's)
 
     def model_class(self):
         from transformers import AutoModelForTokenClassification
@@ -70,46 +74,7 @@ class DeepSpeedCritic(DeepSpeedLearner, CriticWorker):
         parts), aligned with ``completion_ids``. Every critic rank must be called: each
         computes its share of rows (ZeRO-3 gathers parameters collectively); rank 0 returns
         every row, the others None."""
-        import torch
-        import torch.distributed as dist
-
-        from workers.learner.packing import pack, plan, unpack
-
-        r = Rollouts.gather(rollouts)
-        algo = self.recipe.algorithm
-        # the sequences read: a sample, or each turn of a step-wise trajectory
-        seqs = [(i, p, r.completion_ids[i][a:b]) for i in range(len(r))
-                for p, a, b in r.segments(i)]
-        lengths = [len(p) + len(c) for _, p, c in seqs]
-        plans = plan(lengths, self.ctx.world_size, algo.max_tokens_per_micro_batch,
-                     algo.micro_batch_size)
-        mine: dict[int, list[float]] = {}
-        self.engine.eval()
-        with torch.no_grad():
-            for rows in plans[self.ctx.rank]:  # [] pads this rank to the others' count
-                batch = pack([seqs[k][1] for k in rows], [seqs[k][2] for k in rows],
-                             self.pad_id).to(self.engine.device)
-                v, _ = self.engine(batch)
-                if rows:
-                    for k, vals in zip(rows, unpack(v.cpu(), batch, len(rows))):
-                        mine[k] = vals
-        parts: list = [None] * self.ctx.world_size
-        dist.all_gather_object(parts, mine)
-        if self.ctx.rank != 0:
-            return None  # rank 0 returns every row; the others' copies would only travel
-        got: dict[int, list[float]] = {k: vals for part in parts for k, vals in part.items()}
-        out: list[list[float]] = [[] for _ in range(len(r))]
-        for k, (i, _, _) in enumerate(seqs):
-            out[i] += got[k]
-        return out
-
-    def _n_chunks(self, plans: list, completions: list) -> list:
-        return [None] * len(plans[0])  # a value head: no vocabulary projection
-
-    def _forward(self, term, batch, chunks, temperature: float, entropy: bool):
-        if not isinstance(term, Value):
-            raise ValueError(f"the critic trains value terms, not {type(term).__name__}")
-        return self.engine(batch)[0], None
+        return self._per_token(rollouts, lambda batch: self.engine(batch)[0])
 
     def update(self, terms: list, optimizer: str = "main", lr: float | None = None,
                probe: bool = False, step: int | None = None) -> dict:

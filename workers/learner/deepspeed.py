@@ -23,7 +23,8 @@ from workers.base import LearnerWorker
 from workers.learner.checkpoint import LearnerCheckpoint
 from workers.learner.schedule import lr_factor, mini_batches
 from workers.learner.terms import Rows, Term
-from workers.learner.weights import LearnerWeights
+from workers.learner.weights import WeightPublisher
+from workers.types import Rollouts
 
 
 def peak_memory_gib() -> float:
@@ -38,10 +39,17 @@ def peak_memory_gib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
 
 
-class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
+class DeepSpeedLearner(LearnerCheckpoint, LearnerWorker):
+    """The model comes from a builder (``adapters.builder``: every weight trained, or LoRA
+    adapters on a frozen base) and its weights leave through an exporter (``weights``: every
+    weight, the adapters alone, or merged) — chosen by the recipe, not by subclassing."""
+
     class Args(BaseModel):
         model_config = ConfigDict(extra="forbid")
-        zero_stage: int = Field(3, ge=0, le=3)
+        zero_stage: int | None = Field(
+            None, ge=0, le=3, description="None: 3 (weights, gradients and optimizer states "
+            "sharded); 0 with model.lora — the frozen base is replicated, which saves the "
+            "gathers of every forward, and the adapters' optimizer states are small")
         backend: str = Field("auto", description="auto: nccl with CUDA, else gloo")
         threads: int | None = Field(None, description="torch threads (default: role num_cpus)")
         gradient_checkpointing: bool | None = Field(
@@ -60,8 +68,19 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
 
         return node_ip(), free_port()
 
+    @property
+    def zero_stage(self) -> int:
+        stage = self.args.zero_stage
+        if stage is None:
+            stage = 0 if self.builder.lora is not None else 3
+        return stage
+
     def setup(self, master_addr: str = "127.0.0.1", master_port: int = 29500, **_) -> None:
         import torch
+
+        from workers.learner.adapters import builder
+
+        self.builder = self.model_builder(builder)
 
         cuda = torch.cuda.is_available()
         os.environ.setdefault("DS_ACCELERATOR", "cuda" if cuda else "cpu")
@@ -95,14 +114,14 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
             # braid owns accumulation: any number of backward() calls, then one step()
             "managed_gradient_accumulation": False,
             "gradient_clipping": algo.grad_clip,
-            "zero_optimization": {"stage": self.args.zero_stage},
+            "zero_optimization": {"stage": self.zero_stage},
             "bf16": {"enabled": model_cfg.dtype == "bfloat16"},
             "fp16": {"enabled": model_cfg.dtype == "float16"},
             "steps_per_print": 1 << 30,
             "wall_clock_breakdown": False,
         }
         # Kept alive so from_pretrained builds the model partitioned (zero.Init).
-        self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.args.zero_stage == 3 else None
+        self._hf_ds = HfDeepSpeedConfig(self.ds_config) if self.zero_stage == 3 else None
         dtype = getattr(torch, model_cfg.dtype)
         lm = self.model_class().from_pretrained(
             self.model_path(), dtype=dtype,
@@ -112,9 +131,9 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         ckpt = self.args.gradient_checkpointing
         if ckpt or (ckpt is None and cuda):
             lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        self.lm = lm
+        self.lm = lm = self.builder.build(lm)
         model = self.wrap(lm)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=self.base_lr(),
+        optimizer = torch.optim.AdamW(self.builder.trainable(model), lr=self.base_lr(),
                                       weight_decay=algo.weight_decay)
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=self.ds_config)
@@ -126,12 +145,18 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.policy_loss = losses.policy_loss(algo.policy_loss)
         self.named = dict(self.engine.module.named_parameters())
-        self.sender = None
+        self.weights = WeightPublisher(self.builder.exporter(self.named), self.named,
+                                       self.ctx.rank, self.zero_stage == 3,
+                                       self.recipe.weight_sync.timeout_s)
         self.steps = 0
         self._opt_states: dict[str, dict] = {"main": self._torch_optimizer().state}
         self._step_counts: dict[str, int] = {}
 
     # What the critic (workers/learner/critic.py) changes: the model and its learning rate.
+    def model_builder(self, default):
+        """The model builder: the recipe's (``model.lora``) for the policy."""
+        return default(self.recipe)
+
     def model_class(self):
         from transformers import AutoModelForCausalLM
 
@@ -155,6 +180,102 @@ class DeepSpeedLearner(LearnerWeights, LearnerCheckpoint, LearnerWorker):
         if terms and all(t.update_name == "sft" for t in terms):
             return algo.sft_lr or algo.lr
         return algo.lr
+
+    # --- weights leaving ---------------------------------------------------------------------
+    def weight_manifest(self, bucket_bytes: int) -> dict:
+        return self.weights.manifest_dict(bucket_bytes)
+
+    def init_weight_sync(self, host: str, port: int, world_size: int, manifest: dict,
+                         backend: str) -> None:
+        self.weights.init_sync(host, port, world_size, manifest, backend)
+
+    def push_weights(self, version: int) -> dict:
+        return self.weights.push(version)
+
+    def full_state_dict(self) -> dict | None:
+        """The model's full weights (adapters merged in) on rank 0, None elsewhere; every rank
+        must call it."""
+        export = self.weights
+        if export.exporter.kind != "full":
+            export = WeightPublisher(self.builder.exporter(self.named, "merged"), self.named,
+                                     self.ctx.rank, self.zero_stage == 3, 0)
+        return export.state_dict()
+
+    def save_hf(self, path: str) -> str | None:
+        """Write a Hugging Face folder of the current policy (adapters merged; rank 0
+        writes)."""
+        state = self.full_state_dict()
+        if self.ctx.rank != 0:
+            return None
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        model = AutoModelForCausalLM.from_config(self.lm.config)
+        result = model.load_state_dict(state, strict=False)
+        tied = {"lm_head.weight"} if model.config.tie_word_embeddings else set()
+        if result.unexpected_keys or set(result.missing_keys) - tied:
+            raise RuntimeError(f"save_hf: state does not match the model: missing "
+                               f"{result.missing_keys}, unexpected {result.unexpected_keys}")
+        model.save_pretrained(path)
+        AutoTokenizer.from_pretrained(self.recipe.model.path).save_pretrained(path)
+        return path
+
+    def save_adapter(self, path: str) -> str | None:
+        """Write the LoRA adapters as a peft folder (rank 0 writes); every rank must call it."""
+        if self.builder.lora is None:
+            raise ValueError("save_adapter: the learner trains every weight (no model.lora)")
+        state = WeightPublisher(self.builder.exporter(self.named, "adapter"), self.named,
+                                self.ctx.rank, self.zero_stage == 3, 0).state_dict()
+        if self.ctx.rank != 0:
+            return None
+        self.builder.save_adapter(state, path)
+        return path
+
+    # --- per-token outputs ----------------------------------------------------------------------
+    def reference_logprobs(self, rollouts, temperature: float | None = None) -> list | None:
+        """The reference's log-probs of every completion token (as ``HFReference.logprobs``),
+        computed by this model with its LoRA adapters disabled: the reference for free. Every
+        rank must be called; rank 0 returns every row, the others None."""
+        t = temperature or self.recipe.sampling.temperature or 1.0
+        with self.builder.reference():
+            return self._per_token(rollouts, lambda batch: self.engine(batch, t)[0])
+
+    def _per_token(self, rollouts, forward) -> list[list[float]] | None:
+        """``forward``'s per-completion-token output for every sample of the rollouts (a
+        Rollouts, or refs to its parts), without gradients. Each rank computes its share of
+        rows (ZeRO-3 gathers parameters collectively, so every rank runs as many passes);
+        rank 0 returns every row, the others None."""
+        import torch
+        import torch.distributed as dist
+
+        from workers.learner.packing import pack, plan, unpack
+
+        r = Rollouts.gather(rollouts)
+        algo = self.recipe.algorithm
+        # the sequences read: a sample, or each turn of a step-wise trajectory
+        seqs = [(i, p, r.completion_ids[i][a:b]) for i in range(len(r))
+                for p, a, b in r.segments(i)]
+        lengths = [len(p) + len(c) for _, p, c in seqs]
+        plans = plan(lengths, self.ctx.world_size, algo.max_tokens_per_micro_batch,
+                     algo.micro_batch_size)
+        mine: dict[int, list[float]] = {}
+        self.engine.eval()
+        with torch.no_grad():
+            for rows in plans[self.ctx.rank]:  # [] pads this rank to the others' count
+                batch = pack([seqs[k][1] for k in rows], [seqs[k][2] for k in rows],
+                             self.pad_id).to(self.engine.device)
+                out = forward(batch)
+                if rows:
+                    for k, vals in zip(rows, unpack(out.float().cpu(), batch, len(rows))):
+                        mine[k] = vals
+        parts: list = [None] * self.ctx.world_size
+        dist.all_gather_object(parts, mine)
+        if self.ctx.rank != 0:
+            return None  # rank 0 returns every row; the others' copies would only travel
+        got: dict[int, list[float]] = {k: vals for part in parts for k, vals in part.items()}
+        out: list[list[float]] = [[] for _ in range(len(r))]
+        for k, (i, _, _) in enumerate(seqs):
+            out[i] += got[k]
+        return out
 
     # --- training --------------------------------------------------------------------------
     # A step is a list of loss terms (workers/learner/terms.py: policy gradient, LUFFY's

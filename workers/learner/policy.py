@@ -61,7 +61,7 @@ class TokenValues(torch.nn.Module):
             self.add_module(name, child)
         object.__setattr__(self, "lm", lm)
 
-    def forward(self, batch: PackedBatch, *_):
+    def forward(self, batch: PackedBatch, *_, **__):
         out = self.lm(input_ids=batch.input_ids, position_ids=batch.position_ids,
                       use_cache=False)
         return out.logits[0, :, 0].index_select(0, batch.positions).float(), None

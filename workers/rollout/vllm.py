@@ -47,6 +47,10 @@ class VLLMRollout(RolloutWorker):
         threads: int | None = Field(None, description="torch threads (default: role num_cpus)")
         model: str | None = Field(None, description="model folder (default: model.path; a "
                                   "teacher names its own)")
+        max_loras: int | None = Field(
+            None, ge=1, description="with model.lora (sync: adapter): adapters the engine "
+            "holds, one per weight version its requests may still use; None: "
+            "rollout.max_staleness + 1, the fewest that lets a rollout finish under its own")
 
     def setup(self, **_) -> None:
         from vllm import LLM
@@ -100,6 +104,7 @@ class VLLMRollout(RolloutWorker):
         seeded = self.args.per_request_seed
         self.seeded = not gpu if seeded is None else seeded
         return dict(
+            **self.lora_kwargs(),
             model=self.args.model or model.path, dtype=model.dtype,
             seed=self.recipe.seed + self.ctx.rank,
             max_model_len=self.args.max_model_len, enforce_eager=eager,
@@ -108,6 +113,37 @@ class VLLMRollout(RolloutWorker):
             worker_extension_cls="workers.rollout.vllm_ext.BraidWeightSyncExtension",
             logprobs_mode="processed_logprobs", **extra,
         )
+
+    @property
+    def adapters(self) -> bool:
+        """Whether this engine samples from the learner's LoRA adapters (sent by version)."""
+        lora = self.recipe.model.lora
+        return lora is not None and lora.sync == "adapter" and self.ctx.role == "rollout"
+
+    def lora_kwargs(self) -> dict:
+        if not self.adapters:
+            return {}
+        lora = self.recipe.model.lora
+        slots = self.args.max_loras or self.recipe.rollout.max_staleness + 1
+        rank = next((r for r in (1, 8, 16, 32, 64, 128, 256, 320, 512) if r >= lora.rank),
+                    None)
+        if rank is None:
+            raise ValueError(f"model.lora.rank {lora.rank} is above vLLM's largest "
+                             "max_lora_rank, 512")
+        return {"enable_lora": True, "max_lora_rank": rank, "max_loras": slots,
+                "max_cpu_loras": slots}
+
+    def lora_request(self, version: int | None = None):
+        """The adapter of weight ``version`` (default: the newest) as vLLM's request for it
+        (None: the base model — version 0, or no adapters). The engine holds it already
+        (``vllm_ext``): the path is never read, and names the problem if vLLM tries to."""
+        version = self.version if version is None else version
+        if not self.adapters or version == 0:
+            return None
+        from vllm.lora.request import LoRARequest
+
+        return LoRARequest(f"braid-v{version}", version,
+                           f"braid-adapter-v{version}-held-in-memory-evicted")
 
     @property
     def engine_workers(self) -> int:
@@ -123,7 +159,8 @@ class VLLMRollout(RolloutWorker):
         if self.agent is not None and items and "record" in items[0]:
             return self.trajectories(items, n, sampling, index_offset)
         prompts, params, want = self.requests(items, n, sampling)
-        outs = self.llm.generate(prompts, params, use_tqdm=False)
+        outs = self.llm.generate(prompts, params, use_tqdm=False,
+                                 lora_request=self.lora_request())
         return self.rollouts(outs, want, index_offset)
 
     def trajectories(self, items: list[dict], n: int, sampling: dict,
@@ -135,8 +172,8 @@ class VLLMRollout(RolloutWorker):
         from workers.agent.loop import RoundSampler
 
         want = self.wants_logprobs(sampling)
-        r = asyncio.run(self.agent.run(items, n, sampling, RoundSampler(self.llm, want,
-                                                                        self.version),
+        sampler = RoundSampler(self.llm, want, self.version, self.lora_request())
+        r = asyncio.run(self.agent.run(items, n, sampling, sampler,
                                        want, index_offset, self.version, self.seeded))
         return summary(r), r
 

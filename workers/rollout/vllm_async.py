@@ -86,10 +86,13 @@ class AsyncVLLMRollout(VLLMRollout):
         call = next(self._ids)
         ids = [f"{call}-{i}" for i in range(len(prompts))]
 
+        lora = self.lora_request()
+
         async def one(rid: str, prompt, p):
             p.output_kind = RequestOutputKind.FINAL_ONLY
             out = None
-            async for out in self.llm.generate(prompt, p, request_id=rid):  # noqa: B007
+            async for out in self.llm.generate(prompt, p, request_id=rid,  # noqa: B007
+                                               lora_request=lora):
                 pass
             return out
 
@@ -111,7 +114,8 @@ class AsyncVLLMRollout(VLLMRollout):
 
         want = self.wants_logprobs(sampling)
         r = await self.agent.run(items, n, sampling,
-                                 AsyncSampler(self.llm, want, lambda: self.version), want,
+                                 AsyncSampler(self.llm, want, lambda: self.version,
+                                              self.lora_request), want,
                                  index_offset, self.version, self.seeded)
         self._check_engine()
         return summary(r), r

@@ -5,6 +5,11 @@ They run inside the vLLM worker process — the one that holds the model — and
 through the RPC) and stream bucket by bucket into ``model_runner.reload_weights``: beyond the
 model itself, an engine holds two bucket-sized buffers and the copies of the tensors of the
 layers being loaded (vLLM's layer-by-layer reload keeps a layer's tensors until it is complete).
+
+With LoRA adapters (``model.lora.sync: adapter``) the stream is the adapter's tensors alone: they
+become a ``LoRAModel`` registered in the engine's LoRA manager under the weight version as its
+id, loaded from memory (vLLM would otherwise read a folder); a request asks for the version's
+adapter by that id (``VLLMRollout.lora_request``) and finds it loaded.
 """
 
 from __future__ import annotations
@@ -41,12 +46,16 @@ class BraidWeightSyncExtension:
         group = SyncGroup(host, port, world_size, rank + getattr(self, "rank", 0), backend,
                           timeout_s)
         self._braid_receiver = WeightReceiver(Manifest.from_dict(manifest), group)
+        self._braid_engine = manifest.get("engine") or {"kind": "full"}
         self._braid_aliases = _shared_parameters(self.model_runner.get_model())
         self._braid_version = 0
 
     def braid_receive_weights(self, version: int) -> int:
         recv = self._braid_receiver
         self._braid_version = recv.begin(expected_version=version)
+        if self._braid_engine["kind"] == "adapter":
+            self._braid_add_adapter(version, dict(recv.tensors()))
+            return self._braid_version
         self.model_runner.reload_weights(weights_iterator=recv.tensors())
         if not recv.done:
             raise RuntimeError("vLLM's weight loader stopped before the last synced tensor")
@@ -56,6 +65,27 @@ class BraidWeightSyncExtension:
             if quant_method is not None:
                 quant_method.process_weights_after_loading(mod)
         return self._braid_version
+
+    def _braid_add_adapter(self, version: int, tensors: dict) -> None:
+        from vllm.lora.lora_model import LoRAModel
+        from vllm.lora.peft_helper import PEFTHelper
+
+        manager = getattr(self.model_runner, "lora_manager", None)
+        if manager is None:
+            raise RuntimeError("the engine was started without LoRA (enable_lora) but receives "
+                               "adapters")
+        helper = PEFTHelper.from_dict(dict(self._braid_engine["peft_config"]))
+        helper.validate_legal(manager.lora_config)
+        adapters = manager._adapter_manager
+        mapper = getattr(adapters.model, "hf_to_vllm_mapper", None)
+        lora = LoRAModel.from_lora_tensors(
+            version, tensors, helper, device="cpu", dtype=manager.lora_config.lora_dtype,
+            model_vocab_size=manager.vocab_size,
+            weights_mapper=mapper.get_rename_mapper() if mapper is not None else None,
+            skip_prefixes=getattr(adapters.model, "lora_skip_prefixes", None))
+        if version in adapters.list_adapters():  # the same version sent again (a resend)
+            adapters.remove_adapter(version)
+        adapters.add_adapter(lora)  # the least recently used version goes when slots are full
 
     def braid_weight_version(self) -> int:
         return getattr(self, "_braid_version", 0)
