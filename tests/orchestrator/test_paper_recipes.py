@@ -21,6 +21,7 @@ from tests.conftest import ROOT
 PAPER = ROOT / "recipes" / "paper"
 RECIPES = sorted(PAPER.glob("math*.yaml"))
 TOOL_RECIPES = ["retool7b_sft_rl.yaml"]
+LORA_RECIPES = ["lora7b_grpo.yaml"]
 FIXTURES = ROOT / "tests" / "fixtures" / "paper"
 TRAIN = FIXTURES / "openr1_math_sample.jsonl"
 EVAL = FIXTURES / "valid_all_sample.jsonl"
@@ -37,7 +38,8 @@ def test_one_base_per_model_size_and_one_short_recipe_per_method():
     names = {p.name for p in RECIPES}
     expected = {f"math{s}_{m}.yaml" for s in SIZES for m in ("base", *METHODS)}
     assert names == expected
-    assert {p.name for p in PAPER.glob("*.yaml")} == expected | set(TOOL_RECIPES)
+    assert {p.name for p in PAPER.glob("*.yaml")} == expected | set(TOOL_RECIPES) | \
+        set(LORA_RECIPES)
     for size in SIZES:
         for method in METHODS:
             text = (PAPER / f"math{size}_{method}.yaml").read_text()
@@ -46,7 +48,8 @@ def test_one_base_per_model_size_and_one_short_recipe_per_method():
             assert len(body) <= 16, "a method recipe holds only what its method changes"
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPES + [PAPER / n for n in LORA_RECIPES],
+                         ids=lambda p: p.name)
 def test_recipe_passes_braid_validate_on_the_sample_data(path):
     exe = os.path.join(os.path.dirname(sys.executable), "braid")
     cmd = [exe] if os.path.exists(exe) else [sys.executable, "-m", "orchestrator.cli"]
@@ -59,7 +62,8 @@ def test_recipe_passes_braid_validate_on_the_sample_data(path):
     assert "data.train: 5 records" in out.stdout and "data.eval: 7 records" in out.stdout
 
 
-@pytest.mark.parametrize("path", RECIPES, ids=lambda p: p.name)
+@pytest.mark.parametrize("path", RECIPES + [PAPER / n for n in LORA_RECIPES],
+                         ids=lambda p: p.name)
 def test_recipe_opens_with_purpose_hardware_staging_and_its_own_launch_line(path):
     text = path.read_text()
     assert text.startswith("#")
@@ -286,3 +290,17 @@ def test_retool_data_cuts_traces_as_verl_and_writes_qwens_tool_call_text(tiny_ch
     ev = list(FileDataset(**load_recipe(RETOOL, RETOOL_SAMPLES).data.eval.args))
     assert {r["data_source"] for r in ev} == {"aime_2024", "aime_2025"}
     assert all(r["prompt"].endswith(mod.ANSWER_FORMAT) for r in ev)
+
+
+def test_lora_recipe_is_the_grpo_baseline_with_adapters():
+    """LoRA on one node: math7b_grpo's every setting but the adapters and their learning rate;
+    the adapters' default ZeRO stage (0); the engines hold one adapter (lockstep)."""
+    lora = load_recipe(PAPER / "lora7b_grpo.yaml", SAMPLES)
+    grpo = recipe("7b", "grpo")
+    assert lora.model.lora.rank == 32 and lora.model.lora.sync == "adapter"
+    assert lora.model.lora.target_modules == "all-linear"
+    assert lora.algorithm.lr == pytest.approx(10 * grpo.algorithm.lr)
+    assert lora.algorithm.model_copy(update={"lr": grpo.algorithm.lr}) == grpo.algorithm
+    assert lora.sampling == grpo.sampling and lora.schedule == grpo.schedule
+    assert "zero_stage" not in lora.roles.learner.args
+    assert lora.roles.learner.replicas == grpo.roles.learner.replicas
