@@ -103,6 +103,38 @@ def test_deepspeed_learner_on_cuda_world_one(make_recipe):
 
 
 @needs_cuda
+def test_lora_learner_on_cuda_world_one(make_recipe, tmp_path):
+    """LoRA adapters in bf16 on the adapters' default ZeRO stage (0): an SFT step trains only
+    the adapters, the reference (adapters disabled) is the base model, the merged weights and
+    the adapter folder come out."""
+    from core.weight_sync import free_port
+    from workers.base import WorkerContext
+    from workers.learner.deepspeed import DeepSpeedLearner
+    from workers.learner.terms import SFT
+    from workers.types import Rollouts
+
+    recipe = make_recipe(**{"roles.learner.replicas": 1, "roles.learner.resources":
+                            {"num_cpus": 1, "num_gpus": 1}, "model.dtype": "bfloat16",
+                            "model.lora": {"rank": 8, "alpha": 16}, "algorithm.lr": 1e-2})
+    args = DeepSpeedLearner.check_args({}, "roles.learner.args")
+    w = DeepSpeedLearner(WorkerContext("learner", 0, 1, recipe, args))
+    os.environ.pop("DS_ACCELERATOR", None)
+    w.setup(master_addr="127.0.0.1", master_port=free_port())
+    assert w.zero_stage == 0
+    r = Rollouts([0], [[1, 5, 6, 14]], [[7, 2]], [[]], [""], ["stop"])
+    before = w.reference_logprobs(r)
+    base = w.full_state_dict()
+    for _ in range(3):
+        m = w.update([SFT(prompts=[[1, 5, 6, 14]] * 4, completions=[[7, 2]] * 4)])
+    assert m["sft/loss"] > 0 and m["sft/grad_norm"] > 0
+    assert w.reference_logprobs(r) == before  # the base model did not move
+    merged = w.full_state_dict()
+    assert set(merged) == set(base) and any(not torch.equal(merged[k], base[k]) for k in base)
+    w.save_adapter(str(tmp_path / "adapter"))
+    assert (tmp_path / "adapter" / "adapter_model.safetensors").is_file()
+
+
+@needs_cuda
 def test_deepspeed_critic_on_cuda_world_one(make_recipe):
     """PPO's critic on CUDA: values for every completion token, a clipped value-loss step."""
     from core.weight_sync import free_port

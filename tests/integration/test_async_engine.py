@@ -61,3 +61,23 @@ def test_partial_rollouts_continue_under_new_weights(ray_local, make_chat_recipe
     assert abs(r.logprobs[i][0] - old[0]) < 1e-3
     assert abs(r.logprobs[i][-1] - new[-1]) < 1e-3
     assert abs(old[-1] - new[-1]) > 1e-2  # and the two differ
+
+
+@pytest.mark.long
+def test_lora_adapters_with_rollouts_a_step_ahead(ray_local, make_chat_recipe):
+    """LoRA adapters on the asynchronous engine with rollouts one step ahead
+    (rollout.max_staleness 1): the engine holds an adapter per version in flight (2 slots), a
+    step's samples all come from one adapter (their versions exact), and the RL steps train on
+    them — an adapter evicted while still asked for would fail the generation."""
+    recipe = make_chat_recipe(**ASYNC, **{"model.lora": {"rank": 8, "alpha": 16},
+                                          "rollout.max_staleness": 1, "steps": 4,
+                                          "schedule": {"policy": "rl"}})
+    c = Controller(recipe).setup()
+    try:
+        metrics = [c.train_step(step) for step in range(1, 5)]
+    finally:
+        c.shutdown()
+    versions = [m["rollout/weight_version"] for m in metrics]
+    assert versions[0] == 0 and versions[-1] >= 2, versions  # adapters 1.. were sampled from
+    assert all(m["weight_version"] - m["rollout/weight_version"] <= 2 for m in metrics)
+    assert all(m["rl/tokens"] > 0 for m in metrics)

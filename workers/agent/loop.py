@@ -368,14 +368,15 @@ class _EnvFailed(Exception):
     """The environment (its constructor, reset, step or rendering its messages) failed."""
 
 
-def turn_output(out, want: bool, version: int):
+def turn_output(out, want: bool, version: int, exact: bool = False):
     """(ids, log-probs, text, finish reason, (first, last) weight version) of a vLLM request
-    output's one sample."""
+    output's one sample (``exact``: every token came from ``version`` — a LoRA adapter's, which
+    a request keeps from start to end — whatever the engine's labels say)."""
     c = out.outputs[0]
     ids = list(c.token_ids)
     lps = [lp[tok].logprob for tok, lp in zip(ids, c.logprobs or [])] if want else []
-    spans = [int(sp.version) if sp.version.isdigit() else version
-             for sp in getattr(c, "weight_versions", None) or []]
+    spans = [] if exact else [int(sp.version) if sp.version.isdigit() else version
+                              for sp in getattr(c, "weight_versions", None) or []]
     return ids, lps, c.text, str(c.finish_reason), ((spans[0], spans[-1]) if spans
                                                     else (version, version))
 
@@ -429,12 +430,13 @@ class RoundSampler:
 
 class AsyncSampler:
     """For vLLM's ``AsyncLLM``: each turn a request of its own, as it comes — under the newest
-    weights (``lora_of``: the newest LoRA adapter's request, when the engine has adapters)."""
+    weights (``adapter_of``: the newest LoRA adapter's (version, request), when the engine
+    samples from adapters)."""
 
     _ids = itertools.count()
 
-    def __init__(self, llm, want: bool, version_of, lora_of=lambda: None):
-        self.llm, self.want, self.version_of, self.lora_of = llm, want, version_of, lora_of
+    def __init__(self, llm, want: bool, version_of, adapter_of=None):
+        self.llm, self.want, self.version_of, self.adapter_of = llm, want, version_of, adapter_of
 
     def enter(self) -> None:
         pass
@@ -448,15 +450,19 @@ class AsyncSampler:
         p = params(sampling, self.want)
         p.output_kind = RequestOutputKind.FINAL_ONLY
         rid = f"agent-{next(self._ids)}"
+        adapter = self.adapter_of() if self.adapter_of is not None else None
         out = None
         try:
             async for out in self.llm.generate({"prompt_token_ids": ids}, p,  # noqa: B007
-                                               request_id=rid, lora_request=self.lora_of()):
+                                               request_id=rid,
+                                               lora_request=adapter and adapter[1]):
                 pass
         except asyncio.CancelledError:
             with contextlib.suppress(Exception):
                 await self.llm.abort([rid])
             raise
+        if adapter is not None:
+            return turn_output(out, self.want, adapter[0], exact=True)
         return turn_output(out, self.want, self.version_of())
 
 

@@ -145,6 +145,11 @@ class VLLMRollout(RolloutWorker):
         return LoRARequest(f"braid-v{version}", version,
                            f"braid-adapter-v{version}-held-in-memory-evicted")
 
+    def adapter(self) -> tuple:
+        """The newest weight version and its adapter's request (None: version 0)."""
+        version = self.version
+        return version, self.lora_request(version)
+
     @property
     def engine_workers(self) -> int:
         """Processes of this engine that join the weight-sync group."""
@@ -196,11 +201,13 @@ class VLLMRollout(RolloutWorker):
                    else {"prompt": it["prompt"]} for it in items]
         return prompts, params, want
 
-    def rollouts(self, outs: list, want: bool, index_offset: int) -> tuple[dict, Rollouts]:
+    def rollouts(self, outs: list, want: bool, index_offset: int,
+                 version: int | None = None) -> tuple[dict, Rollouts]:
         """``generate``'s (summary, Rollouts) from vLLM's request outputs. Samples whose
         tokens came from more than one weight version (an asynchronous engine updated while
         they ran) record their first and last version; the rollouts' ``weight_version`` is the
-        oldest any token came from."""
+        oldest any token came from. ``version``: every sample came from it (a LoRA adapter's,
+        which a request keeps to its end, whatever the engine's labels say)."""
         r = Rollouts([], [], [], [], [], [], self.version)
         for i, out in enumerate(outs):
             for c in out.outputs:
@@ -215,8 +222,9 @@ class VLLMRollout(RolloutWorker):
                 # vLLM labels each span of tokens with the engine's version when they were
                 # sampled: braid's numbers, or "default" before any label was set (an engine
                 # that is only updated between calls)
-                spans = [int(sp.version) if sp.version.isdigit() else self.version
-                         for sp in getattr(c, "weight_versions", None) or []]
+                spans = [version] if version is not None else [
+                    int(sp.version) if sp.version.isdigit() else self.version
+                    for sp in getattr(c, "weight_versions", None) or []]
                 r.versions.append((spans[0], spans[-1]) if spans else (self.version,) * 2)
         if r.versions:
             r.weight_version = min(first for first, _ in r.versions)

@@ -86,7 +86,8 @@ class AsyncVLLMRollout(VLLMRollout):
         call = next(self._ids)
         ids = [f"{call}-{i}" for i in range(len(prompts))]
 
-        lora = self.lora_request()
+        version = self.version  # with adapters, the one every sample of this call is from
+        lora = self.lora_request(version)
 
         async def one(rid: str, prompt, p):
             p.output_kind = RequestOutputKind.FINAL_ONLY
@@ -104,7 +105,7 @@ class AsyncVLLMRollout(VLLMRollout):
             with contextlib.suppress(Exception):  # the call failed: its other requests stop
                 await llm.abort(ids)
             raise
-        return self.rollouts(outs, want, index_offset)
+        return self.rollouts(outs, want, index_offset, version if self.adapters else None)
 
     async def trajectories(self, items: list[dict], n: int, sampling: dict,
                            index_offset: int) -> tuple[dict, Rollouts]:
@@ -115,7 +116,7 @@ class AsyncVLLMRollout(VLLMRollout):
         want = self.wants_logprobs(sampling)
         r = await self.agent.run(items, n, sampling,
                                  AsyncSampler(self.llm, want, lambda: self.version,
-                                              self.lora_request), want,
+                                              self.adapter if self.adapters else None), want,
                                  index_offset, self.version, self.seeded)
         self._check_engine()
         return summary(r), r
