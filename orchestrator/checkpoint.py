@@ -127,6 +127,11 @@ def read_state(path: Path) -> dict:
 def load(c, path: Path, state: dict) -> int:
     """Restore learner, data, schedule and demonstrations, then push the learner's weights to
     the engines under the saved version. Returns the step to continue after."""
+    lora = c.recipe.model.lora and c.recipe.model.lora.model_dump()
+    if state.get("lora") != lora:  # the learner's parameters would not match the checkpoint's
+        raise RecipeError(f"{path}: the checkpoint was trained with model.lora = "
+                          f"{state.get('lora')}, the recipe asks for {lora}; resume with the "
+                          "recipe it was trained with")
     for group in (c.learner, c.critic):
         if group is not None:
             group.call(group.fanout("load_state", str(path.resolve())), "load_state")

@@ -35,7 +35,7 @@ class LoraConfig(_Strict):
         "linear layer but the output head, peft's meaning)")
     modules_to_save: list[str] = Field(
         default_factory=list, description="modules trained in full beside the adapters (e.g. "
-        "[lm_head]); needs sync: merged")
+        "[lm_head] where the head is not tied to the embeddings); needs sync: merged")
     sync: Literal["adapter", "merged"] = Field(
         "adapter", description="what the engines receive: the adapter tensors, or the full "
         "weights with the adapters merged (in fp32, module by module)")

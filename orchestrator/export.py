@@ -37,15 +37,13 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Pat
         target = getattr(torch, target)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config)
-    if any((ckpt / "learner").glob("*zero_pp_rank_*_optim_states.pt")):
+    weights = _module_states(ckpt, bool(state.get("lora")))
+    if weights is None:
         weights = get_fp32_state_dict_from_zero_checkpoint(str(ckpt), tag="learner",
                                                            lazy_mode=True)
-    else:  # ZeRO stage 0 (LoRA's default): the module's state as it is, in one file
-        weights = torch.load(ckpt / "learner" / "mp_rank_00_model_states.pt",
-                             map_location="cpu", weights_only=False)["module"]
     adapter = None
     if state.get("lora"):
-        weights, adapter = _merged(state["lora"], weights, out)
+        weights, adapter = _merged(state["lora"], weights, target)
     tied = {"lm_head.weight"} if config.tie_word_embeddings else set()
     expected = set(model.state_dict())
     missing, unexpected = expected - set(weights) - tied, set(weights) - expected
@@ -63,24 +61,49 @@ def export(source: str | Path, out: str | Path, dtype: str | None = None) -> Pat
     AutoTokenizer.from_pretrained(base).save_pretrained(tmp)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
+    if adapter is not None:
+        adapter = _write_adapter(state["lora"], adapter, Path(str(out) + "-adapter"))
     print(f"exported {ckpt} (step {state['step']}, weight version {state['weight_version']}) "
           f"to {out} as {str(target).removeprefix('torch.')}"
           + (f", its LoRA adapters to {adapter}" if adapter else ""))
     return out
 
 
-def _merged(lora: dict, weights, out) -> tuple[dict, Path]:
-    """The checkpoint's weights with its LoRA adapters merged in, and the adapters written as
-    a peft folder beside ``out``."""
+def _module_states(ckpt: Path, lora: bool):
+    """The learner's weights from DeepSpeed's module file, when it holds them whole: ZeRO stage
+    0 (LoRA's default) writes no partitions, and stages 1-2 keep frozen parameters only there.
+    None under ZeRO-3 (the file holds placeholders) or for full fine-tuning past stage 0, whose
+    fp32 master weights are in the partitions."""
+    import torch
+
+    zero = any((ckpt / "learner").glob("*zero_pp_rank_*_optim_states.pt"))
+    if zero and not lora:
+        return None
+    module = torch.load(ckpt / "learner" / "mp_rank_00_model_states.pt", map_location="cpu",
+                        weights_only=False)["module"]
+    return module if all(t.numel() > 0 for t in module.values()) else None
+
+
+def _merged(lora: dict, weights, dtype) -> tuple[dict, dict]:
+    """The checkpoint's weights with its LoRA adapters merged in (cast to ``dtype`` one at a
+    time), and the adapter folder's tensors."""
     from orchestrator.config import LoraConfig
-    from workers.learner.adapters import LoraModel, merge_state
+    from workers.learner.adapters import merge_state
 
     cfg = LoraConfig.model_validate(lora)
-    merged, adapter = merge_state(weights, cfg.alpha / cfg.rank)
-    path = Path(str(out) + "-adapter")
+    return merge_state(weights, cfg.alpha / cfg.rank, dtype)
+
+
+def _write_adapter(lora: dict, tensors: dict, path: Path) -> Path:
+    from orchestrator.config import LoraConfig
+    from workers.learner.adapters import LoraModel
+
+    tmp = path.with_name(path.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    LoraModel(LoraConfig.model_validate(lora)).save_adapter(tensors, str(tmp))
     shutil.rmtree(path, ignore_errors=True)
-    LoraModel(cfg).save_adapter({k: v.contiguous() for k, v in adapter.items()}, str(path))
-    return merged, path
+    tmp.rename(path)
+    return path
 
 
 def _cast(t, dtype):

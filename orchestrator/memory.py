@@ -103,7 +103,8 @@ def estimate_roles(recipe, roles: dict, model: tuple[int, int, int, int],
                     stage = 0 if lora is not None else 3
                 # what trains: every weight, or LoRA's adapters — about 19·r·hidden a layer
                 # with all-linear on a Llama-shaped model (r·(in+out) per matrix)
-                trained = params if lora is None else 19 * lora.rank * hidden * layers
+                trained = params if lora is None else 19 * lora.rank * hidden * layers + \
+                    len(lora.modules_to_save) * vocab * hidden  # (a head or embedding in full)
                 optimizers = 2 if _sft_optimizer(recipe) else 1
                 # ZeRO stage k partitions over the n ranks: 1 the optimizer state (its fp32
                 # master weights and AdamW's two moments), 2 also the gradients, 3 also the

@@ -206,6 +206,10 @@ def resolve_recipe(recipe: Recipe, skip_model: bool = False, skip_data: bool = F
             warnings.append("roles.reference is not started: algorithm.kl is 0, so no loss "
                             "term needs reference log-probs")
             continue
+        if role == "learner" and recipe.model.lora is not None and recipe.model.lora.dropout:
+            warnings.append("model.lora.dropout > 0: the learner's log-probs of an RL update "
+                            "are taken with dropout and the engines' without, so the "
+                            "importance ratio carries the dropout's noise (0 is usual for RL)")
         if role == "reference" and recipe.model.lora is not None:
             warnings.append("roles.reference is not started: with model.lora the learner, its "
                             "adapters disabled, gives the reference log-probs")

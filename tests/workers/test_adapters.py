@@ -99,3 +99,31 @@ def test_recipe_checks_for_adapters(tmp_path):
         _recipe(tmp_path, **{"model.lora": lora, "roles.rollout.args.update_mode": "keep"})
     with pytest.raises(ValidationError, match="set model.lora.sync to merged"):
         _recipe(tmp_path, **{"model.lora": lora | {"modules_to_save": ["lm_head"]}})
+
+
+def test_a_module_trained_in_full_goes_into_the_merged_weights_and_the_adapter_folder(
+        tiny_model, tmp_path):
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from workers.learner.weights import AdapterWeights, MergedWeights
+
+    with pytest.raises(ValueError, match="tied to its input embeddings"):
+        _adapted(tiny_model, modules_to_save=["lm_head"], sync="merged")
+    builder, lm = _adapted(tiny_model, modules_to_save=["norm"], sync="merged")
+    for name, p in lm.named_parameters():
+        if ".modules_to_save." in name:  # the norms trained in full: move them too
+            p.data.add_(0.1)
+    ids = torch.tensor([[1, 5, 7, 9, 11, 13, 4]])
+    adapted = _logits(lm, ids)
+    named = dict(lm.named_parameters())
+    saved = {e.name: e.value(named) for e in AdapterWeights(named, builder).entries}
+    assert "base_model.model.model.norm.weight" in saved
+    builder.save_adapter(saved, str(tmp_path / "adapter"))
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model),
+                                     str(tmp_path / "adapter")).eval()
+    torch.testing.assert_close(_logits(peft, ids), adapted, rtol=0, atol=1e-5)
+    merged = {e.name: e.value(named) for e in MergedWeights(named, builder).entries}
+    fresh = AutoModelForCausalLM.from_pretrained(tiny_model).eval()
+    fresh.load_state_dict(merged, strict=False)
+    torch.testing.assert_close(_logits(fresh, ids), adapted, rtol=0, atol=1e-5)

@@ -52,7 +52,17 @@ class LoraModel:
     def build(self, lm):
         from peft import get_peft_model
 
-        self.peft = get_peft_model(lm, self.config)
+        tied = {"lm_head", "embed_tokens"} & set(self.lora.modules_to_save)
+        if tied and getattr(lm.config, "tie_word_embeddings", False):
+            raise ValueError(f"model.lora.modules_to_save {sorted(tied)}: this model's output "
+                             "head is tied to its input embeddings (tie_word_embeddings), and "
+                             "training one in full unties them, which its merged weights and "
+                             "the engines cannot hold; leave it out")
+
+        # adapters in the model's dtype (peft would keep them in fp32 beside a bf16 model,
+        # which ZeRO-3 then holds as fp32 parameters in a bf16 engine); DeepSpeed keeps fp32
+        # master copies for the optimizer
+        self.peft = get_peft_model(lm, self.config, autocast_adapter_dtype=False)
         self.layers = self._lora_layers(lm)
         if not self.layers:
             raise ValueError(f"model.lora.target_modules {self.lora.target_modules!r} matched no "
@@ -68,9 +78,13 @@ class LoraModel:
         out = {}
         for name, mod in lm.named_modules():
             if isinstance(mod, LoraLayer):
-                if not isinstance(mod, Linear) or getattr(mod, "fan_in_fan_out", False):
+                if not isinstance(mod, Linear):
                     raise ValueError(f"model.lora: {name} is a {type(mod).__name__}; braid "
                                      "adapts linear layers only (target_modules)")
+                if getattr(mod, "fan_in_fan_out", False):
+                    raise ValueError(f"model.lora: {name} stores its weight transposed "
+                                     "(fan_in_fan_out, e.g. GPT-2's Conv1D); braid adapts "
+                                     "nn.Linear layers only (target_modules)")
                 out[name] = mod
         return out
 
@@ -84,17 +98,20 @@ class LoraModel:
     # --- names --------------------------------------------------------------------------------
     @staticmethod
     def is_adapter(name: str) -> bool:
-        return ".lora_A." in name or ".lora_B." in name
+        """An adapter matrix, or a module trained in full beside them (what an adapter folder
+        holds)."""
+        return ".lora_A." in name or ".lora_B." in name or ".modules_to_save." in name
 
     @staticmethod
     def saved_name(name: str) -> str:
         """peft's saved name of an adapter parameter (what vLLM's loader parses)."""
+        name = name.replace(f".modules_to_save.{ADAPTER}.", ".")
         return "base_model.model." + name.replace(f".{ADAPTER}.", ".")
 
     def merged_name(self, name: str) -> str | None:
         """The model's own name of a parameter once the adapters are merged (None: an adapter
         matrix, or the frozen original of a module trained in full)."""
-        if self.is_adapter(name) or ".original_module." in name:
+        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
             return None
         return name.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER}.", ".")
 
@@ -109,8 +126,11 @@ class LoraModel:
 
     def config_dict(self) -> dict:
         """The adapter's peft config as JSON (what vLLM's PEFTHelper reads)."""
+        import json
+
         out = self.config.to_dict()
-        return {k: sorted(v) if isinstance(v, set) else v for k, v in out.items()}
+        out = {k: sorted(v) if isinstance(v, set) else v for k, v in out.items()}
+        return json.loads(json.dumps(out))  # plain values (peft's enums are str subclasses)
 
     def exporter(self, named: dict, sync: str | None = None):
         from workers.learner.weights import AdapterWeights, MergedWeights
@@ -134,16 +154,18 @@ class LoraModel:
         (out / "adapter_config.json").write_text(json.dumps(self.config_dict(), indent=2))
 
 
-def merge_state(weights, scale: float) -> tuple[dict, dict]:
+def merge_state(weights, scale: float, dtype=None) -> tuple[dict, dict]:
     """A checkpoint's weights (peft's layer names inside the model's) as the model's own
-    weights with the adapters merged in fp32 (W + scale·B·A), and the adapters under peft's
-    saved names; read one tensor at a time from ``weights`` (a lazy mapping works)."""
+    weights with the adapters merged in fp32 (W + scale·B·A, then cast to ``dtype``, default
+    the weight's), and the adapter folder's tensors under peft's saved names; read one tensor
+    at a time from ``weights`` (a lazy mapping works)."""
     merged, adapter = {}, {}
     for name in weights.keys():
         if LoraModel.is_adapter(name):
             adapter[LoraModel.saved_name(name)] = weights[name].contiguous()
-            continue
-        if ".original_module." in name:
+            if ".modules_to_save." not in name:
+                continue
+        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
             continue
         target = name.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER}.", ".")
         module, _, leaf = name.rpartition(".base_layer.")
@@ -153,7 +175,7 @@ def merge_state(weights, scale: float) -> tuple[dict, dict]:
             a = weights[a_name].contiguous()
             b = weights[f"{module}.lora_B.{ADAPTER}.weight"].contiguous()
             w = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
-        merged[target] = w
+        merged[target] = w if dtype is None or not w.is_floating_point() else w.to(dtype)
     return merged, adapter
 
 

@@ -249,7 +249,8 @@ class DeepSpeedLearner(LearnerCheckpoint, LearnerWorker):
 
         from workers.learner.packing import pack, plan, unpack
 
-        r = Rollouts.gather(rollouts)
+        # a rank that cannot fetch them fails every rank now, not in a collective below
+        r = self._on_every_rank(lambda: Rollouts.gather(rollouts))
         algo = self.recipe.algorithm
         # the sequences read: a sample, or each turn of a step-wise trajectory
         seqs = [(i, p, r.completion_ids[i][a:b]) for i in range(len(r))
@@ -382,6 +383,10 @@ class DeepSpeedLearner(LearnerCheckpoint, LearnerWorker):
         InputsLost (the driver makes them again and sends the update again); a rank that
         failed otherwise raises its error and the others say so — none is left waiting in the
         update's first collective for a rank that is gone."""
+        return self._on_every_rank(lambda: [t.resolved() for t in terms])
+
+    def _on_every_rank(self, fetch):
+        """``fetch()`` on every rank, the ranks agreeing on the outcome (as ``_fetched``)."""
         import torch
         import torch.distributed as dist
 
@@ -389,7 +394,7 @@ class DeepSpeedLearner(LearnerCheckpoint, LearnerWorker):
 
         out, failed, code = None, None, 0.0
         try:
-            out = [t.resolved() for t in terms]
+            out = fetch()
         except Exception as err:  # noqa: BLE001 (every rank hears of it below)
             failed = err
             names = {c.__name__ for c in type(err).__mro__}

@@ -142,8 +142,9 @@ class VLLMRollout(RolloutWorker):
             return None
         from vllm.lora.request import LoRARequest
 
+        # absolute: a relative path would send vLLM to the Hugging Face Hub first
         return LoRARequest(f"braid-v{version}", version,
-                           f"braid-adapter-v{version}-held-in-memory-evicted")
+                           f"/braid-adapter-v{version}-was-held-in-memory-and-evicted")
 
     def adapter(self) -> tuple:
         """The newest weight version and its adapter's request (None: version 0)."""

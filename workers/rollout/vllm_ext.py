@@ -54,7 +54,9 @@ class BraidWeightSyncExtension:
         recv = self._braid_receiver
         self._braid_version = recv.begin(expected_version=version)
         if self._braid_engine["kind"] == "adapter":
-            self._braid_add_adapter(version, dict(recv.tensors()))
+            tensors = dict(recv.tensors())  # the stream is the sync: taken whole either way
+            if version > 0:  # version 0 is the base model (peft starts B at 0): no adapter
+                self._braid_add_adapter(version, tensors)
             return self._braid_version
         self.model_runner.reload_weights(weights_iterator=recv.tensors())
         if not recv.done:
@@ -85,7 +87,12 @@ class BraidWeightSyncExtension:
             skip_prefixes=getattr(adapters.model, "lora_skip_prefixes", None))
         if version in adapters.list_adapters():  # the same version sent again (a resend)
             adapters.remove_adapter(version)
-        adapters.add_adapter(lora)  # the least recently used version goes when slots are full
+        # the oldest versions go, not the least recently used: a newer version's requests may
+        # still wait in the queue, untouched, while an older one ran last
+        capacity = manager.lora_config.max_cpu_loras or manager.lora_config.max_loras
+        while len(adapters.list_adapters()) >= capacity:
+            adapters.remove_adapter(min(adapters.list_adapters()))
+        adapters.add_adapter(lora)
 
     def braid_weight_version(self) -> int:
         return getattr(self, "_braid_version", 0)
