@@ -12,7 +12,8 @@ learner ranks' peak memory (RSS on CPU), the bytes and seconds of a weight sync,
 greedy accuracy on the first ``--eval`` test problems before and after the same steps. The full
 arm is the recipe as shipped (ZeRO-3, lr 2e-5); the LoRA arms use the adapters' defaults (ZeRO
 stage 0, adapters synced alone) and lr 2e-4 (recipes/smollm2_word_problems_lora.yaml). The
-``stage`` arms (``lora16@3``) run LoRA on ZeRO-3, to measure the default stage's choice.
+``stage`` arms (``lora16@3``) run LoRA on ZeRO-3, to measure the default stage's choice; a
+``:merged`` arm (``lora16:merged``) sends the engines the merged weights instead of the adapters.
 
 ``trl``: braid against Hugging Face TRL's ``GRPOTrainer`` at the same model, prompts (the chat
 template's text of problems from the same training file), group (4), completion tokens (96),
@@ -44,10 +45,11 @@ LEARNER = ('roles.learner={cls: "workers.learner.deepspeed:DeepSpeedLearner", re
 def arm_overrides(arm: str) -> list[str]:
     if arm == "full":
         return []
+    arm, _, sync = arm.partition(":")
     name, _, stage = arm.partition("@")
     rank = int(name.removeprefix("lora"))
-    return [f"model.lora={{rank: {rank}, alpha: {2 * rank}}}", "algorithm.lr=2.0e-4",
-            LEARNER % (f", zero_stage: {stage}" if stage else "")]
+    return [f"model.lora={{rank: {rank}, alpha: {2 * rank}, sync: {sync or 'adapter'}}}",
+            "algorithm.lr=2.0e-4", LEARNER % (f", zero_stage: {stage}" if stage else "")]
 
 
 def metrics(summary: dict) -> dict:

@@ -299,7 +299,8 @@ class Controller:
 
     def _reference_group(self):
         """The reference role, or with LoRA adapters the learner (adapters disabled)."""
-        if self.reference is None and self.recipe.model.lora is not None:
+        if self.reference is None and self.recipe.model.lora is not None and \
+                self.recipe.algorithm.kl > 0:
             return self.learner
         return self.reference
 
