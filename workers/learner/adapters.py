@@ -108,7 +108,8 @@ class LoraModel:
         name = name.replace(f".modules_to_save.{ADAPTER}.", ".")
         return "base_model.model." + name.replace(f".{ADAPTER}.", ".")
 
-    def merged_name(self, name: str) -> str | None:
+    @staticmethod
+    def merged_name(name: str) -> str | None:
         """The model's own name of a parameter once the adapters are merged (None: an adapter
         matrix, or the frozen original of a module trained in full)."""
         if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
@@ -154,6 +155,11 @@ class LoraModel:
         (out / "adapter_config.json").write_text(json.dumps(self.config_dict(), indent=2))
 
 
+def merge(w, a, b, scale: float):
+    """W + scale·B·A, computed in fp32, in W's dtype (peft's LoRA update of a linear layer)."""
+    return (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+
+
 def merge_state(weights, scale: float, dtype=None) -> tuple[dict, dict]:
     """A checkpoint's weights (peft's layer names inside the model's) as the model's own
     weights with the adapters merged in fp32 (W + scale·B·A, then cast to ``dtype``, default
@@ -165,16 +171,15 @@ def merge_state(weights, scale: float, dtype=None) -> tuple[dict, dict]:
             adapter[LoraModel.saved_name(name)] = weights[name].contiguous()
             if ".modules_to_save." not in name:
                 continue
-        if ".lora_A." in name or ".lora_B." in name or ".original_module." in name:
+        target = LoraModel.merged_name(name)
+        if target is None:
             continue
-        target = name.replace(".base_layer.", ".").replace(f".modules_to_save.{ADAPTER}.", ".")
         module, _, leaf = name.rpartition(".base_layer.")
         w = weights[name].contiguous()
         a_name = f"{module}.lora_A.{ADAPTER}.weight"
         if leaf == "weight" and a_name in weights:
-            a = weights[a_name].contiguous()
-            b = weights[f"{module}.lora_B.{ADAPTER}.weight"].contiguous()
-            w = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+            w = merge(w, weights[a_name].contiguous(),
+                      weights[f"{module}.lora_B.{ADAPTER}.weight"].contiguous(), scale)
         merged[target] = w if dtype is None or not w.is_floating_point() else w.to(dtype)
     return merged, adapter
 

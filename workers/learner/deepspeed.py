@@ -145,9 +145,7 @@ class DeepSpeedLearner(LearnerCheckpoint, LearnerWorker):
         self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.policy_loss = losses.policy_loss(algo.policy_loss)
         self.named = dict(self.engine.module.named_parameters())
-        self.weights = WeightPublisher(self.builder.exporter(self.named), self.named,
-                                       self.ctx.rank, self.zero_stage == 3,
-                                       self.recipe.weight_sync.timeout_s)
+        self.weights = self._publisher()
         self.steps = 0
         self._opt_states: dict[str, dict] = {"main": self._torch_optimizer().state}
         self._step_counts: dict[str, int] = {}
@@ -195,11 +193,16 @@ class DeepSpeedLearner(LearnerCheckpoint, LearnerWorker):
     def full_state_dict(self) -> dict | None:
         """The model's full weights (adapters merged in) on rank 0, None elsewhere; every rank
         must call it."""
-        export = self.weights
-        if export.exporter.kind != "full":
-            export = WeightPublisher(self.builder.exporter(self.named, "merged"), self.named,
-                                     self.ctx.rank, self.zero_stage == 3, 0)
+        export = self.weights if self.weights.exporter.kind == "full" else \
+            self._publisher("merged")
         return export.state_dict()
+
+    def _publisher(self, sync: str | None = None) -> WeightPublisher:
+        """The learner's weights as the exporter for ``sync`` makes them (default: what the
+        engines get)."""
+        return WeightPublisher(self.builder.exporter(self.named, sync), self.named,
+                               self.ctx.rank, self.zero_stage == 3,
+                               self.recipe.weight_sync.timeout_s)
 
     def save_hf(self, path: str) -> str | None:
         """Write a Hugging Face folder of the current policy (adapters merged; rank 0
@@ -223,8 +226,7 @@ class DeepSpeedLearner(LearnerCheckpoint, LearnerWorker):
         """Write the LoRA adapters as a peft folder (rank 0 writes); every rank must call it."""
         if self.builder.lora is None:
             raise ValueError("save_adapter: the learner trains every weight (no model.lora)")
-        state = WeightPublisher(self.builder.exporter(self.named, "adapter"), self.named,
-                                self.ctx.rank, self.zero_stage == 3, 0).state_dict()
+        state = self._publisher("adapter").state_dict()
         if self.ctx.rank != 0:
             return None
         self.builder.save_adapter(state, path)

@@ -95,9 +95,9 @@ class MergedWeights:
 
 
 def _merge(scale: float):
-    def make(w, a, b):
-        return (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
-    return make
+    from workers.learner.adapters import merge
+
+    return lambda w, a, b: merge(w, a, b, scale)
 
 
 class WeightPublisher:
